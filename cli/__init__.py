@@ -1,0 +1,357 @@
+"""The `lscape` command line: a thin click layer over the engine and the run store."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lscape import __version__
+from lscape.errors import LscapeError, PluginError, UsageError
+
+__all__ = ["cli", "main"]
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="lscape")
+def cli() -> None:
+    """Measure the loss landscape and training dynamics of PyTorch models.
+
+    \b
+    lscape run                       the default experiment (MLP on digits, SGD)
+    lscape run --plugin sharpness    add a probe
+    lscape plugins                   what is installed
+    lscape show RUN / lscape plot RUN
+    """
+
+
+def _plugin_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        plugin, dot, name = key.partition(".")
+        if not sep or not dot or not plugin or not name:
+            raise UsageError(f"bad -o '{item}': expected PLUGIN.KEY=VALUE, e.g. -o sharpness.every=10")
+        out.setdefault(plugin.strip(), {})[name.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML experiment file")
+@click.option("--model", help="registered name or module:factory  [default: mlp]")
+@click.option("--model-opt", multiple=True, metavar="K=V", help="model option (repeatable)")
+@click.option("--data", help="registered name or module:factory  [default: digits]")
+@click.option("--data-opt", multiple=True, metavar="K=V", help="data option (repeatable)")
+@click.option("--loss", help="ce, mse or module:fn  [default: ce]")
+@click.option("--optimizer", help="sgd, adam, adamw or module:Class  [default: sgd]")
+@click.option("--optimizer-opt", multiple=True, metavar="K=V", help="optimizer option (repeatable)")
+@click.option("--lr", type=str, help="learning rate  [default: 0.1]")
+@click.option("--momentum", type=str, help="momentum  [default: 0]")
+@click.option("--nesterov", is_flag=True, default=None, help="Nesterov momentum (sgd)")
+@click.option("--weight-decay", type=str, help="weight decay  [default: 0]")
+@click.option("--batch-size", type=str, help="N or 'full' (gradient descent)  [default: 64]")
+@click.option("--epochs", type=str, help="number of epochs  [default: 10]")
+@click.option("--steps", type=str, help="number of steps (instead of epochs)")
+@click.option("--time-limit", type=str, help="stop after this wall time, e.g. 30m")
+@click.option("--lr-schedule", help="constant, step:30,60:0.1 or cosine")
+@click.option("--eval-schedule", help="when to evaluate on held-out data  [default: epoch]")
+@click.option("--checkpoint-schedule", help="when to checkpoint  [default: epoch]")
+@click.option("--plugin", "plugins", multiple=True, metavar="NAME", help="activate a plugin (repeatable)")
+@click.option("--disable", multiple=True, metavar="NAME", help="switch off an always-on plugin")
+@click.option("-o", "options", multiple=True, metavar="PLUGIN.KEY=VALUE", help="plugin option (repeatable)")
+@click.option("--out", help="run store path  [default: runs/MODEL-DATA-TIME.zarr]")
+@click.option("--seed", type=str, help="random seed  [default: 0]")
+@click.option("--device", help="cpu or cuda  [default: cpu]")
+@click.option("--on-nan", type=click.Choice(["stop", "continue"]), help="what a NaN/inf loss does [default: stop]")
+@click.option("--resume", type=str, metavar="PATH", help="continue a run from its last checkpoint")
+@click.option("--no-progress", is_flag=True, help="plain log lines instead of a progress bar")
+def run(config_path, model_opt, data_opt, optimizer_opt, plugins, options, no_progress, resume, **flat):
+    """Train a model and record what the active plugins measure."""
+    from lscape.api import make_config
+    from lscape.config import RunConfig, load_toml
+    from lscape.engine import Engine
+    from lscape.options import parse_key_values
+
+    given = {k: v for k, v in flat.items() if v is not None}
+    if resume:
+        extra = [k for k in given] + (["plugin"] if plugins else []) + (["config"] if config_path else [])
+        if extra or model_opt or data_opt or options:
+            raise UsageError("--resume continues a run with its stored configuration; drop the other options")
+        cfg = RunConfig(resume=resume, progress=not no_progress)
+    else:
+        base = load_toml(config_path) if config_path else RunConfig()
+        overrides: dict[str, Any] = dict(given)
+        overrides["model_opts"] = parse_key_values(model_opt, "--model-opt") or None
+        overrides["data_opts"] = parse_key_values(data_opt, "--data-opt") or None
+        overrides["optimizer_opts"] = parse_key_values(optimizer_opt, "--optimizer-opt") or None
+        overrides["plugin_options"] = _plugin_options(options) or None
+        if plugins:
+            overrides["plugins"] = list(dict.fromkeys([*(base.plugins or []), *plugins]))
+        if given.get("disable") is not None:
+            overrides["disable"] = list(given["disable"]) or None
+        if no_progress:
+            overrides["progress"] = False
+        cfg = make_config(base, **overrides)
+    result = Engine(cfg).run()
+    _echo_result(result)
+    if result.status != "completed":
+        sys.exit(130 if result.status == "interrupted" else 1)
+
+
+def _echo_result(result) -> None:
+    click.echo(f"run {result.status}: {result.steps} steps recorded in {result.path}")
+    if result.error:
+        click.echo(f"reason: {result.error}")
+    click.echo(f"look at it:  lscape show {result.path}")
+    click.echo(f"plot it:     lscape plot {result.path}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("source", required=False)
+@click.option("--plugin", "plugins", multiple=True, required=True, metavar="NAME", help="probe to run (repeatable)")
+@click.option("-o", "options", multiple=True, metavar="PLUGIN.KEY=VALUE", help="plugin option (repeatable)")
+@click.option("--checkpoints", default="latest", show_default=True, help="latest, all, or steps like 100,200")
+@click.option("--model", help="model for a .pt state dict or a fresh model")
+@click.option("--model-opt", multiple=True, metavar="K=V")
+@click.option("--data", help="data to measure on (default: the run's)")
+@click.option("--data-opt", multiple=True, metavar="K=V")
+@click.option("--loss", help="loss (default: the run's)")
+@click.option("--batch-size", type=str, help="batch size of the measurement data")
+@click.option("--seed", type=str)
+@click.option("--device")
+@click.option("--out", help="store for the measurements  [default: runs/SOURCE-measure-TIME.zarr]")
+def measure(source, plugins, options, checkpoints, model_opt, data_opt, **flat):
+    """Run probes once on a saved model (a run's checkpoints, a .pt state dict), no training.
+
+    SOURCE is a run store or a .pt file; without it a freshly initialised model is measured.
+    """
+    from lscape.api import measure as do_measure
+    from lscape.options import parse_key_values
+
+    out = flat.pop("out")
+    overrides = {k: v for k, v in flat.items() if v is not None}
+    if model_opt:
+        overrides["model_opts"] = parse_key_values(model_opt, "--model-opt")
+    if data_opt:
+        overrides["data_opts"] = parse_key_values(data_opt, "--data-opt")
+    result = do_measure(source, plugins, plugin_options=_plugin_options(options), out=out,
+                        checkpoints=checkpoints, **overrides)
+    click.echo(f"measured {result.steps} model state(s) into {result.path}")
+    click.echo(f"look at it:  lscape show {result.path}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def plugins(name, as_json):
+    """List installed plugins; with NAME, its options, outputs and schedule."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lscape.manager import build_registry, get_plugin_manager
+
+    pm = get_plugin_manager()
+    reg = build_registry(pm)
+    console = Console()
+    if name:
+        entry = reg.activatable().get(name)
+        if entry is None:
+            raise UsageError(f"unknown plugin '{name}' (see `lscape plugins`)")
+        info = entry.obj.describe()
+        info["source"] = entry.source
+        if as_json:
+            click.echo(json.dumps(info, indent=2, default=str))
+            return
+        console.print(f"[bold]{info['name']}[/] ({info['kind']}, from {entry.source})\n{info['help']}")
+        if getattr(entry.obj, "schedule", None) and info["kind"] == "probe":
+            console.print(f"default schedule: {entry.obj.schedule}; data: {entry.obj.data}")
+        table = Table("option", "type", "default", "help", title="options (-o NAME.KEY=VALUE)")
+        for o in info["options"]:
+            extra = f" (one of {', '.join(map(str, o['choices']))})" if o["choices"] else ""
+            table.add_row(o["name"], o["type"], repr(o["default"]), o["help"] + extra)
+        console.print(table)
+        if info["outputs"]:
+            table = Table("array", "dims", "dtype", "meaning", title=f"outputs (group '{entry.obj.group_name or name}')")
+            for o in info["outputs"]:
+                table.add_row(o["name"], "(" + ", ".join(o["dims"]) + ")", o["dtype"], o["long_name"] or o["units"])
+            console.print(table)
+        return
+    listing = {
+        "plugins": {n: {"kind": e.obj.kind(), "source": e.source, "help": e.help,
+                        "always_on": bool(getattr(e.obj, "always_on", False))}
+                    for n, e in sorted(reg.activatable().items())},
+        "models": {n: e.help for n, e in sorted(reg.models.items())},
+        "datasets": {n: e.help for n, e in sorted(reg.datasets.items())},
+        "losses": {n: e.help for n, e in sorted(reg.losses.items())},
+        "optimizers": {n: e.help for n, e in sorted(reg.optimizers.items())},
+        "modules": {n: _module_version(n) for n, _ in pm.list_name_plugin()},
+    }
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    table = Table("plugin", "kind", "from", "what it does", title="plugins (--plugin NAME)")
+    for n, e in listing["plugins"].items():
+        table.add_row(n, e["kind"] + (" (always on)" if e["always_on"] else ""), e["source"], e["help"])
+    console.print(table)
+    for kind in ("models", "datasets", "losses", "optimizers"):
+        table = Table(kind[:-1], "what it is", title=kind)
+        for n, h in listing[kind].items():
+            table.add_row(n, h)
+        console.print(table)
+
+
+def _module_version(module: str) -> str:
+    if module.startswith("lscape."):
+        return __version__
+    try:
+        from importlib.metadata import packages_distributions, version
+
+        dists = packages_distributions().get(module.split(".")[0], [])
+        return version(dists[0]) if dists else "unknown"
+    except Exception:
+        return "unknown"
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("run_path", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def show(run_path, as_json):
+    """What a run store holds: status, config, groups, arrays with shapes and last values."""
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    from lscape.store import RunReader
+
+    reader = RunReader(run_path)
+    attrs = reader.attrs
+    groups = {}
+    for g in reader.groups():
+        if g == "checkpoints":
+            continue
+        data = reader.read(g)
+        groups[g] = {name: {"shape": list(a.shape), "dtype": str(a.dtype),
+                            "last": _last_value(a)} for name, a in data.items()}
+    ckpts = sorted(reader.root["checkpoints"].array_keys()) if "checkpoints" in reader.root.group_keys() else []
+    summary = {"path": reader.path, "status": attrs.get("status"), "lscape_version": attrs.get("lscape_version"),
+               "start_time": attrs.get("start_time"), "end_time": attrs.get("end_time"),
+               "steps_done": attrs.get("steps_done"), "error": attrs.get("error"), "config": attrs.get("config"),
+               "plugins": attrs.get("plugins"), "groups": groups, "checkpoints": ckpts}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    console = Console()
+    cfg = attrs.get("config", {})
+    console.print(f"[bold]{reader.path}[/]  status: [bold]{attrs.get('status')}[/]  "
+                  f"steps: {attrs.get('steps_done')}  lscape {attrs.get('lscape_version')}")
+    if attrs.get("error"):
+        console.print(f"error: {attrs['error']}")
+    console.print(f"model {cfg.get('model')} {cfg.get('model_opts') or ''}  data {cfg.get('data')}  "
+                  f"loss {cfg.get('loss')}  optimizer {cfg.get('optimizer')} lr {cfg.get('lr')}  "
+                  f"batch {cfg.get('batch_size')}  seed {cfg.get('seed')}  plugins {', '.join(cfg.get('plugins') or [])}")
+    table = Table("group", "array", "shape", "dtype", "last value")
+    for g, arrays in groups.items():
+        for i, (name, info) in enumerate(arrays.items()):
+            table.add_row(g if i == 0 else "", name, "×".join(map(str, info["shape"])), info["dtype"], info["last"])
+    console.print(table)
+    if ckpts:
+        console.print(f"checkpoints: {len(ckpts)} (latest {ckpts[-1]})")
+
+
+def _last_value(a) -> str:
+    import numpy as np
+
+    if a.shape[0] == 0:
+        return "-"
+    v = a[-1]
+    if np.ndim(v) == 0:
+        return f"{v:.6g}" if np.issubdtype(np.asarray(v).dtype, np.floating) else str(v)
+    flat = np.asarray(v).ravel()
+    text = ", ".join(f"{x:.4g}" for x in flat[:4])
+    return f"[{text}{', ...' if flat.size > 4 else ''}]"
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]")
+@click.option("--out", "out_dir", help="folder for the figures  [default: RUN-plots next to the first run]")
+def plot(runs, out_dir):
+    """Figures for every plugin that recorded data; several runs are overlaid."""
+    from lscape.manager import build_registry, get_plugin_manager
+    from lscape.store import RunReader
+
+    readers = [RunReader(r) for r in runs]
+    if out_dir is None:
+        first = readers[0].path.rstrip("/")
+        out_dir = first.removesuffix(".zarr") + "-plots"
+    out = Path(out_dir)
+    reg = build_registry(get_plugin_manager())
+    written: list[Path] = []
+    groups = {g.split("/")[0] for r in readers for g in r.groups()} | {g for r in readers for g in r.groups()}
+    for group, entries in reg.plots.items():
+        if group not in groups:
+            continue
+        having = [r for r in readers if r.has(group) or any(g.startswith(group + "/") for g in r.groups())]
+        for entry in entries:
+            try:
+                written += list(entry.obj(having, out) or [])
+            except UsageError:
+                raise
+            except Exception as e:  # one broken figure should not hide the others
+                click.echo(f"warning: the '{group}' figure from {entry.source} failed: {type(e).__name__}: {e}",
+                           err=True)
+    if not written:
+        click.echo("no figures: the runs hold no data that a plot is registered for")
+        return
+    for p in written:
+        click.echo(str(p))
+
+
+def _add_plugin_commands() -> None:
+    try:
+        from lscape.manager import get_plugin_manager
+
+        get_plugin_manager().hook.register_commands(cli=cli)
+    except LscapeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the CLI, turning bad input into one line and exit status 2."""
+    _add_plugin_commands()
+    try:
+        cli.main(args=argv, prog_name="lscape", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        hint = ""
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            hint = f" (see `{e.ctx.command_path} --help`)"
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except UsageError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except PluginError as e:
+        click.echo(f"error: {e}", err=True)
+        if os.environ.get("LSCAPE_DEBUG"):
+            traceback.print_exception(e.error)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        click.echo(f"error: {type(e).__name__}: {e} (set LSCAPE_DEBUG=1 for the traceback)", err=True)
+        if os.environ.get("LSCAPE_DEBUG"):
+            traceback.print_exc()
+        sys.exit(1)

@@ -1,0 +1,145 @@
+"""The Python API: what the command line does, callable from a notebook."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from datetime import datetime
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from .config import RunConfig, load_toml
+from .errors import UsageError
+from .store import RunReader, RunStore, store_exists
+
+__all__ = ["run", "open_run", "measure", "make_config"]
+
+
+def make_config(config: RunConfig | str | os.PathLike | None = None, **overrides: Any) -> RunConfig:
+    """A ``RunConfig`` from a config object, a TOML path or nothing, with ``overrides``."""
+    if config is None:
+        base = RunConfig()
+    elif isinstance(config, RunConfig):
+        base = config
+    else:
+        base = load_toml(config)
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(RunConfig)}
+    if unknown:
+        raise UsageError(f"unknown run option '{sorted(unknown)[0]}'")
+    return base.merged(overrides)
+
+
+def run(config: RunConfig | str | os.PathLike | None = None, **overrides: Any):
+    """Train and measure; returns a ``RunResult`` with the store's path and status.
+
+    >>> result = lscape.run(steps=50, plugins=["grad-norm"], out="runs/demo.zarr", progress=False)
+    """
+    from .engine import Engine
+
+    return Engine(make_config(config, **overrides)).run()
+
+
+def open_run(path: str | os.PathLike) -> RunReader:
+    """Open a run store for reading (safe while the run writes)."""
+    return RunReader(path)
+
+
+def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
+            plugin_options: Mapping[str, Mapping[str, Any]] | None = None, out: str | None = None,
+            checkpoints: str = "latest", progress: bool = False, **overrides: Any):
+    """Run probes once on a saved model, with no training.
+
+    ``source`` is a run store (its config rebuilds model and data; ``checkpoints`` is
+    ``latest``, ``all`` or a comma-separated list of steps), a ``.pt`` state dict (with
+    ``model=``/``data=`` overrides), or ``None`` for a freshly initialised model.
+    Results go to a new store at ``out``; returns its ``RunResult``.
+    """
+    from .engine import Engine, RunResult, load_checkpoint, _now
+    from .context import StepState
+    from .probe import Probe
+
+    plugins = list(plugins)
+    if not plugins:
+        raise UsageError("name at least one probe to measure with --plugin")
+    reader = None
+    if source is not None and str(source).endswith(".pt") and not os.path.isdir(source):
+        if not os.path.isfile(source):
+            raise UsageError(f"no such file: {source}")
+        base = make_config(None, **overrides)
+    elif source is not None:
+        reader = RunReader(source)
+        stored = {k: v for k, v in reader.attrs.get("config", {}).items()
+                  if k not in ("plugins", "plugin_options", "resume", "out")}
+        base = RunConfig.from_mapping(stored, source=str(source)).merged(overrides)
+    else:
+        base = make_config(None, **overrides)
+    cfg = base.merged({"plugins": plugins, "plugin_options": dict(plugin_options or {}), "resume": None,
+                       "progress": progress})
+    cfg.plugin_options = {k: dict(v) for k, v in (plugin_options or {}).items()}
+    cfg.disable = ["train-metrics", "progress"]
+    if out is None:
+        stem = "fresh" if source is None else os.path.basename(str(source).rstrip("/")).removesuffix(".zarr").removesuffix(".pt")
+        out = os.path.join("runs", f"{stem}-measure-{datetime.now().strftime('%Y%m%d-%H%M%S')}.zarr")
+    if store_exists(out):
+        raise UsageError(f"{out} already exists; choose another --out")
+    cfg.out = out
+    engine = Engine(cfg)
+    ctx = engine.prepare()
+    probes = [p for p in engine.plugins if isinstance(p, Probe)]
+    if not probes:
+        raise UsageError("lscape measure runs probes; none of the named plugins is a probe")
+    states = _model_states(reader, source, checkpoints)
+    attrs = engine._root_attrs()
+    attrs.update({"kind": "measure", "source": None if source is None else str(source)})
+    ctx.store = RunStore.create(out, attrs)
+    status = "completed"
+    try:
+        for step, epoch, model_state in states:
+            if model_state is not None:
+                ctx.model.load_state_dict(model_state)
+            batch, _, _ = ctx.stream.next()
+            state = StepState(step=step, epoch=epoch, batch=batch)
+            for probe in probes:
+                engine._call(lambda **kw: probe.run_measure(**kw), ctx=ctx, state=state)
+    except BaseException:
+        status = "failed"
+        raise
+    finally:
+        ctx.store.flush()
+        ctx.store.update_attrs(status=status, end_time=_now())
+    return RunResult(out, status, len(states))
+
+
+def _model_states(reader: RunReader | None, source: Any, which: str) -> list[tuple[int, int, Any]]:
+    from .engine import load_checkpoint
+
+    if reader is None:
+        if source is None:
+            return [(0, 0, None)]
+        try:
+            state = torch.load(source, weights_only=True, map_location="cpu")
+        except Exception as e:
+            raise UsageError(f"cannot load {source} as a state dict: {e}") from e
+        return [(0, 0, state.get("model", state) if isinstance(state, dict) else state)]
+    root = reader.root
+    names = sorted(root["checkpoints"].array_keys()) if "checkpoints" in root.group_keys() else []
+    if not names:
+        raise UsageError(f"{reader.path} has no checkpoints to measure")
+    if which == "latest":
+        chosen = [root["checkpoints"].attrs.get("latest", names[-1])]
+    elif which == "all":
+        chosen = names
+    else:
+        try:
+            wanted = {int(s) for s in which.split(",")}
+        except ValueError:
+            raise UsageError(f"bad --checkpoints '{which}': use latest, all or steps like 100,200") from None
+        chosen = [n for n in names if int(root["checkpoints"][n].attrs["step"]) in wanted]
+        if not chosen:
+            raise UsageError(f"no checkpoint at steps {which} in {reader.path}")
+    out = []
+    for name in chosen:
+        state = load_checkpoint(root, name)
+        out.append((int(state["step"]), int(state["epoch"]), state["model"]))
+    return out

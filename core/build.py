@@ -1,0 +1,140 @@
+"""Turning names and ``module:factory`` strings into models, data, losses and optimizers."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .errors import UsageError
+from .manager import Entry
+
+__all__ = ["resolve", "build_model", "build_data", "build_loss", "build_optimizer", "call_with_accepted"]
+
+
+def resolve(spec: str, table: Mapping[str, Entry], kind: str) -> Any:
+    """A registered name, or ``module:attribute`` imported; else a ``UsageError``."""
+    if spec in table:
+        return table[spec].obj
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise UsageError(f"cannot import '{module_name}' for --{kind} {spec}: {e}") from e
+        obj = module
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise UsageError(f"'{module_name}' has no attribute '{attr}' (--{kind} {spec})")
+            obj = getattr(obj, part)
+        return obj
+    known = ", ".join(sorted(table)) or "none"
+    raise UsageError(f"unknown {kind} '{spec}' (known: {known}; or give module:factory)")
+
+
+def call_with_accepted(fn: Callable, options: Mapping[str, Any], extra: Mapping[str, Any], what: str) -> Any:
+    """Call ``fn(**options, **extra)`` passing only the ``extra`` keys it accepts.
+
+    An option it does not accept is a ``UsageError`` naming the option; errors raised
+    for bad values inside ``fn`` (``TypeError``/``ValueError``) become ``UsageError`` too.
+    """
+    try:
+        sig = inspect.signature(fn)
+        params = sig.parameters
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):
+        params, var_kw = {}, True
+    if not var_kw:
+        unknown = [k for k in options if k not in params]
+        if unknown:
+            accepted = ", ".join(n for n, p in params.items()
+                                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) or "none"
+            raise UsageError(f"{what} has no option '{unknown[0]}' (options: {accepted})")
+    kwargs = dict(options)
+    for key, value in extra.items():
+        if value is not None and key not in kwargs and (var_kw or key in params):
+            kwargs[key] = value
+    try:
+        return fn(**kwargs)
+    except UsageError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{what}: {e}") from e
+
+
+def build_data(spec: str, options: Mapping[str, Any], table: Mapping[str, Entry], seed: int) -> tuple[Dataset, Dataset | None]:
+    """``(train, eval)`` from a data factory (a Dataset, or ``{"train": ..., "eval": ...}``)."""
+    factory = resolve(spec, table, "data")
+    out = call_with_accepted(factory, options, {"seed": seed}, f"data '{spec}'")
+    if isinstance(out, Mapping):
+        if "train" not in out:
+            raise UsageError(f"data '{spec}' returned a dict without a 'train' entry")
+        train, evaluation = out["train"], out.get("eval", out.get("test"))
+    else:
+        train, evaluation = out, None
+    for name, ds in (("train", train), ("eval", evaluation)):
+        if ds is not None and not hasattr(ds, "__getitem__"):
+            raise UsageError(f"data '{spec}' gave a {name} set that is not a Dataset")
+    if len(train) == 0:
+        raise UsageError(f"data '{spec}' has an empty training set")
+    return train, evaluation
+
+
+def build_model(spec: str, options: Mapping[str, Any], table: Mapping[str, Entry], train_set: Any) -> nn.Module:
+    """An ``nn.Module`` from a factory, told the data's ``num_classes``/``input_shape``."""
+    factory = resolve(spec, table, "model")
+    extra = {k: getattr(train_set, k, None) for k in ("num_classes", "input_shape", "output_dim")}
+    model = call_with_accepted(factory, options, extra, f"model '{spec}'")
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model '{spec}' returned {type(model).__name__}, not an nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UsageError(f"model '{spec}' has no trainable parameters")
+    return model
+
+
+def build_loss(spec: str, table: Mapping[str, Entry]) -> Callable:
+    """A loss callable; a class given as ``module:Class`` is instantiated."""
+    obj = resolve(spec, table, "loss")
+    if inspect.isclass(obj):
+        try:
+            obj = obj()
+        except TypeError as e:
+            raise UsageError(f"loss '{spec}' cannot be built without arguments: {e}") from e
+    if not callable(obj):
+        raise UsageError(f"loss '{spec}' is not callable")
+    return obj
+
+
+def build_optimizer(spec: str, params: Any, lr: float, momentum: float, weight_decay: float,
+                    options: Mapping[str, Any], table: Mapping[str, Entry]) -> torch.optim.Optimizer:
+    """A registered optimizer factory, or any ``module:Class`` subclass of ``Optimizer``.
+
+    A class gets ``lr`` and, when its constructor takes them and they are non-zero,
+    ``momentum`` and ``weight_decay``; ``options`` are passed as keyword arguments.
+    """
+    obj = resolve(spec, table, "optimizer")
+    what = f"optimizer '{spec}'"
+    if inspect.isclass(obj):
+        if not issubclass(obj, torch.optim.Optimizer):
+            raise UsageError(f"{what} is not a torch.optim.Optimizer subclass")
+        factory = _bound(obj.__init__, 3, lambda **kw: obj(params, lr=lr, **kw))
+        extra = {"momentum": momentum or None, "weight_decay": weight_decay or None}
+    else:
+        factory = _bound(obj, 4, lambda **kw: obj(params, lr, momentum, weight_decay, **kw))
+        extra = {}
+    return call_with_accepted(factory, options, extra, what)
+
+
+def _bound(signature_of: Callable, skip: int, call: Callable) -> Callable:
+    """``call`` with the signature of ``signature_of`` minus its first ``skip`` parameters,
+    so that ``call_with_accepted`` can check option names against it."""
+    try:
+        sig = inspect.signature(signature_of)
+        call.__signature__ = sig.replace(parameters=list(sig.parameters.values())[skip:])  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        pass
+    return call

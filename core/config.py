@@ -1,0 +1,243 @@
+"""The run configuration: one dataclass, filled from a TOML file and the command line.
+
+Every command-line option has a TOML key of the same name with underscores
+(``--batch-size`` → ``batch_size``); plugin options live in ``[plugins.NAME]`` tables.
+The command line overrides the file. ``validate()`` checks values before anything is
+written and raises ``UsageError`` with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import UsageError
+from .schedule import Schedule, parse_duration
+
+__all__ = ["RunConfig", "load_toml", "LR_SCHEDULES"]
+
+LR_SCHEDULES = ("constant", "step", "cosine")
+#: probes active when neither the config file nor the command line names any
+DEFAULT_PLUGINS = ("grad-norm",)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Defaults are the built-in default experiment."""
+
+    model: str = "mlp"
+    model_opts: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    data_opts: dict[str, Any] = field(default_factory=dict)
+    loss: str = "ce"
+    optimizer: str = "sgd"
+    optimizer_opts: dict[str, Any] = field(default_factory=dict)
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    batch_size: int | str = 64
+    epochs: int | None = None
+    steps: int | None = None
+    time_limit: float | None = None
+    lr_schedule: str = "constant"
+    regime: dict[str, dict[str, float]] | None = None
+    eval_schedule: str = "epoch"
+    checkpoint_schedule: str = "epoch"
+    plugins: list[str] | None = None
+    plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    disable: list[str] = field(default_factory=list)
+    out: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    on_nan: str = "stop"
+    drop_last: bool = False
+    resume: str | None = None
+
+    #: epochs used when neither epochs, steps nor a time limit is given
+    DEFAULT_EPOCHS = 10
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> "RunConfig":
+        """Build from a dict (a parsed TOML file); unknown keys are a ``UsageError``."""
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        plugin_tables = data.pop("plugins", None)
+        kwargs: dict[str, Any] = {}
+        if isinstance(plugin_tables, dict):
+            # [plugins] may hold the active list as `active = [...]` plus one table per plugin
+            active = plugin_tables.pop("active", None)
+            kwargs["plugin_options"] = {k: dict(v) for k, v in plugin_tables.items() if isinstance(v, dict)}
+            bad = [k for k, v in plugin_tables.items() if not isinstance(v, dict)]
+            if bad:
+                raise UsageError(f"{source}: [plugins] entry '{bad[0]}' must be a table of options")
+            if active is not None:
+                kwargs["plugins"] = list(active)
+        elif isinstance(plugin_tables, list):
+            kwargs["plugins"] = [str(p) for p in plugin_tables]
+        elif plugin_tables is not None:
+            raise UsageError(f"{source}: 'plugins' must be a list of names or a table")
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name == "plugin_options":
+                kwargs.setdefault("plugin_options", {}).update(value)
+                continue
+            if name not in known:
+                raise UsageError(f"{source}: unknown key '{key}' (see `lscape run --help` for the options)")
+            kwargs[name] = value
+        if "plugin_options" in kwargs:
+            # tables for plugins not listed in `plugins` activate them too
+            listed = kwargs.get("plugins") or []
+            kwargs["plugins"] = list(dict.fromkeys([*listed, *kwargs["plugin_options"]]))
+        return cls(**kwargs)
+
+    def merged(self, overrides: Mapping[str, Any]) -> "RunConfig":
+        """A copy with the non-None ``overrides`` applied (command line over file)."""
+        values = dataclasses.asdict(self)
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key in ("model_opts", "data_opts", "optimizer_opts"):
+                values[key] = {**values[key], **value}
+            elif key == "plugin_options":
+                merged = {k: dict(v) for k, v in values[key].items()}
+                for plugin, opts in value.items():
+                    merged.setdefault(plugin, {}).update(opts)
+                values[key] = merged
+            else:
+                values[key] = value
+        return RunConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration, as stored in the run's attributes."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "RunConfig":
+        """Check every value; returns self. Raises ``UsageError`` on the first bad one."""
+        self.lr = _number("lr", self.lr, positive=True)
+        self.momentum = _number("momentum", self.momentum)
+        if not 0 <= self.momentum < 1:
+            raise UsageError(f"--momentum must be in [0, 1), got {self.momentum}")
+        self.weight_decay = _number("weight-decay", self.weight_decay)
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if isinstance(self.batch_size, str):
+            if self.batch_size.strip().lower() == "full":
+                self.batch_size = "full"
+            else:
+                self.batch_size = _integer("batch-size", self.batch_size, "a positive integer or 'full'")
+        elif not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool):
+            raise UsageError(f"--batch-size must be a positive integer or 'full', got {self.batch_size!r}")
+        if self.batch_size != "full" and self.batch_size < 1:
+            raise UsageError(f"--batch-size must be a positive integer or 'full', got {self.batch_size}")
+        for name in ("epochs", "steps"):
+            value = getattr(self, name)
+            if value is not None:
+                value = _integer(name, value, "a positive integer")
+                if value < 1:
+                    raise UsageError(f"--{name} must be a positive integer, got {value}")
+                setattr(self, name, value)
+        if self.epochs is not None and self.steps is not None:
+            raise UsageError("give --epochs or --steps, not both")
+        if self.time_limit is not None:
+            self.time_limit = parse_duration(self.time_limit)
+        self.seed = _integer("seed", self.seed, "an integer")
+        if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise UsageError(f"--device must be cpu or cuda, got '{self.device}'")
+        if self.on_nan not in ("stop", "continue"):
+            raise UsageError(f"on_nan must be 'stop' or 'continue', got '{self.on_nan}'")
+        kind = self.lr_schedule.split(":", 1)[0]
+        if kind not in LR_SCHEDULES:
+            raise UsageError(f"bad --lr-schedule '{self.lr_schedule}': use constant, step:EPOCH,EPOCH:GAMMA or cosine")
+        if kind == "step":
+            parse_step_schedule(self.lr_schedule)
+        if self.regime is not None:
+            self.regime = _regime(self.regime)
+            if kind != "constant":
+                raise UsageError("a regime sets the learning rate per epoch: use it with --lr-schedule constant")
+        for name in ("eval_schedule", "checkpoint_schedule"):
+            Schedule.parse(getattr(self, name))
+        if self.plugins is None:
+            self.plugins = list(DEFAULT_PLUGINS)
+        elif isinstance(self.plugins, str):
+            self.plugins = [self.plugins]
+        return self
+
+    @property
+    def total_epochs(self) -> int | None:
+        if self.epochs is not None:
+            return self.epochs
+        if self.steps is None and self.time_limit is None:
+            return self.DEFAULT_EPOCHS
+        return None
+
+
+def parse_step_schedule(text: str) -> tuple[list[int], float]:
+    """``step:30,60:0.1`` → milestones ``[30, 60]`` (epochs) and factor ``0.1``."""
+    try:
+        _, milestones, gamma = text.split(":")
+        ms = sorted(int(m) for m in milestones.split(","))
+        g = float(gamma)
+        if not ms or g <= 0:
+            raise ValueError
+        return ms, g
+    except ValueError:
+        raise UsageError(f"bad --lr-schedule '{text}': use step:EPOCH,EPOCH:GAMMA, e.g. step:30,60:0.1") from None
+
+
+def load_toml(path: str | Path) -> RunConfig:
+    """Read an experiment file; a missing or malformed file is a ``UsageError``."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {p} does not exist")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"config file {p} is not valid TOML: {e}") from e
+    return RunConfig.from_mapping(data, source=str(p))
+
+
+def _number(name: str, value: Any, positive: bool = False) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        out = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{name} must be a number, got '{value}'") from None
+    if not math.isfinite(out) or (positive and out <= 0):
+        raise UsageError(f"--{name} must be a {'positive ' if positive else ''}finite number, got '{value}'")
+    return out
+
+
+def _integer(name: str, value: Any, what: str) -> int:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{name} must be {what}, got '{value}'") from None
+
+
+def _regime(regime: Any) -> dict[str, dict[str, float]]:
+    if not isinstance(regime, Mapping):
+        raise UsageError("regime must be a table {epoch = {lr = ..., momentum = ..., weight_decay = ...}}")
+    out: dict[str, dict[str, float]] = {}
+    for epoch, settings in regime.items():
+        try:
+            e = int(epoch)
+        except ValueError:
+            raise UsageError(f"regime key '{epoch}' is not an epoch number") from None
+        if not isinstance(settings, Mapping):
+            raise UsageError(f"regime entry {epoch} must be a table of settings")
+        bad = set(settings) - {"lr", "momentum", "weight_decay", "optimizer"}
+        if bad:
+            raise UsageError(f"regime entry {epoch}: unknown setting '{sorted(bad)[0]}' (lr, momentum, weight_decay)")
+        out[str(e)] = {k: v for k, v in settings.items() if k != "optimizer"}
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))

@@ -1,0 +1,36 @@
+"""Curvature toolkit: exact Hessian/GGN products, Lanczos, trace and density estimators, dense spectra.
+
+Usable on any model, loss and batches without the engine::
+
+    from lscape.curvature import HessianOperator, lanczos
+    op = HessianOperator(model, loss_fn, [(x, y)])
+    top = lanczos(op, k=5, tol=1e-4)
+    top.eigenvalues, top.residuals, top.num_products
+"""
+
+from lscape.curvature import distributed
+from lscape.curvature.dense import DEFAULT_MAX_PARAMS, DenseSpectrum, dense_hessian, dense_matrix, dense_spectrum
+from lscape.curvature.density import SpectralDensity, gaussian_density, slq_density
+from lscape.curvature.lanczos import EigenResult, lanczos, power_iteration
+from lscape.curvature.operator import HessianOperator, gradient
+from lscape.curvature.trace import TraceEstimate, hutchinson, hutchpp
+
+__all__ = [
+    "HessianOperator",
+    "gradient",
+    "lanczos",
+    "power_iteration",
+    "EigenResult",
+    "hutchinson",
+    "hutchpp",
+    "TraceEstimate",
+    "slq_density",
+    "gaussian_density",
+    "SpectralDensity",
+    "dense_matrix",
+    "dense_hessian",
+    "dense_spectrum",
+    "DenseSpectrum",
+    "DEFAULT_MAX_PARAMS",
+    "distributed",
+]

@@ -1,0 +1,533 @@
+"""The training engine: builds a run from its config, trains, fires the hook events.
+
+``Engine(config).run()`` is what ``lscape run`` and ``lscape.run()`` do. Everything that
+can be checked is checked in ``prepare()`` before the store is created, so bad input
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import platform
+import signal
+import sys
+import time
+import types
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import numpy as np
+import pluggy
+import torch
+
+from . import __version__
+from .build import build_data, build_loss, build_model, build_optimizer
+from .config import RunConfig, parse_step_schedule
+from .context import RunContext, StepState
+from .data import BatchStream, derived_seed, full_batches
+from .errors import DivergedError, PluginError, UsageError
+from .manager import Registry, build_registry, get_plugin_manager, load_module
+from .probe import Plugin, StepOwner
+from .schedule import Schedule
+from .store import RunReader, RunStore, store_exists
+
+__all__ = ["Engine", "RunResult", "Interrupted", "evaluate"]
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread by SIGTERM (SIGINT raises ``KeyboardInterrupt``)."""
+
+
+@dataclass
+class RunResult:
+    """Where the run's store is and how the run ended."""
+
+    path: str
+    status: str
+    steps: int
+    error: str | None = None
+
+
+class Engine:
+    """One training run. ``prepare()`` validates and builds, ``run()`` trains."""
+
+    def __init__(self, config: RunConfig, pm: pluggy.PluginManager | None = None):
+        self.config = config
+        self.pm = pm
+        self.registry: Registry | None = None
+        self.ctx: RunContext | None = None
+        self.plugins: list[Plugin] = []
+        self.step = 0
+        self.epoch = 0
+        self._prepared = False
+        self._resume_state: dict[str, Any] | None = None
+
+    # -- building ------------------------------------------------------------------------
+
+    def prepare(self) -> RunContext:
+        """Validate the config and build model, data, optimizer and plugins (no store yet)."""
+        cfg = self.config
+        if cfg.resume:
+            cfg = self.config = _config_for_resume(cfg)
+        cfg.validate()
+        if self.pm is None:
+            self.pm = get_plugin_manager(m for m in cfg.plugins if "." in m and ":" not in m)
+        else:
+            for name in cfg.plugins:
+                if "." in name and self.pm.get_plugin(name) is None:
+                    load_module(self.pm, name)
+        self.registry = reg = build_registry(self.pm)
+        if cfg.out is None and not cfg.resume:
+            cfg.out = _default_out(cfg)
+        if not cfg.resume and store_exists(cfg.out):
+            raise UsageError(f"{cfg.out} already exists; pass --resume {cfg.out} to continue it, or choose another --out")
+        device = _device(cfg.device)
+        plugin_classes, modules = self._resolve_plugins(reg)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        train, evaluation = build_data(cfg.data, cfg.data_opts, reg.datasets, cfg.seed)
+        model = build_model(cfg.model, cfg.model_opts, reg.models, train).to(device)
+        loss_fn = build_loss(cfg.loss, reg.losses)
+        optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr,
+                                    cfg.momentum, cfg.weight_decay,
+                                    {**({"nesterov": True} if cfg.nesterov else {}), **cfg.optimizer_opts},
+                                    reg.optimizers)
+        batch_size = None if cfg.batch_size == "full" else int(cfg.batch_size)
+        stream = BatchStream(train, batch_size, derived_seed(cfg.seed, "train-stream"), device, cfg.drop_last)
+        ctx = RunContext(config=cfg, model=model, loss_fn=loss_fn, train_set=train, eval_set=evaluation,
+                         device=device, optimizer=optimizer, registry=reg, stream=stream,
+                         steps_per_epoch=stream.steps_per_epoch)
+        ctx.total_steps = cfg.steps if cfg.steps is not None else (
+            cfg.total_epochs * stream.steps_per_epoch if cfg.total_epochs is not None else None)
+        if cfg.lr_schedule.startswith("cosine") and ctx.total_steps is None:
+            raise UsageError("--lr-schedule cosine needs --steps or --epochs to know its length")
+        self.plugins = []
+        for name, cls in plugin_classes:
+            try:
+                plugin = cls(**cfg.plugin_options.get(name, {}))
+            except UsageError:
+                raise
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"plugin '{name}': {e}") from e
+            self.plugins.append(plugin)
+            ctx.plugins[name] = plugin
+        owners = [p for p in self.plugins if isinstance(p, StepOwner)]
+        if len(owners) > 1:
+            names = " and ".join(f"'{p.name}'" for p in owners)
+            raise UsageError(f"plugins {names} both own the training step; activate only one of them")
+        ctx.step_owner = owners[0] if owners else None
+        # Discovered is not active: only activated modules keep their run-event hooks.
+        for name, plugin in list(self.pm.list_name_plugin()):
+            if isinstance(plugin, types.ModuleType) and name not in modules:
+                self.pm.unregister(plugin)
+        for plugin in self.plugins:
+            self.pm.register(plugin, name=f"plugin:{plugin.name}")
+        if ctx.step_owner is not None:
+            ctx.step_owner.setup(ctx)
+        self.ctx = ctx
+        self._prepared = True
+        return ctx
+
+    def _resolve_plugins(self, reg: Registry) -> tuple[list[tuple[str, type]], set[str]]:
+        cfg = self.config
+        available = reg.activatable()
+        chosen: dict[str, type] = {}
+        modules: set[str] = set()
+        for entry in available.values():
+            if getattr(entry.obj, "always_on", False) and entry.name not in cfg.disable:
+                chosen[entry.name] = entry.obj
+        for name in cfg.plugins:
+            if name in available:
+                chosen[name] = available[name].obj
+            elif self.pm.get_plugin(name) is not None and isinstance(self.pm.get_plugin(name), types.ModuleType):
+                modules.add(name)
+                for entry in reg.by_source(name):
+                    chosen[entry.name] = entry.obj
+            else:
+                known = ", ".join(sorted(available))
+                raise UsageError(f"unknown plugin '{name}' (available: {known}; `lscape plugins` lists them)")
+        for name in cfg.disable:
+            if name not in available:
+                raise UsageError(f"cannot disable unknown plugin '{name}'")
+        for name in cfg.plugin_options:
+            if name not in chosen:
+                if name in available:
+                    raise UsageError(f"options given for plugin '{name}', which is not active; add --plugin {name}")
+                raise UsageError(f"options given for unknown plugin '{name}'")
+        return list(chosen.items()), modules
+
+    # -- running -------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        """Train until the steps, epochs or time limit are used up; always flushes the store."""
+        if not self._prepared:
+            self.prepare()
+        ctx = self.ctx
+        cfg = self.config
+        assert ctx is not None and self.pm is not None
+        if cfg.resume:
+            ctx.store = RunStore.open(cfg.resume)
+            self._load_latest_checkpoint()
+            ctx.store.update_attrs(status="running", resumed_at=_now())
+        else:
+            ctx.store = RunStore.create(cfg.out, self._root_attrs())
+        hook = self.pm.hook
+        status, error = "running", None
+        previous = _install_signal_handlers()
+        try:
+            ctx.start_time = time.time() - float(ctx.cache.get("elapsed", 0.0))
+            self._call(hook.on_run_start, ctx=ctx)
+            status = self._loop(ctx)
+        except (KeyboardInterrupt, Interrupted):
+            status = "interrupted"
+        except DivergedError as e:
+            status, error = "diverged", str(e)
+        except Exception as e:  # a plugin or the model failed: record, then re-raise
+            status, error = "failed", str(e)
+            try:
+                self._call(hook.on_exception, ctx=ctx, error=e)
+            except Exception:
+                pass
+            self._finish(status, error)
+            _restore_signal_handlers(previous)
+            raise
+        self._finish(status, error)
+        _restore_signal_handlers(previous)
+        return RunResult(ctx.store.path, status, self.step, error)
+
+    def _finish(self, status: str, error: str | None) -> None:
+        ctx = self.ctx
+        assert ctx is not None and ctx.store is not None and self.pm is not None
+        try:
+            self._call(self.pm.hook.on_run_end, ctx=ctx, status=status)
+        except Exception as e:  # the store must still be flushed and marked
+            status, error = "failed", error or str(e)
+        ctx.store.flush()
+        attrs: dict[str, Any] = {"status": status, "end_time": _now(), "steps_done": self.step}
+        if error:
+            attrs["error"] = error
+        ctx.store.update_attrs(**attrs)
+
+    def _loop(self, ctx: RunContext) -> str:
+        cfg = self.config
+        hook = self.pm.hook
+        stream = ctx.stream
+        eval_schedule = Schedule.parse(cfg.eval_schedule)
+        ckpt_schedule = Schedule.parse(cfg.checkpoint_schedule)
+        owner = ctx.step_owner
+        model, optimizer = ctx.model, ctx.optimizer
+        last_epoch = None if self.step == 0 or stream.position == 0 else stream.epoch
+        while True:
+            if ctx.total_steps is not None and self.step >= ctx.total_steps:
+                return "completed"
+            elapsed = time.time() - ctx.start_time
+            if cfg.time_limit is not None and elapsed >= cfg.time_limit:
+                return "completed"
+            batch, epoch, epoch_end = stream.next()
+            if epoch != last_epoch:
+                self.epoch = epoch
+                self._apply_regime(epoch)
+                self._call(hook.on_epoch_start, ctx=ctx, epoch=epoch)
+                last_epoch = epoch
+            lr = self._set_lr(self.step, epoch)
+            state = StepState(step=self.step, epoch=epoch, batch=batch, lr=lr, time=elapsed, epoch_end=epoch_end)
+            self._call(hook.on_step_start, ctx=ctx, state=state)
+            model.train()
+            closure = self._closure(ctx, state)
+            if owner is None:
+                loss = closure()
+                if math.isfinite(loss) or cfg.on_nan == "continue":
+                    optimizer.step()
+            else:
+                loss = float(owner.step(closure, ctx, state))
+                state.loss = loss
+            diverged = not math.isfinite(loss)
+            if diverged:
+                state.extras["diverged"] = True
+            if eval_schedule.due(self.step, epoch_end=epoch_end, now=time.time() - ctx.start_time) \
+                    and ctx.eval_set is not None:
+                metrics = evaluate(ctx)
+                state.extras.update(metrics)
+                self._call(hook.on_evaluate, ctx=ctx, state=state, metrics=metrics)
+            self._call(hook.on_step_end, ctx=ctx, state=state)
+            self.step += 1
+            if epoch_end:
+                self._call(hook.on_epoch_end, ctx=ctx, epoch=epoch)
+            if diverged and cfg.on_nan == "stop":
+                raise DivergedError(f"loss became {loss} at step {self.step - 1}; stopped (on_nan = stop)")
+            if ckpt_schedule.due(self.step - 1, epoch_end=epoch_end, now=time.time() - ctx.start_time):
+                self.save_checkpoint()
+
+    def _closure(self, ctx: RunContext, state: StepState):
+        model, loss_fn, optimizer = ctx.model, ctx.loss_fn, ctx.optimizer
+        fresh = ctx.step_owner is not None and ctx.step_owner.fresh_batches
+        calls = 0
+
+        def closure() -> float:
+            nonlocal calls
+            if calls == 0 or not fresh:
+                batch = state.batch
+            else:
+                batch, _, _ = ctx.stream.next()
+            optimizer.zero_grad(set_to_none=True)
+            x, y = batch[0], batch[1]
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            value = float(loss.detach())
+            if calls == 0:
+                state.loss = value
+                self._call(self.pm.hook.on_after_backward, ctx=ctx, state=state)
+            calls += 1
+            return value
+
+        return closure
+
+    def _set_lr(self, step: int, epoch: int) -> float:
+        cfg = self.config
+        optimizer = self.ctx.optimizer
+        kind = cfg.lr_schedule.split(":", 1)[0]
+        if kind == "constant":
+            return float(optimizer.param_groups[0]["lr"])
+        if kind == "step":
+            milestones, gamma = parse_step_schedule(cfg.lr_schedule)
+            lr = cfg.lr * gamma ** sum(epoch >= m for m in milestones)
+        else:  # cosine over the whole run
+            total = max(1, self.ctx.total_steps or 1)
+            lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * min(step, total) / total))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _apply_regime(self, epoch: int) -> None:
+        # Every entry with key <= epoch applies, in order; settings are sticky.
+        regime = self.config.regime
+        if not regime:
+            return
+        for key, settings in regime.items():
+            if int(key) <= epoch:
+                for group in self.ctx.optimizer.param_groups:
+                    for name, value in settings.items():
+                        if name in group:
+                            group[name] = value
+
+    def _call(self, hook: Any, **kwargs: Any) -> Any:
+        """Fire a hook; an exception from a plugin becomes ``PluginError`` naming it."""
+        try:
+            return hook(**kwargs)
+        except (PluginError, DivergedError, KeyboardInterrupt, Interrupted):
+            raise
+        except Exception as e:
+            raise PluginError(_culprit(hook, e), e) from e
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def save_checkpoint(self) -> str:
+        """Save everything resume needs into the store, then flush every writer."""
+        ctx = self.ctx
+        assert ctx is not None and ctx.store is not None
+        ctx.store.flush()
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "elapsed": time.time() - ctx.start_time,
+            "model": ctx.model.state_dict(),
+            "optimizer": ctx.optimizer.state_dict(),
+            "stream": ctx.stream.state_dict(),
+            "plugins": {p.name: p.state_dict() for p in self.plugins},
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "lscape_version": __version__,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+        group = ctx.store.root.require_group("checkpoints")
+        name = f"step_{self.step:09d}"
+        group.create_array(name, shape=data.shape, chunks=(min(len(data), 2**22),), dtype=np.uint8,
+                           dimension_names=["byte"], attributes={"step": self.step, "epoch": self.epoch},
+                           overwrite=True)[:] = data
+        group.attrs.update({"latest": name})
+        return name
+
+    def _load_latest_checkpoint(self) -> None:
+        ctx = self.ctx
+        state = load_checkpoint(ctx.store.root)
+        if state is None:
+            raise UsageError(f"{ctx.store.path} has no checkpoint to resume from")
+        ctx.model.load_state_dict(state["model"])
+        ctx.optimizer.load_state_dict(state["optimizer"])
+        ctx.stream.load_state_dict(state["stream"])
+        for plugin in self.plugins:
+            if plugin.name in state["plugins"]:
+                plugin.load_state_dict(state["plugins"][plugin.name])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        ctx.cache["elapsed"] = float(state["elapsed"])
+        _truncate_after(ctx.store, self.step)
+
+    def _root_attrs(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "lscape_version": __version__,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "config": cfg.to_dict(),
+            "plugins": {p.name: _plugin_version(self.registry, p.name) for p in self.plugins},
+            "seed": cfg.seed,
+            "device": str(self.ctx.device),
+            "status": "running",
+            "start_time": _now(),
+            "command": " ".join(sys.argv),
+        }
+
+
+def evaluate(ctx: RunContext, dataset: Any = None) -> dict[str, float]:
+    """Mean loss (and accuracy for class targets) on ``dataset`` (default: the eval set),
+    in eval mode without gradients; the model's modes are restored."""
+    dataset = ctx.eval_set if dataset is None else dataset
+    model, loss_fn = ctx.model, ctx.loss_fn
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    total, loss_sum, correct, classification = 0, 0.0, 0, True
+    try:
+        with torch.no_grad():
+            for x, y in full_batches(dataset, max(ctx.batch_size, 256), ctx.device):
+                out = model(x)
+                n = x.shape[0]
+                loss_sum += float(loss_fn(out, y)) * n
+                total += n
+                if y.is_floating_point() or out.shape[:-1] != y.shape:
+                    classification = False
+                else:
+                    correct += int((out.argmax(-1) == y).sum()) * n // max(1, y.numel())
+    finally:
+        for m, training in modes:
+            m.training = training
+    metrics = {"eval_loss": loss_sum / max(total, 1)}
+    if classification:
+        metrics["eval_accuracy"] = correct / max(total, 1)
+    return metrics
+
+
+def load_checkpoint(root: Any, name: str | None = None) -> dict[str, Any] | None:
+    """The checkpoint ``name`` (default: the latest) of an open zarr run group, or None."""
+    if "checkpoints" not in root.group_keys():
+        return None
+    group = root["checkpoints"]
+    name = name or group.attrs.get("latest")
+    if not name or name not in group.array_keys():
+        return None
+    data = group[name][:]
+    return torch.load(io.BytesIO(data.tobytes()), weights_only=True, map_location="cpu")
+
+
+def _truncate_after(store: RunStore, step: int) -> None:
+    """Drop rows recorded after the checkpoint (steps >= ``step``), in every group."""
+    reader_root = store.root
+
+    def walk(group: Any, prefix: str) -> None:
+        if "step" in group.array_keys():
+            steps = group["step"][:]
+            keep = int(np.searchsorted(steps, step, side="left"))
+            store.group(prefix).truncate(keep)
+        for key in group.group_keys():
+            if key != "checkpoints" or prefix:
+                walk(group[key], f"{prefix}/{key}" if prefix else key)
+
+    walk(reader_root, "")
+
+
+def _config_for_resume(cfg: RunConfig) -> RunConfig:
+    path = cfg.resume
+    reader = RunReader(path)
+    stored = RunConfig.from_mapping({k: v for k, v in reader.attrs["config"].items()
+                                     if k not in ("resume", "plugin_options", "plugins")}, source=path)
+    stored.plugins = list(reader.attrs["config"].get("plugins", []))
+    stored.plugin_options = dict(reader.attrs["config"].get("plugin_options", {}))
+    stored.out = path
+    stored.resume = path
+    stored.progress = cfg.progress
+    return stored
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def _default_out(cfg: RunConfig) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = os.path.join("runs", f"{_slug(cfg.model)}-{_slug(cfg.data)}-{stamp}")
+    path, i = base + ".zarr", 1
+    while os.path.exists(path):
+        i += 1
+        path = f"{base}-{i}.zarr"
+    return path
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text.split(":")[-1])[:40]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _plugin_version(reg: Registry | None, name: str) -> str:
+    source = reg.activatable()[name].source if reg and name in reg.activatable() else ""
+    if source.startswith("lscape."):
+        return __version__
+    try:
+        from importlib.metadata import packages_distributions, version
+
+        dists = packages_distributions().get(source.split(".")[0], [])
+        return version(dists[0]) if dists else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _culprit(hook: Any, error: BaseException) -> str:
+    """The plugin whose hook implementation raised, found from the traceback."""
+    codes = {}
+    for impl in getattr(hook, "get_hookimpls", lambda: [])():
+        fn = getattr(impl.function, "__func__", impl.function)
+        codes[fn.__code__] = impl.plugin_name.removeprefix("plugin:")
+    tb = error.__traceback__
+    found = None
+    while tb is not None:
+        name = codes.get(tb.tb_frame.f_code)
+        if name is not None:
+            found = name
+        tb = tb.tb_next
+    if found is None:
+        # a probe's measure() is called from the base class hook; name the instance
+        tb = error.__traceback__
+        while tb is not None:
+            self_obj = tb.tb_frame.f_locals.get("self")
+            if isinstance(self_obj, Plugin):
+                found = self_obj.name
+            tb = tb.tb_next
+    return found or getattr(hook, "name", "unknown")
+
+
+def _install_signal_handlers() -> dict[int, Any]:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def on_term(signum, frame):
+        raise Interrupted()
+
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term)}
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)

@@ -1,0 +1,259 @@
+"""Base classes of run plugins: ``Plugin``, ``Probe`` (a scheduled measurement) and
+``StepOwner`` (an optimizer variant that owns the training step).
+
+A plugin class declares its name, options and outputs; the engine instantiates it with
+the resolved options when it is activated and registers the instance with the run's
+plugin manager, so its ``@hookimpl`` methods receive the run events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from .context import RunContext, StepState
+from .data import derived_seed, fixed_batches, full_batches
+from .errors import UsageError
+from .hookspecs import hookimpl
+from .options import Option, Output, resolve_options
+from .schedule import Schedule
+from .store import GroupWriter
+
+__all__ = ["Plugin", "Probe", "StepOwner", "preserve_state"]
+
+
+class Plugin:
+    """A run plugin: named, with typed options, optional outputs and hook methods."""
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    options: ClassVar[tuple[Option, ...]] = ()
+    outputs: ClassVar[tuple[Output, ...]] = ()
+    #: active in every run unless disabled with ``--disable NAME``
+    always_on: ClassVar[bool] = False
+    #: the store group this plugin writes (defaults to its name)
+    group_name: ClassVar[str | None] = None
+
+    def __init__(self, **options: Any):
+        self.opts = resolve_options(self.all_options(), options, self.name)
+
+    @classmethod
+    def all_options(cls) -> tuple[Option, ...]:
+        """Every option the plugin accepts, its own and the ones its base class adds."""
+        return tuple(cls.options)
+
+    def group(self, ctx: RunContext, sub: str | None = None) -> GroupWriter | None:
+        """The writer of this plugin's store group (``None`` on ranks that do not write)."""
+        if ctx.store is None or not ctx.is_main:
+            return None
+        name = self.group_name or self.name
+        full = f"{name}/{sub}" if sub else name
+        return ctx.store.group(full, self.outputs, attrs=self.store_attrs() if sub is None else None)
+
+    def store_attrs(self) -> dict[str, Any]:
+        """Attributes written on the plugin's group: its options (and schedule)."""
+        return {"plugin": self.name, "options": {k: _attr(v) for k, v in vars(self.opts).items()}}
+
+    def record(self, ctx: RunContext, step: int, group: str | None = None, **values: Any) -> None:
+        """Append one row to the plugin's group (or its subgroup ``group``)."""
+        writer = self.group(ctx, group)
+        if writer is not None:
+            writer.append(step, **values)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plugin state saved in checkpoints (tensors, numbers, strings); default none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """Name, help, options and outputs, as ``lscape plugins NAME`` shows them."""
+        return {
+            "name": cls.name,
+            "help": cls.help or (cls.__doc__ or "").strip().splitlines()[0] if (cls.help or cls.__doc__) else "",
+            "kind": cls.kind(),
+            "options": [
+                {"name": o.name, "type": getattr(o.type, "__name__", str(o.type)), "default": o.default,
+                 "help": o.help, "choices": list(o.choices) if o.choices else None}
+                for o in cls.all_options()
+            ],
+            "outputs": [{"name": o.name, "dims": ["step", *o.dims], "dtype": o.dtype, "units": o.units,
+                         "long_name": o.long_name} for o in cls.outputs],
+        }
+
+    @classmethod
+    def kind(cls) -> str:
+        return "plugin"
+
+
+class Probe(Plugin):
+    """A measurement taken on a schedule.
+
+    Subclasses set ``name``, ``options``, ``outputs`` and implement ``measure``, which
+    returns a dict of array name → value. The engine restores parameters, buffers,
+    train/eval modes, ``.grad`` and RNG state after ``measure``, so a probe may use
+    autograd on the model freely.
+    """
+
+    #: default schedule text (users override with ``schedule=`` or ``every=``)
+    schedule: ClassVar[str] = "every:1"
+    #: what data ``batches()`` gives: ``minibatch``, ``subset`` (K fixed batches) or ``full``
+    data: ClassVar[str] = "minibatch"
+    #: when to measure: ``after_backward`` (θ_step, .grad = ∇L_B) or ``step_end`` (θ_{step+1})
+    at: ClassVar[str] = "after_backward"
+    #: default K for ``data = subset``
+    subset_batches: ClassVar[int] = 4
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        if self.opts.every is not None and options.get("schedule") is not None:
+            raise UsageError(f"{self.name}: give schedule or every, not both")
+        if self.opts.every is not None:
+            if self.opts.every < 1:
+                raise UsageError(f"bad value for {self.name}.every: must be >= 1")
+            self.schedule = Schedule.every_n(self.opts.every)  # type: ignore[assignment]
+        else:
+            self.schedule = Schedule.parse(self.opts.schedule)  # type: ignore[assignment]
+        self._batches: list[Any] | None = None
+
+    @classmethod
+    def all_options(cls) -> tuple[Option, ...]:
+        common = (
+            Option("schedule", str, cls.schedule, "when to measure: every:N, at:0,10, log:A:B:N, epoch, time:15m"),
+            Option("every", int, None, "shorthand for schedule=every:N"),
+            Option("data", str, cls.data, "data to measure on", choices=("minibatch", "subset", "full")),
+            Option("batches", int, cls.subset_batches, "number of fixed batches for data=subset", minimum=1),
+            Option("measure_batch_size", int, None, "batch size for subset/full data (default: the training one)",
+                   minimum=1),
+        )
+        own = tuple(cls.options)
+        own_names = {o.name for o in own}
+        return tuple(o for o in common if o.name not in own_names) + own
+
+    @classmethod
+    def kind(cls) -> str:
+        return "probe"
+
+    def store_attrs(self) -> dict[str, Any]:
+        attrs = super().store_attrs()
+        attrs["schedule"] = str(self.schedule)
+        return attrs
+
+    # -- engine side ---------------------------------------------------------------------
+
+    @hookimpl
+    def on_after_backward(self, ctx: RunContext, state: StepState) -> None:
+        if self.at == "after_backward" and self.due(state):
+            self.run_measure(ctx, state)
+
+    @hookimpl
+    def on_step_end(self, ctx: RunContext, state: StepState) -> None:
+        if self.at == "step_end" and self.due(state):
+            self.run_measure(ctx, state)
+
+    def due(self, state: StepState) -> bool:
+        """Whether the schedule asks for a measurement at this step."""
+        return self.schedule.due(state.step, epoch_end=state.epoch_end, now=state.time)
+
+    def run_measure(self, ctx: RunContext, state: StepState) -> dict[str, Any]:
+        """Measure with the model's state preserved, and record the values."""
+        with preserve_state(ctx.model):
+            values = self.measure(ctx, state) or {}
+        if values:
+            self.record(ctx, state.step, **values)
+        return values
+
+    # -- for subclasses ------------------------------------------------------------------
+
+    def measure(self, ctx: RunContext, state: StepState) -> dict[str, Any]:
+        """Return the values of this measurement, by output name."""
+        raise NotImplementedError(f"{type(self).__name__}.measure")
+
+    def batches(self, ctx: RunContext, state: StepState) -> list[Any]:
+        """The batches this probe measures on, per its ``data`` option.
+
+        ``minibatch``: the current training batch. ``subset``: ``batches`` batches drawn
+        once from the training set with the probe's own seed (the training stream is not
+        touched). ``full``: the whole training set.
+        """
+        kind = self.opts.data
+        if kind == "minibatch":
+            if state.batch is None:
+                raise UsageError(f"{self.name}: no current minibatch here; use -o {self.name}.data=subset or full")
+            return [state.batch]
+        size = self.opts.measure_batch_size or ctx.batch_size
+        if kind == "subset":
+            if self._batches is None:
+                seed = derived_seed(ctx.config.seed, "subset", self.name)
+                self._batches = fixed_batches(ctx.train_set, size, self.opts.batches, seed, ctx.device)
+            return self._batches
+        key = f"full:{size}"
+        if key not in ctx.cache:
+            ctx.cache[key] = list(full_batches(ctx.train_set, size, ctx.device))
+        return ctx.cache[key]
+
+
+class StepOwner(Plugin):
+    """An optimizer variant that owns the training step (SAM, SmoothOut, Entropy-SGD).
+
+    The engine calls ``setup(ctx)`` once (``ctx.optimizer`` is the base optimizer) and
+    then ``step(closure, ctx, state)`` each step instead of its own forward/backward/
+    update. ``closure()`` zeroes the gradients, runs forward and backward on a batch and
+    returns the loss (a float); its first call in a step uses ``state.batch`` and fires
+    ``on_after_backward``; later calls reuse the batch, or draw fresh minibatches from
+    the training stream when ``fresh_batches`` is true. ``step`` returns the loss at θ.
+    """
+
+    fresh_batches: ClassVar[bool] = False
+
+    @classmethod
+    def kind(cls) -> str:
+        return "step owner"
+
+    def setup(self, ctx: RunContext) -> None:
+        """Build whatever the variant needs around ``ctx.optimizer``."""
+
+    def step(self, closure, ctx: RunContext, state: StepState) -> float:
+        raise NotImplementedError(f"{type(self).__name__}.step")
+
+
+@contextlib.contextmanager
+def preserve_state(model: nn.Module) -> Iterator[None]:
+    """Restore parameters, buffers, train/eval modes, ``.grad`` and the RNG on exit.
+
+    Restoring copies values back in place, so optimizer references stay valid and the
+    result is bit-for-bit what it was.
+    """
+    params = [(p, p.detach().clone(), None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value, grad in params:
+                p.copy_(value)
+                if grad is None:
+                    p.grad = None
+                elif p.grad is None or p.grad.shape != grad.shape:
+                    p.grad = grad
+                else:
+                    p.grad.copy_(grad)
+            for b, value in buffers:
+                b.copy_(value)
+        for m, training in modes:
+            m.training = training
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _attr(value: Any) -> Any:
+    return value if isinstance(value, (bool, int, float, str, type(None), list, dict)) else str(value)
