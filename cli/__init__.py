@@ -79,7 +79,7 @@ def run(config_path, model_opt, data_opt, optimizer_opt, plugins, options, no_pr
     from lscape.engine import Engine
     from lscape.options import parse_key_values
 
-    given = {k: v for k, v in flat.items() if v is not None}
+    given = {k: v for k, v in flat.items() if v is not None and v != ()}
     if resume:
         extra = [k for k in given] + (["plugin"] if plugins else []) + (["config"] if config_path else [])
         if extra or model_opt or data_opt or options:

@@ -74,12 +74,18 @@ class Engine:
             cfg = self.config = _config_for_resume(cfg)
         cfg.validate()
         if self.pm is None:
-            self.pm = get_plugin_manager(m for m in cfg.plugins if "." in m and ":" not in m)
-        else:
-            for name in cfg.plugins:
-                if "." in name and self.pm.get_plugin(name) is None:
-                    load_module(self.pm, name)
+            self.pm = get_plugin_manager()
         self.registry = reg = build_registry(self.pm)
+        # a plugin name that nothing registered may be a module to load by import path
+        missing = [n for n in cfg.plugins if n not in reg.activatable() and self.pm.get_plugin(n) is None]
+        for name in missing:
+            try:
+                load_module(self.pm, name)
+            except UsageError:
+                known = ", ".join(sorted(reg.activatable()))
+                raise UsageError(f"unknown plugin '{name}' (available: {known}; or an importable module)") from None
+        if missing:
+            self.registry = reg = build_registry(self.pm)
         if cfg.out is None and not cfg.resume:
             cfg.out = _default_out(cfg)
         if not cfg.resume and store_exists(cfg.out):
@@ -146,9 +152,8 @@ class Engine:
                 modules.add(name)
                 for entry in reg.by_source(name):
                     chosen[entry.name] = entry.obj
-            else:
-                known = ", ".join(sorted(available))
-                raise UsageError(f"unknown plugin '{name}' (available: {known}; `lscape plugins` lists them)")
+            else:  # prepare() loaded every importable name, so this is a module without hooks
+                raise UsageError(f"plugin module '{name}' registers nothing lscape can activate")
         for name in cfg.disable:
             if name not in available:
                 raise UsageError(f"cannot disable unknown plugin '{name}'")
@@ -493,27 +498,23 @@ def _plugin_version(reg: Registry | None, name: str) -> str:
 
 
 def _culprit(hook: Any, error: BaseException) -> str:
-    """The plugin whose hook implementation raised, found from the traceback."""
-    codes = {}
-    for impl in getattr(hook, "get_hookimpls", lambda: [])():
-        fn = getattr(impl.function, "__func__", impl.function)
-        codes[fn.__code__] = impl.plugin_name.removeprefix("plugin:")
+    """The plugin whose hook implementation raised, found from the traceback.
+
+    Probe instances share their base class's hook code, so a frame matches an
+    implementation only if its ``self`` is that implementation's plugin object.
+    """
+    impls = list(getattr(hook, "get_hookimpls", lambda: [])())
     tb = error.__traceback__
-    found = None
     while tb is not None:
-        name = codes.get(tb.tb_frame.f_code)
-        if name is not None:
-            found = name
+        frame = tb.tb_frame
+        for impl in impls:
+            fn = impl.function
+            code = getattr(fn, "__func__", fn).__code__
+            owner = getattr(fn, "__self__", None)
+            if frame.f_code is code and (owner is None or frame.f_locals.get("self") is owner):
+                return impl.plugin_name.removeprefix("plugin:")
         tb = tb.tb_next
-    if found is None:
-        # a probe's measure() is called from the base class hook; name the instance
-        tb = error.__traceback__
-        while tb is not None:
-            self_obj = tb.tb_frame.f_locals.get("self")
-            if isinstance(self_obj, Plugin):
-                found = self_obj.name
-            tb = tb.tb_next
-    return found or getattr(hook, "name", "unknown")
+    return getattr(hook, "name", "unknown")
 
 
 def _install_signal_handlers() -> dict[int, Any]:

@@ -28,8 +28,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "lscape.plugins.train_metrics",
     "lscape.plugins.progress",
     "lscape.plugins.grad_norm",
+    "lscape.plugins.sharpness", "lscape.plugins.hessian", "lscape.plugins.hessian_exact",
     "lscape.plugins.workloads",
-    "lscape.plugins.optimizers", "lscape.plugins.eos",
+    "lscape.plugins.optimizers", "lscape.plugins.eos", "lscape.plugins.diffusion", "lscape.plugins.landscape",
 )
 
 ENTRY_POINT_GROUP = "lscape"

@@ -93,11 +93,13 @@ class GroupWriter:
         if not self._rows:
             return
         rows, self._rows = self._rows, []
-        names = [n for n in dict.fromkeys(k for r in rows for k in r) if n != "step"] + ["step"]
+        # arrays seen in earlier flushes get NaN rows too, so every array keeps step's length
+        seen = dict.fromkeys([*self.group.array_keys(), *(k for r in rows for k in r)])
+        names = [n for n in seen if n != "step"] + ["step"]
         n0, k = self._length, len(rows)
         for name in names:
-            sample = next(r[name] for r in rows if name in r)
-            arr = self._array(name, sample)
+            sample = next((r[name] for r in rows if name in r), None)
+            arr = self.group[name] if sample is None else self._array(name, sample)
             if arr.shape[0] != n0:  # an array first seen late, or left short by a crash
                 arr.resize((n0,) + arr.shape[1:])
             fill = _fill_value(arr.dtype)

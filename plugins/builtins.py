@@ -93,10 +93,12 @@ def synthetic(task: str = "classification", n: int = 1024, dim: int = 20, classe
 def digits(flat: bool = True, eval_fraction: float = 0.2, seed: int = 0, subset: int | None = None
            ) -> dict[str, LabelledTensors]:
     """`digits`: 1,797 real 8×8 handwritten digits (UCI, shipped with lscape), pixels
-    scaled to [0, 1]; ``flat`` gives 64-vectors, else 1×8×8 images; a seeded split."""
+    standardised; ``flat`` gives 64-vectors, else 1×8×8 images; a seeded split."""
     raw = resources.files("lscape.plugins").joinpath("data/digits.csv.gz").read_bytes()
     table = np.loadtxt(gzip.decompress(raw).decode().splitlines(), delimiter=",", dtype=np.float32)
-    x = torch.from_numpy(table[:, :64] / 16.0)
+    # standardised with the whole set's pixel mean and std (both fixed numbers of the data)
+    pixels = table[:, :64] / 16.0
+    x = torch.from_numpy((pixels - pixels.mean()) / pixels.std())
     y = torch.from_numpy(table[:, 64].astype(np.int64))
     if not flat:
         x = x.reshape(-1, 1, 8, 8)

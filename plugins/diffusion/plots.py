@@ -1,0 +1,78 @@
+"""Figures of the diffusion analysis: MSD log-log with fitted exponents, β(τ), roughness."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .msd import BrokenPowerLaw
+
+__all__ = ["plot_msd", "plot_beta", "plot_roughness"]
+
+
+def plot_msd(runs, out_dir):
+    """MSD(τ) per window on log-log axes with the two-regime fit and its exponents."""
+    from lscape.plotting import figure, save
+
+    paths = []
+    for run in runs:
+        d = run.read("diffusion")
+        fig, ax = figure(f"MSD — {run.name}", "lag τ (steps)", "MSD")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        colors = _colors(len(d["step"]))
+        for i, tw in enumerate(d["step"]):
+            tau, m = d["tau"][i], d["msd"][i]
+            ok = (tau > 0) & (m > 0)
+            ax.plot(tau[ok], m[ok], color=colors[i], lw=1, label=f"t_w={tw}")
+            if np.isfinite(d["tau0"][i]):
+                fit = BrokenPowerLaw(d["beta_short"][i], d["beta_long"][i], d["tau0"][i], 1.0, 0.0)
+                # the stored fit has no amplitude; anchor it to the data at the smallest lag
+                scale = m[ok][0] / fit(tau[ok][0]) if ok.any() else 1.0
+                ax.plot(tau[ok], scale * fit(tau[ok]), color=colors[i], ls="--", lw=0.8,
+                        label=f"β={d['beta_short'][i]:.2f}→{d['beta_long'][i]:.2f}, τ₀={d['tau0'][i]:.0f}")
+        paths.append(save(fig, out_dir / f"diffusion_msd_{run.name}.png", legend=ax))
+    return paths
+
+
+def plot_beta(runs, out_dir):
+    """The local exponent β(τ) per window, with β = 1 (normal diffusion) marked."""
+    from lscape.plotting import figure, save
+
+    paths = []
+    for run in runs:
+        d = run.read("diffusion")
+        fig, ax = figure(f"local exponent β(τ) — {run.name}", "lag τ (steps)", "β(τ)")
+        ax.set_xscale("log")
+        colors = _colors(len(d["step"]))
+        for i, tw in enumerate(d["step"]):
+            ax.plot(d["beta_tau"][i], d["beta"][i], color=colors[i], lw=1, label=f"t_w={tw}")
+        ax.axhline(1.0, color="k", lw=0.6, ls=":")
+        paths.append(save(fig, out_dir / f"diffusion_beta_{run.name}.png", legend=ax))
+    return paths
+
+
+def plot_roughness(runs, out_dir):
+    """Mean squared loss increment against displacement, log-log, with 2H per window."""
+    from lscape.plotting import figure, save
+
+    paths = []
+    for run in runs:
+        d = run.read("diffusion")
+        if "roughness_msl" not in d:
+            continue
+        fig, ax = figure(f"loss roughness — {run.name}", "Δr", "⟨ΔL²⟩")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        colors = _colors(len(d["step"]))
+        for i, tw in enumerate(d["step"]):
+            ax.plot(d["roughness_dr"][i], d["roughness_msl"][i], ".", color=colors[i], ms=3,
+                    label=f"t_w={tw}, 2H={d['roughness_exponent'][i]:.2f}")
+        paths.append(save(fig, out_dir / f"diffusion_roughness_{run.name}.png", legend=ax))
+    return paths
+
+
+def _colors(n: int):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]

@@ -1,0 +1,157 @@
+"""`eos`: the edge of stability — top Hessian eigenvalues against 2/η and the SAM-edge (Long & Bartlett 2023)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lscape import Option, Output, Probe, hookimpl
+from lscape.curvature import HessianOperator, gradient, lanczos
+from lscape.params import flat_parameters, set_flat_parameters
+from lscape.plugins.optim.sam import sam_edge
+
+__all__ = ["EdgeOfStability", "plot_eos"]
+
+
+class EdgeOfStability(Probe):
+    """λ_max (top-k) of the training loss's Hessian with the stability thresholds 2/η and SAM-edge.
+
+    On the step's minibatch (the full batch under ``--batch-size full``), at θ_step with
+    exact Hessian-vector products and Lanczos: ``top_eigenvalues`` and ``lambda_max``,
+    ``threshold_gd`` = 2/η, ``grad_norm`` ‖g‖, ``sam_edge`` from ‖g‖ (2/η when ρ = 0), the
+    alignments |⟨s, v₁⟩|/‖s‖ of the gradient s = g and of the SAM gradient s = ∇L(θ + ρ
+    g/(‖g‖ + 1e-5)) with the top eigenvector v₁, the loss, and the wall-clock ``time``.
+    ρ is the option ``rho``, or the active ``sam`` plugin's, or 0.
+    """
+
+    name = "eos"
+    help = "λ_max and top-k Hessian eigenvalues vs 2/η and the SAM-edge, gradient/SAM-gradient alignment"
+    schedule = "every:10"
+    data = "minibatch"
+    at = "after_backward"
+    options = (
+        Option("k", int, 1, "number of top eigenvalues", minimum=1),
+        Option("rho", float, None, "SAM radius (default: the active sam plugin's rho, else 0)", minimum=0.0),
+        Option("tol", float, 1e-3, "Lanczos tolerance on residual/|λ|", minimum=0.0),
+        Option("max_iter", int, 100, "Lanczos Hessian-vector products at most", minimum=1),
+        Option("mode", str, "train", "module mode for gradients and products", choices=("train", "eval")),
+        Option("warm_start", bool, True, "start Lanczos from the previous measurement's eigenvectors"),
+    )
+    outputs = (
+        Output("lambda_max", long_name="largest Hessian eigenvalue λ₁"),
+        Output("top_eigenvalues", dims=("k",), long_name="top-k Hessian eigenvalues"),
+        Output("residuals", dims=("k",), long_name="Lanczos residuals ‖Hv − λv‖"),
+        Output("threshold_gd", units="1/lr", long_name="gradient-descent stability threshold 2/η"),
+        Output("sam_edge", units="1/lr", long_name="SAM-edge (‖g‖/2ρ)(√(1+8ρ/(η‖g‖))−1)"),
+        Output("grad_norm", long_name="gradient norm ‖g‖ on the measured batch"),
+        Output("loss", long_name="loss on the measured batch"),
+        Output("grad_alignment", long_name="|cos(g, v₁)|"),
+        Output("sam_grad_alignment", long_name="|cos(∇L(θ+ρg/‖g‖), v₁)|"),
+        Output("time", units="s", long_name="wall-clock time since the run started"),
+        Output("hvp_products", dtype="int64", long_name="Hessian-vector products spent"),
+    )
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self._v0: torch.Tensor | None = None
+
+    def rho(self, ctx) -> float:
+        """ρ used for the SAM-edge and the SAM gradient."""
+        if self.opts.rho is not None:
+            return float(self.opts.rho)
+        owner = getattr(ctx, "step_owner", None)
+        if owner is not None and getattr(owner, "name", None) == "sam":
+            return float(owner.opts.rho)
+        return 0.0
+
+    def measure(self, ctx, state) -> dict[str, Any]:
+        batches = self.batches(ctx, state)
+        mode = self.opts.mode
+        op = HessianOperator(ctx.model, ctx.loss_fn, batches, mode=mode)
+        g = op.gradient()
+        loss = op.loss()
+        v0 = self._v0 if self.opts.warm_start and self._v0 is not None and self._v0.shape[-1] == op.dim else None
+        k = min(self.opts.k, op.dim)
+        res = lanczos(op, k=k, which="LA", tol=self.opts.tol, max_iter=max(self.opts.max_iter, k), v0=v0)
+        op.release()
+        v1 = res.eigenvectors[0].to(g.dtype)
+        self._v0 = res.eigenvectors.detach().clone()
+        gn = float(torch.linalg.vector_norm(g))
+        rho = self.rho(ctx)
+        lr = float(state.lr if state.lr is not None else ctx.lr)
+        if rho > 0 and gn > 0:
+            theta = flat_parameters(op.params)
+            set_flat_parameters(op.params, theta + rho * g / (gn + 1e-5))
+            try:
+                s = gradient(ctx.model, ctx.loss_fn, batches, params=op.params, mode=mode)
+            finally:
+                set_flat_parameters(op.params, theta)
+        else:
+            s = g
+        return {
+            "lambda_max": float(res.eigenvalues[0]),
+            "top_eigenvalues": res.eigenvalues.detach().cpu(),
+            "residuals": res.residuals.detach().cpu(),
+            "threshold_gd": 2.0 / lr,
+            "sam_edge": sam_edge(gn, lr, rho),
+            "grad_norm": gn,
+            "loss": loss,
+            "grad_alignment": _alignment(g, v1),
+            "sam_grad_alignment": _alignment(s, v1),
+            "time": float(state.time),
+            "hvp_products": int(res.num_products),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"v0": self._v0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._v0 = state.get("v0")
+
+
+@hookimpl
+def register_probes(register):
+    register(EdgeOfStability)
+
+
+@hookimpl
+def register_plots(register):
+    register("eos", plot_eos)
+
+
+def plot_eos(runs, out_dir):
+    """The sam_edge seed's four figures: eigenvalues with SAM-edge and 2/η, eigenvalues with
+    the SAM-edge only, alignments with the top eigenvector, and the loss, against step."""
+    from lscape.plotting import figure, save
+
+    data = [(run.name, run.read("eos")) for run in runs]
+    paths = []
+    for filename, title, with_gd in (("eos_eigenvalues.png", "Hessian eigenvalues, SAM-edge and 2/η", True),
+                                     ("eos_eigenvalues_sam_edge.png", "Hessian eigenvalues and SAM-edge", False)):
+        fig, ax = figure(title, "step", "eigenvalue")
+        for name, d in data:
+            eig = d["top_eigenvalues"].reshape(len(d["step"]), -1)
+            for j in range(eig.shape[1]):
+                ax.plot(d["step"], eig[:, j], lw=0.8, label=f"{name} λ{j + 1}" if j < 3 else None)
+            ax.plot(d["step"], d["sam_edge"], "--", lw=1.0, label=f"{name} SAM-edge")
+            if with_gd:
+                ax.plot(d["step"], d["threshold_gd"], ":", lw=1.0, label=f"{name} 2/η")
+        paths.append(save(fig, out_dir / filename, legend=ax))
+    fig, ax = figure("alignment with the top eigenvector", "step", "|cos|")
+    for name, d in data:
+        ax.plot(d["step"], d["grad_alignment"], lw=0.8, label=f"{name} gradient")
+        ax.plot(d["step"], d["sam_grad_alignment"], lw=0.8, label=f"{name} SAM gradient")
+    paths.append(save(fig, out_dir / "eos_alignment.png", legend=ax))
+    fig, ax = figure("training loss (measured batch)", "step", "loss")
+    for name, d in data:
+        ax.plot(d["step"], d["loss"], lw=0.8, label=name)
+    ax.set_yscale("log")
+    paths.append(save(fig, out_dir / "eos_loss.png", legend=ax))
+    return paths
+
+
+def _alignment(s: torch.Tensor, v: torch.Tensor) -> float:
+    ns = float(torch.linalg.vector_norm(s))
+    nv = float(torch.linalg.vector_norm(v))
+    return abs(float(s @ v)) / (ns * nv) if ns > 0 and nv > 0 else 0.0

@@ -1,0 +1,206 @@
+"""`hessian`: top-k Hessian eigenpairs, the trace with its standard error and the spectral density, each on its own schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from lscape import Option, Output, Probe, hookimpl
+from lscape.curvature import hutchinson, hutchpp, lanczos, slq_density
+from lscape.plugins.sharpness import CURVATURE_OPTIONS, make_operator
+from lscape.schedule import Schedule
+
+__all__ = ["Hessian", "plot_hessian"]
+
+
+class Hessian(Probe):
+    """The Hessian spectrum of the training loss with exact Hessian-vector products.
+
+    - top-k (on ``schedule``): Lanczos with full reorthogonalisation, warm-started,
+      ``top_eigenvalues``, ``residuals`` ‖Hv − λv‖, ``converged``, optional ``eigenvectors``;
+    - trace (on ``trace_schedule``, subgroup ``hessian/trace``): Hutch++ or Hutchinson with
+      Rademacher probes, ``trace`` and ``trace_stderr``;
+    - density (on ``density_schedule``, subgroup ``hessian/density``): stochastic Lanczos
+      quadrature smoothed by a Gaussian, ``density`` on ``grid`` (integrates to 1), and the
+      quadrature ``nodes``/``weights`` for re-smoothing later.
+
+    A sub-schedule left empty follows ``schedule``; ``never`` switches that part off.
+    ``lscape measure`` computes every part that is switched on.
+    """
+
+    name = "hessian"
+    help = "top-k Hessian eigenvalues (Lanczos), trace (Hutch++) and spectral density (SLQ)"
+    schedule = "every:100"
+    data = "subset"
+    at = "after_backward"
+    options = CURVATURE_OPTIONS + (
+        Option("k", int, 5, "number of top eigenvalues", minimum=1),
+        Option("which", str, "LA", "LA largest, LM largest magnitude, SA smallest", choices=("LA", "LM", "SA")),
+        Option("tol", float, 1e-4, "Lanczos: stop when every residual ‖Hv − λv‖ ≤ tol·‖H‖", minimum=0.0),
+        Option("max_iter", int, 300, "Lanczos products at most per measurement", minimum=1),
+        Option("warm_start", bool, True, "start Lanczos from the previous eigenvectors"),
+        Option("eigenvectors", bool, False, "also store the k eigenvectors (step, k, param), chunked"),
+        Option("trace_schedule", str, None, "when to estimate the trace (default: schedule; never: off)"),
+        Option("trace_method", str, "hutchpp", "trace estimator", choices=("hutchpp", "hutchinson")),
+        Option("trace_samples", int, 99, "products per trace estimate", minimum=6),
+        Option("density_schedule", str, None, "when to estimate the spectral density (default: schedule; never: off)"),
+        Option("density_runs", int, 8, "SLQ runs (random start vectors)", minimum=1),
+        Option("density_steps", int, 80, "Lanczos steps per SLQ run", minimum=2),
+        Option("density_points", int, 512, "grid points of the stored density", minimum=8),
+        Option("density_sigma", float, 0.01, "Gaussian width relative to the spectral range", minimum=0.0),
+        Option("seed", int, 0, "seed of the random probe vectors"),
+    )
+    outputs = (
+        Output("top_eigenvalues", dims=("k",), long_name="top-k Hessian eigenvalues"),
+        Output("residuals", dims=("k",), long_name="Lanczos residuals ‖Hv − λv‖"),
+        Output("converged", dims=("k",), dtype="bool", long_name="residual within tolerance"),
+        Output("hvp_products", dtype="int64", long_name="Hessian-vector products for the eigenpairs"),
+        Output("eigenvectors", dims=("k", "param"), dtype="float32", long_name="top-k unit eigenvectors"),
+        Output("trace", long_name="Hessian trace estimate"),
+        Output("trace_stderr", long_name="standard error of the trace estimate"),
+        Output("trace_products", dtype="int64", long_name="Hessian-vector products for the trace"),
+        Output("grid", dims=("point",), long_name="eigenvalue grid of the density"),
+        Output("density", dims=("point",), long_name="smoothed eigenvalue density (integrates to 1)"),
+        Output("nodes", dims=("run", "node"), long_name="SLQ quadrature nodes (Ritz values)"),
+        Output("weights", dims=("run", "node"), long_name="SLQ quadrature weights"),
+        Output("sigma", long_name="Gaussian smoothing width"),
+        Output("density_products", dtype="int64", long_name="Hessian-vector products for the density"),
+    )
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        main = str(self.schedule)
+        self.trace_schedule = Schedule.parse(self.opts.trace_schedule or main)
+        self.density_schedule = Schedule.parse(self.opts.density_schedule or main)
+        self._v0: torch.Tensor | None = None
+        self._due: tuple[int, dict[str, bool]] | None = None
+
+    def store_attrs(self) -> dict[str, Any]:
+        attrs = super().store_attrs()
+        attrs["trace_schedule"] = str(self.trace_schedule)
+        attrs["density_schedule"] = str(self.density_schedule)
+        return attrs
+
+    def due(self, state) -> bool:
+        """Due when any part is; which parts are due is kept for ``measure`` (time schedules tick once)."""
+        when = dict(epoch_end=state.epoch_end, now=state.time)
+        parts = {
+            "top": self.schedule.due(state.step, **when),
+            "trace": self.trace_schedule.due(state.step, **when),
+            "density": self.density_schedule.due(state.step, **when),
+        }
+        self._due = (state.step, parts)
+        return any(parts.values())
+
+    def measure(self, ctx, state) -> dict[str, Any]:
+        if self._due is not None and self._due[0] == state.step:
+            parts = self._due[1]
+        else:  # lscape measure: every part that is not switched off
+            parts = {"top": self.schedule.kind != "never", "trace": self.trace_schedule.kind != "never",
+                     "density": self.density_schedule.kind != "never"}
+        self._due = None
+        op = make_operator(self, ctx, self.batches(ctx, state))
+        seed = self.opts.seed + int(state.step)
+        values: dict[str, Any] = {}
+        if parts["top"]:
+            values = self._top(op, seed)
+        if parts["trace"]:
+            before = op.num_products
+            estimator = hutchpp if self.opts.trace_method == "hutchpp" else hutchinson
+            estimate, stderr = estimator(op, self.opts.trace_samples, seed=seed)
+            self.record(ctx, state.step, group="trace", trace=estimate, trace_stderr=stderr,
+                        trace_products=op.num_products - before)
+        if parts["density"]:
+            density = slq_density(op, num_runs=self.opts.density_runs, num_steps=self.opts.density_steps,
+                                  num_points=self.opts.density_points, relative_sigma=self.opts.density_sigma,
+                                  seed=seed)
+            self.record(ctx, state.step, group="density", grid=density.grid, density=density.density,
+                        nodes=density.nodes, weights=density.weights, sigma=density.sigma,
+                        density_products=density.num_products)
+        op.release()
+        return values
+
+    def _top(self, op, seed: int) -> dict[str, Any]:
+        k_asked = self.opts.k
+        k = min(k_asked, op.dim)
+        v0 = self._v0 if self.opts.warm_start and self._v0 is not None and self._v0.shape[-1] == op.dim else None
+        result = lanczos(op, k=k, which=self.opts.which, tol=self.opts.tol,
+                         max_iter=max(self.opts.max_iter, k), v0=v0, seed=seed)
+        self._v0 = result.eigenvectors.detach().clone()
+        values = {
+            "top_eigenvalues": _pad(result.eigenvalues.numpy(), k_asked, np.nan),
+            "residuals": _pad(result.residuals.numpy(), k_asked, np.nan),
+            "converged": _pad(result.converged.numpy(), k_asked, False),
+            "hvp_products": int(result.num_products),
+        }
+        if self.opts.eigenvectors:
+            vectors = np.full((k_asked, op.dim), np.nan, dtype=np.float32)
+            vectors[:k] = result.eigenvectors.detach().cpu().float().numpy()
+            values["eigenvectors"] = vectors
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"v0": self._v0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._v0 = state.get("v0")
+
+
+def _pad(values: np.ndarray, size: int, fill: Any) -> np.ndarray:
+    if len(values) >= size:
+        return values[:size]
+    out = np.full(size, fill, dtype=values.dtype if values.dtype != np.float32 else np.float64)
+    out[: len(values)] = values
+    return out
+
+
+@hookimpl
+def register_probes(register):
+    register(Hessian)
+
+
+@hookimpl
+def register_plots(register):
+    register("hessian", plot_hessian)
+
+
+def plot_hessian(runs, out_dir):
+    """Top-k eigenvalues over steps, the trace with ±2 standard errors, and the spectral density."""
+    from lscape.plotting import figure, save
+
+    paths = []
+    with_top = [(run, run.read("hessian")) for run in runs if run.has("hessian")]
+    with_top = [(run, d) for run, d in with_top if "top_eigenvalues" in d and len(d["step"])]
+    if with_top:
+        fig, ax = figure("top Hessian eigenvalues", "step", "eigenvalue")
+        for run, d in with_top:
+            eig = d["top_eigenvalues"].reshape(len(d["step"]), -1)
+            for j in range(eig.shape[1]):
+                ax.plot(d["step"], eig[:, j], lw=0.8, label=f"{run.name} λ{j + 1}" if j < 5 else None)
+        paths.append(save(fig, out_dir / "hessian_top_eigenvalues.png", legend=ax))
+    traced = [(run, run.read("hessian/trace")) for run in runs if run.has("hessian/trace")]
+    if traced:
+        fig, ax = figure("Hessian trace (±2 standard errors)", "step", "tr H")
+        for run, d in traced:
+            ax.errorbar(d["step"], d["trace"], yerr=2 * d["trace_stderr"], lw=0.8, capsize=2, label=run.name)
+        paths.append(save(fig, out_dir / "hessian_trace.png", legend=ax))
+    densities = [(run, run.read("hessian/density")) for run in runs if run.has("hessian/density")]
+    if densities:
+        import matplotlib
+
+        fig, ax = figure("Hessian spectral density (SLQ)", "eigenvalue", "density")
+        for run, d in densities:
+            steps = d["step"]
+            # At most six measurements per run, coloured from early (light) to late (dark).
+            chosen = np.unique(np.linspace(0, len(steps) - 1, min(6, len(steps))).astype(int))
+            cmap = matplotlib.colormaps["viridis"]
+            for n, i in enumerate(chosen):
+                colour = cmap(0.15 + 0.7 * n / max(len(chosen) - 1, 1))
+                ax.plot(d["grid"][i], np.maximum(d["density"][i], 1e-12), lw=0.9, color=colour,
+                        label=f"{run.name} step {int(steps[i])}")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=1e-6)
+        paths.append(save(fig, out_dir / "hessian_density.png", legend=ax))
+    return paths

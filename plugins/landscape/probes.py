@@ -1,0 +1,292 @@
+"""The `landscape`, `interpolate` and `eps-sharpness` probes: slices, paths and sharpness of a model."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from lscape import Option, Output, Probe
+from lscape.data import derived_seed, fixed_batches, full_batches
+from lscape.errors import UsageError
+from lscape.params import select_parameters, unflatten
+
+from .directions import normalize_to, random_direction
+from .interpolation import interpolation_curve
+from .sharpness import eps_sharpness_repeated, model_objective
+from .slices import displaced, evaluate, parse_range, slice_1d
+
+__all__ = ["Landscape", "Interpolate", "EpsSharpness", "load_model_state"]
+
+_SPLIT_OPTIONS = (
+    Option("eval_batches", int, None, "fixed eval batches (default: as many as train batches; 0: none; -1: all)"),
+)
+
+
+class _TrainEvalProbe(Probe):
+    """A probe that evaluates on fixed training batches (its ``data``) and fixed eval batches."""
+
+    data = "subset"
+    at = "step_end"
+
+    def split_batches(self, ctx, state) -> dict[str, list]:
+        out = {"train": list(self.batches(ctx, state))}
+        n = self.opts.eval_batches
+        if n is None:
+            n = self.opts.batches if self.opts.data == "subset" else -1
+        if ctx.eval_set is not None and n != 0:
+            size = self.opts.measure_batch_size or ctx.batch_size
+            key = f"{self.name}:eval:{n}:{size}"
+            if key not in ctx.cache:
+                if n < 0:
+                    ctx.cache[key] = list(full_batches(ctx.eval_set, size, ctx.device))
+                else:
+                    seed = derived_seed(ctx.config.seed, "eval-subset", self.name)
+                    ctx.cache[key] = fixed_batches(ctx.eval_set, size, n, seed, ctx.device)
+            out["eval"] = ctx.cache[key]
+        return out
+
+    def params(self, ctx) -> list[torch.Tensor]:
+        try:
+            return [p for _, p in select_parameters(ctx.model, self.opts.params)]
+        except ValueError as e:
+            raise UsageError(f"{self.name}.params: {e}") from None
+
+
+class Landscape(_TrainEvalProbe):
+    """1-D or 2-D slices f(α) = L(θ + αd₁), f(α, β) = L(θ + αd₁ + βd₂) of the training and
+    eval loss and accuracy, along filter-normalised random directions (Li et al. 2018), the
+    top Hessian eigenvector(s) or the gradient. Parameters are moved in place and restored;
+    a 2-D grid goes row by row into ``landscape/surface_step<N>`` so that it can be read
+    while it fills and an interrupted run resumes it at the first missing row."""
+
+    name = "landscape"
+    help = "1-D/2-D loss slices along filter-normalised random, Hessian or gradient directions"
+    schedule = "epoch"
+    options = _SPLIT_OPTIONS + (
+        Option("dims", int, 1, "1 for a curve, 2 for a surface", choices=(1, 2)),
+        Option("direction", str, "random", "directions", choices=("random", "hessian", "gradient")),
+        Option("normalize", str, "auto", "direction scaling (auto: filter for random, unit otherwise)",
+               choices=("auto", "filter", "unit", "model", "none")),
+        Option("ignore", str, "biasbn", "random/filter directions on dim ≤ 1 tensors: zero (biasbn) or copy θ (none)",
+               choices=("biasbn", "none")),
+        Option("alpha", str, "-1:1:#51", "coefficients along d₁: start:stop:step or start:stop:#num"),
+        Option("beta", str, None, "coefficients along d₂ (default: as alpha)"),
+        Option("mode", str, "eval", "module mode while evaluating", choices=("eval", "train")),
+        Option("params", str, None, "parameter subset: comma-separated glob patterns on names"),
+        Option("seed", int, None, "seed of the random directions (default: derived from the run seed)"),
+    )
+    outputs = (
+        Output("alpha", dims=("alpha",), long_name="coefficient α along d₁"),
+        Output("train_loss", dims=("alpha",), long_name="training loss along the slice"),
+        Output("train_accuracy", dims=("alpha",), long_name="training accuracy along the slice"),
+        Output("eval_loss", dims=("alpha",), long_name="eval loss along the slice"),
+        Output("eval_accuracy", dims=("alpha",), long_name="eval accuracy along the slice"),
+        Output("eigenvalues", dims=("k",), long_name="Hessian eigenvalues of the directions"),
+        Output("surface_rows", dtype="int64", long_name="rows of the 2-D surface written"),
+    )
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        try:
+            self.alphas = parse_range(self.opts.alpha)
+            self.betas = parse_range(self.opts.beta or self.opts.alpha)
+        except ValueError as e:
+            raise UsageError(f"landscape: {e}") from None
+
+    def directions(self, ctx, params, train) -> tuple[list[list[torch.Tensor]], dict[str, Any]]:
+        """The ``dims`` directions (tensors shaped like ``params``) and extra values to record.
+
+        Hessian eigenvectors and the gradient are scaled to unit norm by default, random
+        directions filter-wise; with ``direction=gradient`` and ``dims=2`` the second
+        direction is random.
+        """
+        seed = self.opts.seed if self.opts.seed is not None else derived_seed(ctx.config.seed, "landscape")
+        gen = torch.Generator().manual_seed(int(seed))
+        dims, extra, given = self.opts.dims, {}, []
+        if self.opts.direction == "hessian":
+            from lscape.curvature import HessianOperator, lanczos
+
+            op = HessianOperator(ctx.model, ctx.loss_fn, train, params=params, mode=self.opts.mode)
+            res = lanczos(op, k=dims, which="LA", tol=1e-4, seed=int(seed))
+            extra["eigenvalues"] = torch.as_tensor(res.eigenvalues).reshape(-1)[:dims]
+            given = [unflatten(res.eigenvectors[i].to(params[0].dtype), params) for i in range(dims)]
+        elif self.opts.direction == "gradient":
+            from lscape.curvature import gradient
+
+            given = [unflatten(gradient(ctx.model, ctx.loss_fn, train, params=params, mode=self.opts.mode), params)]
+        how = self.opts.normalize
+        dirs = [normalize_to(d, params, "unit" if how == "auto" else how, self.opts.ignore) for d in given]
+        while len(dirs) < dims:
+            raw = random_direction(params, gen)
+            dirs.append(normalize_to(raw, params, "filter" if how == "auto" else how, self.opts.ignore))
+        return dirs, extra
+
+    def measure(self, ctx, state):
+        params = self.params(ctx)
+        data = self.split_batches(ctx, state)
+        dirs, extra = self.directions(ctx, params, data["train"])
+        if self.opts.dims == 1:
+            row: dict[str, Any] = {"alpha": self.alphas, **extra}
+            for split, batches in data.items():
+                res = slice_1d(ctx.model, ctx.loss_fn, batches, params, dirs[0], self.alphas, self.opts.mode)
+                row[f"{split}_loss"], row[f"{split}_accuracy"] = res["loss"], res["accuracy"]
+            return row
+        rows = self._surface(ctx, state.step, params, dirs, data)
+        return {"surface_rows": rows, **extra}
+
+    def _surface(self, ctx, step, params, dirs, data) -> int:
+        A, B = len(self.alphas), len(self.betas)
+        group = None
+        if ctx.store is not None and ctx.is_main:
+            name = f"{self.name}/surface_step{step:09d}"
+            group = ctx.store.root.require_group(name)
+            spec = {"alpha": self.opts.alpha, "beta": self.opts.beta or self.opts.alpha,
+                    "direction": self.opts.direction, "dims": 2}
+            if group.attrs.get("spec") != spec:  # a different grid: start afresh
+                for key in list(group.array_keys()):
+                    del group[key]
+                group.attrs.update({"spec": spec, "rows_done": 0, "step": int(step)})
+            for key, values in (("alpha", self.alphas), ("beta", self.betas)):
+                if key not in group.array_keys():
+                    group.create_array(key, shape=values.shape, dtype="float64", dimension_names=[key])[:] = values
+            for split in data:
+                for what in ("loss", "accuracy"):
+                    key = f"{split}_{what}"
+                    if key not in group.array_keys():
+                        # one chunk per row of α: each finished row is one write
+                        group.create_array(key, shape=(A, B), chunks=(1, B), dtype="float64", fill_value=np.nan,
+                                           dimension_names=["alpha", "beta"],
+                                           attributes={"long_name": f"{split} {what} on the surface"})
+        start = int(group.attrs.get("rows_done", 0)) if group is not None else 0
+        done = start
+        # one displacement for all splits: every grid point is set once and evaluated on each
+        with displaced(ctx.model, params, dirs[:2], self.opts.mode) as disp:
+            for i in range(start, A):
+                row = {f"{s}_{w}": np.empty(B) for s in data for w in ("loss", "accuracy")}
+                for j, b in enumerate(self.betas):
+                    disp.move(self.alphas[i], b)
+                    for s, batches in data.items():
+                        row[f"{s}_loss"][j], row[f"{s}_accuracy"][j] = evaluate(ctx.model, ctx.loss_fn, batches)
+                if group is not None:
+                    for key, values in row.items():
+                        group[key][i] = values
+                    group.attrs["rows_done"] = i + 1  # after the row, so a reader never trusts a missing one
+                done = i + 1
+        return done
+
+
+class Interpolate(_TrainEvalProbe):
+    """The linear path θ(α) = αθ_B + (1 − α)θ_A between the model (A) and another one (B:
+    a run store's checkpoint or a ``.pt`` state dict), over every state entry including
+    BatchNorm buffers, as in SmoothOut's visualize; loss and accuracy on train and eval data."""
+
+    name = "interpolate"
+    help = "loss and accuracy on the straight line between the model and another checkpoint or run"
+    schedule = "at:0"
+    options = _SPLIT_OPTIONS + (
+        Option("other", str, None, "model B: a run store (its latest checkpoint) or a .pt state dict"),
+        Option("checkpoint", str, "latest", "which checkpoint of a run store: latest or a step number"),
+        Option("alpha", str, "-1:2:0.1", "coefficients: start:stop:step or start:stop:#num"),
+    )
+    outputs = (
+        Output("alpha", dims=("alpha",), long_name="interpolation coefficient α (0: this model, 1: other)"),
+        Output("train_loss", dims=("alpha",), long_name="training loss along the path"),
+        Output("train_accuracy", dims=("alpha",), long_name="training accuracy along the path"),
+        Output("eval_loss", dims=("alpha",), long_name="eval loss along the path"),
+        Output("eval_accuracy", dims=("alpha",), long_name="eval accuracy along the path"),
+    )
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if not self.opts.other:
+            raise UsageError("interpolate needs the other model: -o interpolate.other=RUN.zarr or MODEL.pt")
+        if not os.path.exists(self.opts.other):
+            raise UsageError(f"interpolate.other: no such run store or file: {self.opts.other}")
+        try:
+            self.alphas = parse_range(self.opts.alpha)
+        except ValueError as e:
+            raise UsageError(f"interpolate: {e}") from None
+        self._other: dict[str, torch.Tensor] | None = None
+
+    def measure(self, ctx, state):
+        if self._other is None:
+            self._other = load_model_state(self.opts.other, self.opts.checkpoint, ctx.device)
+        here = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        try:
+            curve = interpolation_curve(ctx.model, ctx.loss_fn, self.split_batches(ctx, state), here, self._other,
+                                        self.alphas)
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(f"interpolate: the two models do not match: {e}") from None
+        return curve
+
+
+class EpsSharpness(Probe):
+    """Keskar et al. (2017) ε-sharpness φ = [max_{y∈C_ε} L(θ + Ay) − L(θ)] / (1 + L(θ)) × 100 over
+    the box |y_i| ≤ ε(|(A⁺θ)_i| + 1), in full space (A = I) or a random p-dimensional
+    subspace, maximised by L-BFGS-B or projected gradient ascent, repeated with mean ± std."""
+
+    name = "eps-sharpness"
+    help = "Keskar ε-sharpness: largest loss rise in a box around θ (full space or random subspace)"
+    schedule = "epoch"
+    data = "subset"
+    at = "step_end"
+    options = (
+        Option("eps", float, 5e-4, "box size ε", minimum=0.0),
+        Option("subspace", int, 0, "dimension p of a random subspace (0: full space)", minimum=0),
+        Option("method", str, "lbfgsb", "maximiser", choices=("lbfgsb", "pga")),
+        Option("iters", int, 10, "iterations of the maximiser", minimum=1),
+        Option("repeats", int, 5, "independent maximisations (random starts and subspaces)", minimum=1),
+        Option("init", str, "random", "start of each maximisation", choices=("random", "zero")),
+        Option("mode", str, "eval", "module mode while evaluating", choices=("eval", "train")),
+        Option("params", str, None, "parameter subset: comma-separated glob patterns on names"),
+        Option("seed", int, None, "seed of starts and subspaces (default: derived from the run seed)"),
+    )
+    outputs = (
+        Output("eps_sharpness", units="%", long_name="ε-sharpness, mean over repeats"),
+        Output("eps_sharpness_std", units="%", long_name="ε-sharpness, standard deviation over repeats"),
+        Output("values", dims=("repeat",), units="%", long_name="ε-sharpness of each repeat"),
+        Output("loss", long_name="loss at θ on the measurement data"),
+    )
+
+    def measure(self, ctx, state):
+        params = [p for _, p in select_parameters(ctx.model, self.opts.params)]
+        ctx.model.train(self.opts.mode == "train")
+        fun, x0, restore = model_objective(ctx.model, ctx.loss_fn, self.batches(ctx, state), params)
+        seed = self.opts.seed if self.opts.seed is not None else derived_seed(ctx.config.seed, "eps-sharpness")
+        try:
+            res = eps_sharpness_repeated(
+                fun, x0, repeats=self.opts.repeats, seed=int(seed) + int(state.step), eps=self.opts.eps,
+                subspace=self.opts.subspace or None, method=self.opts.method, iters=self.opts.iters, init=self.opts.init,
+            )
+            f0 = fun(x0)[0]
+        finally:
+            restore()
+        return {"eps_sharpness": res["mean"], "eps_sharpness_std": res["std"], "values": res["values"], "loss": f0}
+
+
+def load_model_state(path: str, checkpoint: str = "latest", device: Any = "cpu") -> dict[str, torch.Tensor]:
+    """The model state dict of a run store's checkpoint (``latest`` or a step) or of a ``.pt`` file."""
+    if os.path.isdir(path):
+        import zarr
+
+        from lscape.engine import load_checkpoint
+
+        root = zarr.open_group(path, mode="r")
+        name = None
+        if checkpoint != "latest":
+            name = f"step_{int(checkpoint):09d}"
+        state = load_checkpoint(root, name)
+        if state is None:
+            raise UsageError(f"{path} has no checkpoint {checkpoint}")
+        sd = state["model"]
+    else:
+        try:
+            sd = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as e:
+            raise UsageError(f"cannot load {path} as a state dict: {e}") from None
+        if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+            sd = sd["model"]
+    return {k: v.to(device) for k, v in sd.items()}

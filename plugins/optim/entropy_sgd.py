@@ -1,0 +1,163 @@
+"""Entropy-SGD (Chaudhari et al. 2017): descend the local entropy, estimated by Langevin dynamics."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lscape.plugins.optim.wrapped import WrappedOptimizer
+
+__all__ = ["EntropySGD"]
+
+
+class EntropySGD(WrappedOptimizer):
+    """Entropy-SGD around a base optimizer (the paper's: SGD, Nesterov momentum 0.9).
+
+    ``step(closure)`` calls the closure L + 1 times and the closure must evaluate a NEW
+    minibatch each call. With x the parameters at the start of the step::
+
+        loss = closure()                               # reported loss, gradient ∇f at x
+        γ = gamma · (1 + scoping)^t                    # t = completed steps (incremented)
+        x' = x; μ = x; m = 0
+        L times:  closure() at x'                      # new minibatch
+                  d = ∇f(x') + wd·x';  m = mom·m + d;  d = d + mom·m   (Nesterov)
+                  d = d − γ(x − x') + (noise/√(0.5·η'))·ξ,   ξ ~ N(0, I)
+                  x' = x' − η'·d;  μ = beta·μ + (1 − beta)·x'
+        x restored; p.grad = x − μ  (L > 0)            # the local-entropy gradient / γ
+        base.step()                                    # outer momentum, weight decay, lr
+
+    ``mom``, Nesterov and ``wd`` of the Langevin loop default to each param group's
+    ``momentum``, ``nesterov`` and ``weight_decay`` (as the original shares them); pass
+    ``momentum``, ``nesterov`` or ``weight_decay`` to override. L = 0 is the base
+    optimizer exactly. After each step ``stats`` holds ``grad_norm`` ‖∇f(x)‖,
+    ``dist_mu`` ‖x − μ‖, ``cos`` cos(∇f, x − μ), ``noise_norm`` (norm of the last
+    Langevin noise term), ``mean_dist`` mean over the L steps of ‖x − x'_l‖ and
+    ``gamma`` (γ used in this step).
+    """
+
+    def __init__(
+        self,
+        base: torch.optim.Optimizer,
+        L: int = 0,
+        gamma: float = 1e-4,
+        scoping: float = 1e-3,
+        noise: float = 1e-4,
+        langevin_lr: float = 0.1,
+        beta: float = 0.75,
+        momentum: float | None = None,
+        nesterov: bool | None = None,
+        weight_decay: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__(base)
+        if L < 0:
+            raise ValueError(f"L must be >= 0, got {L}")
+        self.L = int(L)
+        self.gamma = float(gamma)
+        self.scoping = float(scoping)
+        self.noise = float(noise)
+        self.langevin_lr = float(langevin_lr)
+        self.beta = float(beta)
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.weight_decay = weight_decay
+        self.generator = generator
+
+    @property
+    def gamma_t(self) -> float:
+        """γ for the next step: gamma · (1 + scoping)^t."""
+        return self.gamma * (1.0 + self.scoping) ** self.t
+
+    def step(self, closure):
+        """One Entropy-SGD update; returns the loss of the first closure call (at x)."""
+        self._require_closure(closure)
+        loss = closure()
+        gamma = self.gamma_t
+        if self.L == 0:
+            self.stats = {"grad_norm": _norm([p.grad for p in self.parameters() if p.grad is not None]), "gamma": gamma}
+            self.base.step()
+            self.variant_state["t"] += 1
+            return loss
+
+        groups = [self._langevin_group(g) for g in self.base.param_groups if g["params"]]
+        with torch.no_grad():
+            for lg in groups:
+                lg["x"] = [p.detach().clone() for p in lg["params"]]
+                lg["mu"] = [p.detach().clone() for p in lg["params"]]
+                lg["m"] = [torch.zeros_like(p) for p in lg["params"]] if lg["mom"] else None
+                lg["grad_f"] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in lg["params"]]
+        lr = self.langevin_lr
+        noise_scale = self.noise / math.sqrt(0.5 * lr)
+        # norms stay tensors inside the loop: no device synchronisation per Langevin step
+        dist_sum = torch.zeros((), dtype=torch.float64)
+        noise_sq = torch.zeros((), dtype=torch.float64)
+        for _ in range(self.L):
+            closure()
+            with torch.no_grad():
+                dist_sq = torch.zeros((), dtype=torch.float64)
+                noise_sq = torch.zeros((), dtype=torch.float64)
+                for lg in groups:
+                    xp = lg["params"]
+                    d = [torch.zeros_like(p) if p.grad is None else p.grad for p in xp]
+                    if lg["wd"]:
+                        torch._foreach_add_(d, xp, alpha=lg["wd"])
+                    if lg["m"] is not None:
+                        torch._foreach_mul_(lg["m"], lg["mom"])
+                        torch._foreach_add_(lg["m"], d)
+                        if lg["nesterov"]:
+                            torch._foreach_add_(d, lg["m"], alpha=lg["mom"])
+                        else:
+                            d = [m.clone() for m in lg["m"]]
+                    diff = torch._foreach_sub(lg["x"], xp)  # x − x'
+                    torch._foreach_add_(d, diff, alpha=-gamma)
+                    if self.noise:
+                        xi = [torch.randn(p.shape, generator=self.generator, dtype=p.dtype, device=p.device) for p in xp]
+                        torch._foreach_mul_(xi, noise_scale)
+                        torch._foreach_add_(d, xi)
+                        noise_sq += _sq(xi)
+                    torch._foreach_add_(xp, d, alpha=-lr)
+                    torch._foreach_mul_(lg["mu"], self.beta)
+                    torch._foreach_add_(lg["mu"], xp, alpha=1.0 - self.beta)
+                    # ‖x − x'_l‖ after the update; diff above was before it
+                    torch._foreach_add_(diff, d, alpha=lr)
+                    dist_sq += _sq(diff)
+                dist_sum = dist_sum + dist_sq.sqrt()
+        with torch.no_grad():
+            grad_f, step_dir = [], []
+            for lg in groups:
+                torch._foreach_copy_(lg["params"], lg["x"])
+                for p, x, mu in zip(lg["params"], lg["x"], lg["mu"]):
+                    p.grad = x - mu
+                grad_f += lg["grad_f"]
+                step_dir += [p.grad for p in lg["params"]]
+            gn, dn = _norm(grad_f), _norm(step_dir)
+            dot = float(sum((a * b).sum() for a, b in zip(grad_f, step_dir)))
+        self.stats = {
+            "grad_norm": gn,
+            "dist_mu": dn,
+            "cos": dot / (gn * dn) if gn > 0 and dn > 0 else 0.0,
+            "noise_norm": math.sqrt(float(noise_sq)),
+            "mean_dist": float(dist_sum) / self.L,
+            "gamma": gamma,
+        }
+        self.base.step()
+        self.variant_state["t"] += 1
+        return loss
+
+    def _langevin_group(self, group: dict) -> dict:
+        mom = self.momentum if self.momentum is not None else group.get("momentum", 0.0)
+        nesterov = self.nesterov if self.nesterov is not None else group.get("nesterov", True)
+        wd = self.weight_decay if self.weight_decay is not None else group.get("weight_decay", 0.0)
+        return {"params": list(group["params"]), "mom": float(mom or 0.0), "nesterov": bool(nesterov), "wd": float(wd or 0.0)}
+
+
+def _sq(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Squared norm over all tensors, as a CPU float64 scalar tensor (0 for none)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(torch._foreach_norm(tensors)).double().square().sum().cpu()
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    return math.sqrt(float(_sq(tensors)))

@@ -1,0 +1,112 @@
+"""Sharpness-aware minimisation (Foret et al. 2021) and its adaptive form ASAM (Kwon et al. 2021)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lscape.plugins.optim.wrapped import WrappedOptimizer, batchnorm_stats_frozen
+
+__all__ = ["SAM", "sam_edge"]
+
+
+class SAM(WrappedOptimizer):
+    """Normalised SAM around any base optimizer, the same minibatch for both passes.
+
+    One step, with g = ∇L_B(θ) from the first closure call::
+
+        e = ρ g / (‖g‖ + eps)                      (SAM)
+        e = ρ T²g / (‖T g‖ + eps),  T = |θ| + eta  (ASAM, ``adaptive=True``, elementwise)
+        second closure call at θ + e   ->  p.grad = ∇L_B(θ + e)
+        θ restored exactly, then base.step()       (momentum, weight decay: the base's)
+
+    When ``model`` is given, BatchNorm running statistics are updated by the first pass
+    (at θ) only: the pass at the perturbed point θ + e leaves them as they were, so they
+    move once per step, as in plain training. ρ = 0 is the base optimizer exactly.
+
+    After each step ``stats`` holds ``grad_norm`` (‖g‖ of the minibatch gradient at θ, the
+    quantity in the SAM-edge formula) and ``perturbation_norm`` (‖e‖).
+    """
+
+    def __init__(
+        self,
+        base: torch.optim.Optimizer,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        eps: float = 1e-5,
+        model: nn.Module | None = None,
+    ):
+        super().__init__(base)
+        if rho < 0:
+            raise ValueError(f"rho must be >= 0, got {rho}")
+        self.rho = float(rho)
+        self.adaptive = bool(adaptive)
+        self.eta = float(eta)
+        self.eps = float(eps)
+        self.model = model
+
+    def step(self, closure):
+        """One SAM update; returns the loss at θ (before the step)."""
+        self._require_closure(closure)
+        loss = closure()
+        params = [p for p in self.parameters() if p.grad is not None]
+        with torch.no_grad():
+            grads = [p.grad for p in params]
+            grad_norm = _global_norm(grads)
+            if self.adaptive:
+                scale = torch._foreach_add(torch._foreach_abs(params), self.eta)
+                scaled = torch._foreach_mul(grads, scale)
+                denom = _global_norm(scaled)
+                e = torch._foreach_mul(scaled, scale)
+            else:
+                denom = grad_norm
+                e = [g.clone() for g in grads]
+            # a tensor factor keeps the step free of device synchronisation
+            torch._foreach_mul_(e, self.rho / (denom + self.eps))
+            # kept as tensors; converted to floats only when someone reads ``stats``
+            self._norms = (grad_norm, _global_norm(e))
+            # copy back instead of subtracting e: restores θ bit for bit
+            saved = [p.detach().clone() for p in params]
+            torch._foreach_add_(params, e)
+        with batchnorm_stats_frozen(self.model):
+            closure()
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+        self.base.step()
+        self.variant_state["t"] += 1
+        return loss
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """``grad_norm`` ‖g‖ and ``perturbation_norm`` ‖e‖ of the last step (computed on read)."""
+        if self._norms is None:
+            return {}
+        grad_norm, pert_norm = self._norms
+        return {"grad_norm": float(grad_norm), "perturbation_norm": float(pert_norm)}
+
+    @stats.setter
+    def stats(self, value) -> None:
+        self._norms = None
+
+
+def sam_edge(grad_norm: float, lr: float, rho: float) -> float:
+    """The SAM-edge (Long & Bartlett 2023): the root λ of ηλ(1 + ρλ/‖g‖) = 2.
+
+    ``(‖g‖ / 2ρ)(√(1 + 8ρ/(η‖g‖)) − 1)``, and 2/η when ρ = 0 (plain gradient descent).
+    """
+    if rho == 0:
+        return 2.0 / lr
+    if grad_norm <= 0:
+        return 0.0
+    x = 8.0 * rho / (lr * grad_norm)
+    # (√(1+x) − 1) = x / (√(1+x) + 1) avoids cancellation when x is small
+    return grad_norm / (2.0 * rho) * x / (math.sqrt(1.0 + x) + 1.0)
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))

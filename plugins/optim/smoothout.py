@@ -1,0 +1,200 @@
+"""SmoothOut and AdaSmoothOut (Wen et al. 2018): gradients averaged over randomly perturbed weights."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from lscape.plugins.optim.wrapped import WrappedOptimizer, batchnorm_parameters
+
+__all__ = ["SmoothOut", "smoothout_coefficient", "smoothout_noise", "ghost_closures", "SCHEDULES", "SHAPES", "DISTRIBUTIONS"]
+
+SCHEDULES = ("constant", "anneal", "tanh")
+SHAPES = ("none", "weight", "filter")
+DISTRIBUTIONS = ("uniform", "normal")
+
+
+class SmoothOut(WrappedOptimizer):
+    """Noise injected per ghost chunk, gradients averaged, clipped, then the base step.
+
+    ``step(closure)`` takes one closure (one chunk: the whole batch) or a sequence of
+    closures, one per ghost chunk (see :func:`ghost_closures`), with optional ``weights``
+    (chunk sizes). For each chunk: draw τ (:func:`smoothout_noise`, amplitude
+    ``ss · smoothout_coefficient(schedule, t, total_steps)``), add it to the parameters,
+    call the closure, then put the weights back exactly (``denoise=True``; with
+    ``denoise=False`` the noise stays, as in the original). The chunk gradients are
+    averaged by weight, clipped to norm ``clip`` (None: no clipping), and ``base.step()``
+    applies the update. BatchNorm affine parameters get no noise when ``model`` is given
+    and ``exclude_batchnorm`` is true. ``stats`` holds ``amplitude`` and ``grad_norm``
+    (before clipping) after each step.
+    """
+
+    def __init__(
+        self,
+        base: torch.optim.Optimizer,
+        ss: float = 0.006,
+        schedule: str = "constant",
+        total_steps: int | None = None,
+        shape: str = "none",
+        distribution: str = "uniform",
+        denoise: bool = True,
+        clip: float | None = 5.0,
+        model: nn.Module | None = None,
+        exclude_batchnorm: bool = True,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__(base)
+        _check_choice("schedule", schedule, SCHEDULES)
+        _check_choice("shape", shape, SHAPES)
+        _check_choice("distribution", distribution, DISTRIBUTIONS)
+        if schedule == "tanh" and not total_steps:
+            raise ValueError("schedule 'tanh' needs total_steps (the number of updates of the run)")
+        self.ss = float(ss)
+        self.schedule = schedule
+        self.total_steps = total_steps
+        self.shape = shape
+        self.distribution = distribution
+        self.denoise = bool(denoise)
+        self.clip = clip
+        self.generator = generator
+        skip = batchnorm_parameters(model) if exclude_batchnorm else set()
+        self.noised = [p for p in self.parameters() if id(p) not in skip]
+
+    @property
+    def amplitude(self) -> float:
+        """The noise amplitude a = ss · coef_t for the next step."""
+        return self.ss * smoothout_coefficient(self.schedule, self.t, self.total_steps)
+
+    def step(self, closure, weights: Sequence[float] | None = None):
+        """One update over all ghost chunks; returns the weighted mean loss of the chunks."""
+        self._require_closure(closure)
+        closures = [closure] if callable(closure) else list(closure)
+        weights = [1.0] * len(closures) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(closures):
+            raise ValueError(f"{len(closures)} closures but {len(weights)} weights")
+        total = sum(weights)
+        params = self.parameters()
+        a = self.amplitude
+        acc = None
+        loss_sum = 0.0
+        for c, w in zip(closures, weights):
+            with torch.no_grad():
+                saved = [p.detach().clone() for p in self.noised] if self.denoise else None
+                # a fresh τ per chunk, drawn around the noise-free weights
+                torch._foreach_add_(self.noised, smoothout_noise(self.noised, a, self.shape, self.distribution, self.generator))
+            loss = c()
+            loss_sum = loss_sum + w * (loss.detach() if torch.is_tensor(loss) else float(loss))
+            with torch.no_grad():
+                if saved is not None:
+                    torch._foreach_copy_(self.noised, saved)
+                if len(closures) > 1:
+                    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+                    if acc is None:
+                        acc = [g.mul(w / total) for g in grads]
+                    else:
+                        torch._foreach_add_(acc, grads, alpha=w / total)
+        with torch.no_grad():
+            if acc is not None:
+                for p, g in zip(params, acc):
+                    p.grad = g
+            with_grad = [p for p in params if p.grad is not None]
+            if self.clip is not None and with_grad:
+                norm = torch.nn.utils.clip_grad_norm_(with_grad, self.clip)
+            else:
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in with_grad]))) if with_grad else torch.zeros(())
+        self.stats = {"amplitude": a, "grad_norm": float(norm)}
+        self.base.step()
+        self.variant_state["t"] += 1
+        return loss_sum / total
+
+
+def smoothout_coefficient(schedule: str, t: int, total_steps: int | None = None) -> float:
+    """coef_t of the noise amplitude at update ``t`` (0-based) of ``total_steps``.
+
+    ``constant``: 1; ``anneal``: (1 + t)^(−0.55/2); ``tanh``: (tanh(10(t/T − ½)) + 1)/2.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "anneal":
+        return (1.0 + t) ** (-0.55 / 2)
+    if schedule == "tanh":
+        if not total_steps:
+            raise ValueError("schedule 'tanh' needs total_steps")
+        return (math.tanh(10.0 * (t / total_steps - 0.5)) + 1.0) / 2.0
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def smoothout_noise(
+    tensors: Sequence[torch.Tensor],
+    amplitude: float,
+    shape: str = "none",
+    distribution: str = "uniform",
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Draw τ for each tensor w, of amplitude a.
+
+    ``none``: τ = a·u; ``weight``: τ = a·|w|·u (elementwise); ``filter`` (AdaSmoothOut):
+    for each row j along dim 0, τ_j = a·‖w_j‖·u_j/(‖u_j‖ + 1e-6), so that every row's
+    perturbation has the length of that row scaled by a (a 1-D tensor's rows are its
+    entries). u ~ U(−1, 1) (``uniform``) or N(0, 1) (``normal``), elementwise.
+    """
+    out = []
+    for w in tensors:
+        w = w.detach()
+        if distribution == "uniform":
+            u = torch.rand(w.shape, generator=generator, dtype=w.dtype, device=w.device).mul_(2).sub_(1)
+        elif distribution == "normal":
+            u = torch.randn(w.shape, generator=generator, dtype=w.dtype, device=w.device)
+        else:
+            raise ValueError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+        if shape == "none":
+            tau = u.mul_(amplitude)
+        elif shape == "weight":
+            tau = u.mul_(w.abs()).mul_(amplitude)
+        elif shape == "filter":
+            rows_w = w.reshape(w.shape[0], -1) if w.dim() > 0 else w.reshape(1, 1)
+            rows_u = u.reshape(rows_w.shape)
+            scale = amplitude * torch.linalg.vector_norm(rows_w, dim=1, keepdim=True) / (torch.linalg.vector_norm(rows_u, dim=1, keepdim=True) + 1e-6)
+            tau = (rows_u * scale).reshape(w.shape)
+        else:
+            raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+        out.append(tau)
+    return out
+
+
+def ghost_closures(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor],
+    mb: int,
+    zero_grad: Callable[[], None] | None = None,
+) -> tuple[list[Callable[[], torch.Tensor]], list[int]]:
+    """Split ``batch`` into ghost chunks of at most ``mb`` samples; one closure and its size per chunk.
+
+    Each closure zeroes the gradients (``zero_grad``, default ``model.zero_grad``), runs
+    forward and backward on its chunk and returns the detached mean loss.
+    """
+    x, y = batch
+    zero = zero_grad or (lambda: model.zero_grad(set_to_none=True))
+    closures, sizes = [], []
+    for start in range(0, x.shape[0], mb):
+        xc, yc = x[start : start + mb], y[start : start + mb]
+
+        def closure(xc=xc, yc=yc):
+            zero()
+            with torch.enable_grad():
+                loss = loss_fn(model(xc), yc)
+                loss.backward()
+            return loss.detach()
+
+        closures.append(closure)
+        sizes.append(int(xc.shape[0]))
+    return closures, sizes
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")

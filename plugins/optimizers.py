@@ -1,0 +1,195 @@
+"""`sam`, `smoothout`, `entropy-sgd`: the optimizer variants of lscape.plugins.optim as step owners."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lscape import Option, Output, StepOwner, hookimpl
+from lscape.errors import UsageError
+from lscape.plugins.optim import SAM, EntropySGD, SmoothOut, ghost_closures, sam_edge
+from lscape.plugins.optim.smoothout import DISTRIBUTIONS, SCHEDULES, SHAPES
+from lscape.schedule import Schedule
+
+__all__ = ["SamStep", "SmoothOutStep", "EntropySgdStep"]
+
+
+class _VariantStep(StepOwner):
+    """A step owner that wraps ``ctx.optimizer`` in a variant and records its ``stats``."""
+
+    stats_schedule = "every:10"
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.schedule = Schedule.parse(self.opts.stats)
+        self.optim = None
+        self._pending_state: dict[str, Any] | None = None
+
+    @classmethod
+    def all_options(cls):
+        own = tuple(cls.options)
+        extra = () if any(o.name == "stats" for o in own) else (
+            Option("stats", str, cls.stats_schedule, "when the variant's statistics are recorded (never: not at all)"),)
+        return own + extra
+
+    def store_attrs(self) -> dict[str, Any]:
+        attrs = super().store_attrs()
+        attrs["schedule"] = str(self.schedule)
+        return attrs
+
+    def setup(self, ctx) -> None:
+        self.optim = self.build(ctx)
+        if self._pending_state is not None:
+            self.optim.variant_state.update(self._pending_state)
+
+    def build(self, ctx):  # pragma: no cover - every subclass overrides it
+        """The variant around ``ctx.optimizer``."""
+        raise NotImplementedError
+
+    def after_step(self, ctx, state) -> None:
+        """Record the variant's statistics when the ``stats`` schedule is due."""
+        # the schedule first: reading ``stats`` may synchronise with the device
+        if self.schedule.due(state.step, epoch_end=state.epoch_end, now=state.time) and self.optim.stats:
+            self.record(ctx, state.step, **self.row(ctx, state))
+
+    def row(self, ctx, state) -> dict[str, float]:
+        """The values recorded for this step."""
+        return dict(self.optim.stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"variant": dict(self.optim.variant_state)} if self.optim is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        variant = state.get("variant")
+        if variant is None:
+            return
+        if self.optim is None:
+            self._pending_state = dict(variant)
+        else:
+            self.optim.variant_state.update(variant)
+
+
+class SamStep(_VariantStep):
+    """Sharpness-aware minimisation (normalised, same minibatch twice; adaptive=true: ASAM)."""
+
+    name = "sam"
+    help = "SAM / ASAM around the base optimizer: gradient at θ + ρ g/‖g‖ on the same minibatch"
+    options = (
+        Option("rho", float, 0.05, "radius ρ of the ascent step", minimum=0.0),
+        Option("adaptive", bool, False, "ASAM: scale the ascent elementwise by |θ| + eta"),
+        Option("eta", float, 0.01, "η of ASAM's T = |θ| + η", minimum=0.0),
+        Option("eps", float, 1e-5, "added to ‖g‖ in the normalisation", minimum=0.0),
+    )
+    outputs = (
+        Output("grad_norm", long_name="minibatch gradient norm ‖g‖ at θ"),
+        Output("perturbation_norm", long_name="ascent step ‖e‖"),
+        Output("sam_edge", units="1/lr", long_name="SAM-edge (‖g‖/2ρ)(√(1+8ρ/(η‖g‖))−1)"),
+    )
+
+    def build(self, ctx):
+        o = self.opts
+        return SAM(ctx.optimizer, rho=o.rho, adaptive=o.adaptive, eta=o.eta, eps=o.eps, model=ctx.model)
+
+    def step(self, closure, ctx, state) -> float:
+        loss = self.optim.step(closure)
+        self.after_step(ctx, state)
+        return loss
+
+    def row(self, ctx, state):
+        lr = state.lr if state.lr is not None else ctx.lr
+        return {**self.optim.stats, "sam_edge": sam_edge(self.optim.stats["grad_norm"], lr, self.opts.rho)}
+
+
+class SmoothOutStep(_VariantStep):
+    """SmoothOut / AdaSmoothOut: gradients averaged over noisy weights per ghost chunk."""
+
+    name = "smoothout"
+    help = "SmoothOut: noise on the weights per ghost chunk, denoise, average, clip, base step"
+    options = (
+        Option("ss", float, 0.006, "noise amplitude", minimum=0.0),
+        Option("ss_schedule", str, "constant", "amplitude schedule over the run", choices=SCHEDULES),
+        Option("shape", str, "none", "none: iid; weight: ∝|w|; filter: ∝ row norm (AdaSmoothOut)", choices=SHAPES),
+        Option("distribution", str, "uniform", "noise distribution", choices=DISTRIBUTIONS),
+        Option("denoise", bool, True, "remove the noise after each chunk's backward"),
+        Option("mb", int, 128, "ghost-chunk size in samples (0: the whole batch)", minimum=0),
+        Option("exclude_bn", bool, True, "no noise on BatchNorm weights and biases"),
+        Option("clip", float, 5.0, "gradient-norm clipping (0: off)", minimum=0.0),
+    )
+    outputs = (
+        Output("amplitude", long_name="noise amplitude ss·coef_t"),
+        Output("grad_norm", long_name="averaged gradient norm before clipping"),
+    )
+
+    def build(self, ctx):
+        o = self.opts
+        if o.ss_schedule == "tanh" and not ctx.total_steps:
+            raise UsageError("smoothout.ss_schedule=tanh needs the run's length: pass --steps or --epochs")
+        return SmoothOut(ctx.optimizer, ss=o.ss, schedule=o.ss_schedule, total_steps=ctx.total_steps, shape=o.shape,
+                         distribution=o.distribution, denoise=o.denoise, clip=o.clip or None, model=ctx.model,
+                         exclude_batchnorm=o.exclude_bn)
+
+    def step(self, closure, ctx, state) -> float:
+        batch = state.batch
+        n = batch[0].shape[0]
+        mb = self.opts.mb
+        if not mb or mb >= n:
+            loss = self.optim.step(closure)
+        else:
+            x, y = batch[0], batch[1]
+            rest, sizes = ghost_closures(ctx.model, ctx.loss_fn, (x[mb:], y[mb:]), mb,
+                                         zero_grad=lambda: ctx.optimizer.zero_grad(set_to_none=True))
+
+            # The first chunk goes through the engine's closure, so on_after_backward fires
+            # once per step (with state.batch the chunk and the weights noisy).
+            def first():
+                state.batch = (x[:mb], y[:mb])
+                try:
+                    return closure()
+                finally:
+                    state.batch = batch
+
+            loss = self.optim.step([first, *rest], [min(mb, n), *sizes])
+        self.after_step(ctx, state)
+        return float(loss)
+
+
+class EntropySgdStep(_VariantStep):
+    """Entropy-SGD: L Langevin steps on fresh minibatches estimate the local-entropy gradient."""
+
+    name = "entropy-sgd"
+    help = "Entropy-SGD: L Langevin steps (fresh minibatches) around x, then a base step along x − μ"
+    fresh_batches = True
+    stats_schedule = "every:50"
+    options = (
+        Option("L", int, 20, "Langevin steps per update (0: the base optimizer alone)", minimum=0),
+        Option("gamma", float, 1e-4, "scope γ₀ of the coupling term", minimum=0.0),
+        Option("scoping", float, 1e-3, "γ_t = γ₀ (1 + scoping)^t", minimum=0.0),
+        Option("noise", float, 1e-4, "Langevin temperature", minimum=0.0),
+        Option("langevin_lr", float, 0.1, "learning rate η' of the Langevin loop", minimum=0.0),
+        Option("beta", float, 0.75, "averaging factor of μ", minimum=0.0),
+        Option("momentum", float, None, "Langevin momentum (default: the base optimizer's)", minimum=0.0),
+    )
+    outputs = (
+        Output("grad_norm", long_name="‖∇f(x)‖ on the step's first minibatch"),
+        Output("dist_mu", long_name="‖x − μ‖"),
+        Output("cos", long_name="cos(∇f, x − μ)"),
+        Output("noise_norm", long_name="norm of the last Langevin noise term"),
+        Output("mean_dist", long_name="mean over the Langevin steps of ‖x − x'‖"),
+        Output("gamma", long_name="γ_t"),
+    )
+
+    def build(self, ctx):
+        o = self.opts
+        return EntropySGD(ctx.optimizer, L=o.L, gamma=o.gamma, scoping=o.scoping, noise=o.noise,
+                          langevin_lr=o.langevin_lr, beta=o.beta, momentum=o.momentum)
+
+    def step(self, closure, ctx, state) -> float:
+        loss = self.optim.step(closure)
+        self.after_step(ctx, state)
+        return float(loss)
+
+
+@hookimpl
+def register_step_owners(register):
+    register(SamStep)
+    register(SmoothOutStep)
+    register(EntropySgdStep)

@@ -1,0 +1,105 @@
+"""Readers for the files the seeds' data sets come in: IDX (MNIST), CIFAR python batches, text."""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import pickle
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from lscape.errors import UsageError
+
+__all__ = ["read_idx", "read_cifar_batch", "read_bytes", "find_file"]
+
+# IDX type codes (the third byte of the magic number) and their big-endian numpy types.
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format, raw or gzipped) as an array of its shape.
+
+    The magic number is two zero bytes, a type code and the number of dimensions; the
+    sizes follow as big-endian int32, then the data in C order.
+    """
+    raw = read_bytes(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise UsageError(f"{path} is not an IDX file (bad magic number {raw[:4].hex() or 'empty'}); expected e.g. MNIST's train-images-idx3-ubyte")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UsageError(f"{path} is a truncated IDX file (header cut short)")
+    shape = tuple(int(s) for s in np.frombuffer(raw, ">i4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    expected = header + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if len(raw) != expected:
+        raise UsageError(f"{path} is a malformed IDX file: header says {shape}, {expected} bytes, file has {len(raw)}")
+    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def read_cifar_batch(path: Path) -> dict[bytes, Any]:
+    """One CIFAR "python version" batch: the pickled dict with ``b'data'`` (N, 3072) uint8
+    and ``b'labels'`` (CIFAR-10) or ``b'fine_labels'``/``b'coarse_labels'`` (CIFAR-100).
+
+    Unpickling is restricted to numpy arrays and builtin containers, so a tampered file
+    cannot run code.
+    """
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise UsageError(f"{path} is not a CIFAR python batch ({e})") from e
+    if not isinstance(batch, dict) or b"data" not in batch:
+        raise UsageError(f"{path} is not a CIFAR python batch: no b'data' entry")
+    return batch
+
+
+def read_bytes(path: Path) -> bytes:
+    """The content of ``path``, decompressed when it is gzipped (detected by its magic bytes)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise UsageError(f"{path} is a damaged gzip file ({e})") from e
+    return raw
+
+
+def find_file(dirs: Iterable[Path], names: Iterable[str]) -> Path | None:
+    """The first of ``dir/name`` that exists, trying every name in every directory, plain and ``.gz``."""
+    for d in dirs:
+        for name in names:
+            for candidate in (d / name, d / f"{name}.gz"):
+                if candidate.is_file():
+                    return candidate
+    return None
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    # What numpy arrays pickle as (protocols 2-5, numpy 1 and 2 module names), and the
+    # codec that Python-2 pickles of byte strings use.
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if module.startswith("numpy.core."):
+            # numpy 2 renamed numpy.core to numpy._core; old pickles use the old name.
+            try:
+                return getattr(importlib.import_module("numpy._core." + module[len("numpy.core."):]), name)
+            except ImportError:
+                pass
+        return getattr(importlib.import_module(module), name)

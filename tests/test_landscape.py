@@ -1,0 +1,223 @@
+"""Directions, slices, interpolation and ε-sharpness checked against exact references."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lscape.plugins.landscape import (
+    eps_sharpness,
+    eps_sharpness_repeated,
+    evaluate,
+    filter_normalized_direction,
+    interpolate_state,
+    interpolation_curve,
+    model_objective,
+    normalize_to,
+    parse_range,
+    slice_1d,
+    surface_2d,
+    surface_rows,
+)
+
+
+class Quadratic(nn.Module):
+    """f(w) = ½ wᵀHw + bᵀw, returned as the model output; the loss is its mean."""
+
+    def __init__(self, H, b=None, w0=None):
+        super().__init__()
+        self.register_buffer("H", H)
+        self.register_buffer("b", torch.zeros(len(H), dtype=H.dtype) if b is None else b)
+        self.w = nn.Parameter(torch.zeros(len(H), dtype=H.dtype) if w0 is None else w0.clone())
+
+    def forward(self, x):
+        f = 0.5 * self.w @ self.H @ self.w + self.b @ self.w
+        return f.expand(x.shape[0])
+
+
+def mean_loss(out, y):
+    return out.mean()
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    )
+
+
+def batches(n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+
+
+def test_filter_normalised_direction_has_filter_norms_and_zero_biasbn():
+    model = small_cnn()
+    params = list(model.parameters())
+    d = filter_normalized_direction(params, torch.Generator().manual_seed(0), ignore="biasbn")
+    for p, di in zip(params, d):
+        assert di.shape == p.shape
+        if p.dim() <= 1:
+            assert torch.count_nonzero(di) == 0
+        else:
+            torch.testing.assert_close(di.flatten(1).norm(dim=1), p.detach().flatten(1).norm(dim=1), rtol=1e-5, atol=1e-7)
+            assert not torch.allclose(di, p)  # rescaled noise, not a copy
+
+
+def test_filter_normalised_direction_copies_biasbn_when_not_ignored():
+    model = small_cnn()
+    params = list(model.parameters())
+    d = filter_normalized_direction(params, torch.Generator().manual_seed(0), ignore="none")
+    for p, di in zip(params, d):
+        if p.dim() <= 1:
+            torch.testing.assert_close(di, p.detach())
+
+
+def test_normalize_to_unit_and_model_norm():
+    params = list(small_cnn().parameters())
+    g = [torch.randn_like(p) for p in params]
+    unit = normalize_to(g, params, "unit")
+    assert torch.sqrt(sum((t**2).sum() for t in unit)).item() == pytest.approx(1.0, rel=1e-5)
+    whole = normalize_to(g, params, "model")
+    norm = lambda ts: torch.sqrt(sum((t.double() ** 2).sum() for t in ts)).item()
+    assert norm(whole) == pytest.approx(norm(params), rel=1e-5)
+
+
+def test_slice_1d_of_a_quadratic_is_half_lambda_alpha_squared():
+    torch.manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
+    lam = torch.tensor([3.0, 1.5, 0.5, -0.2, 2.0], dtype=torch.float64)
+    model = Quadratic(Q @ torch.diag(lam) @ Q.T)
+    data = [(torch.zeros(4), torch.zeros(4, dtype=torch.float64))]
+    for k in range(5):
+        res = slice_1d(model, mean_loss, data, [model.w], [Q[:, k].clone()], "-1:1:#21")
+        np.testing.assert_allclose(res["loss"], 0.5 * lam[k].item() * res["alpha"] ** 2, rtol=1e-12, atol=1e-14)
+    assert torch.count_nonzero(model.w) == 0  # θ₀ restored
+
+
+def test_surface_of_a_quadratic_and_resume_from_a_row():
+    H = torch.diag(torch.tensor([2.0, 0.5], dtype=torch.float64))
+    model = Quadratic(H)
+    data = [(torch.zeros(2), torch.zeros(2))]
+    e1, e2 = [torch.tensor([1.0, 0.0], dtype=torch.float64)], [torch.tensor([0.0, 1.0], dtype=torch.float64)]
+    s = surface_2d(model, mean_loss, data, [model.w], e1, e2, "-1:1:#11", "-1:1:#7")
+    A, B = np.meshgrid(s["alpha"], s["beta"], indexing="ij")
+    np.testing.assert_allclose(s["loss"], A**2 + 0.25 * B**2, rtol=1e-12, atol=1e-14)
+    rows = list(surface_rows(model, mean_loss, data, [model.w], e1, e2, "-1:1:#11", "-1:1:#7", start_row=8))
+    assert [i for i, *_ in rows] == [8, 9, 10]
+    np.testing.assert_array_equal(rows[0][1], s["loss"][8])
+
+
+def test_slice_leaves_parameters_buffers_and_mode_exactly_as_found():
+    model = small_cnn().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    d = filter_normalized_direction(params, torch.Generator().manual_seed(1))
+    res = slice_1d(model, nn.functional.cross_entropy, batches(), params, d, "-1:1:0.5")
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(np.isfinite(res["loss"])) and all((0 <= res["accuracy"]) & (res["accuracy"] <= 1))
+    # the centre of the slice is the unperturbed model in eval mode
+    model.eval()
+    assert res["loss"][2] == pytest.approx(evaluate(model, nn.functional.cross_entropy, batches())[0], rel=1e-6)
+
+
+def test_parse_range_includes_a_stop_on_the_grid_only():
+    a = parse_range("-1:2:0.1")
+    assert len(a) == 31 and a[0] == -1 and a[-1] == pytest.approx(2) and 0.0 in a
+    b = parse_range("-0.3:0.02:0.31")
+    assert len(b) == 31 and b[-1] == pytest.approx(0.3)
+    assert len(parse_range("-1:1:#51")) == 51
+    assert list(parse_range("0:0.5:1")) == [0, 0.5, 1]
+    with pytest.raises(ValueError, match="bad range"):
+        parse_range("1:0:0.1")
+
+
+def test_interpolation_covers_batchnorm_buffers_and_restores_the_model():
+    a, b = small_cnn(), small_cnn()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    a.train()(batches(1, 5)[0][0])  # give the two models different running statistics
+    b.train()(batches(1, 6)[0][0])
+    sa, sb = a.state_dict(), b.state_dict()
+    mid = interpolate_state(sa, sb, 0.25)
+    key = "1.running_mean"
+    torch.testing.assert_close(mid[key], 0.75 * sa[key] + 0.25 * sb[key])
+    torch.testing.assert_close(interpolate_state(sa, sb, 2.0)["0.weight"], 2 * sb["0.weight"] - sa["0.weight"])
+    assert mid["1.num_batches_tracked"].dtype == torch.long
+
+    model = small_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = {"train": batches(2, 1), "eval": batches(1, 2)}
+    curve = interpolation_curve(model, nn.functional.cross_entropy, data, sa, sb, "-1:2:0.5")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert set(curve) == {"alpha", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy"}
+    i0, i1 = list(curve["alpha"]).index(0.0), list(curve["alpha"]).index(1.0)
+    for m, i in ((a, i0), (b, i1)):
+        m.eval()
+        assert curve["eval_loss"][i] == pytest.approx(evaluate(m, nn.functional.cross_entropy, data["eval"])[0], rel=1e-6)
+
+
+def quadratic_objective(H, c):
+    def fun(v):
+        v = v.double()
+        return float(0.5 * v @ H @ v + c @ v), H @ v + c
+
+    return fun
+
+
+def brute_force(fun, x, half, n=201):
+    grid = [np.linspace(-h, h, n) for h in half]
+    best = max(fun(x + torch.tensor(p, dtype=torch.float64))[0] for p in itertools.product(*grid))
+    f0 = fun(x)[0]
+    return (best - f0) / (1 + f0) * 100
+
+
+@pytest.mark.parametrize("method", ["lbfgsb", "pga"])
+def test_eps_sharpness_of_2d_quadratic_matches_brute_force(method):
+    H = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    c = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    fun = quadratic_objective(H, c)
+    x = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    eps = 0.05
+    ref = brute_force(fun, x, (eps * (x.abs() + 1)).numpy())
+    res = eps_sharpness(fun, x, eps=eps, method=method, iters=20, generator=torch.Generator().manual_seed(0))
+    assert res.sharpness > 0  # a rise, not a fall: the maximisation has the intended sign
+    assert res.sharpness == pytest.approx(ref, rel=1e-6)
+    assert torch.all(res.displacement.abs() <= eps * (x.abs() + 1) + 1e-12)
+
+
+def test_eps_sharpness_in_a_subspace_matches_brute_force_over_its_box():
+    H = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    c = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    fun = quadratic_objective(H, c)
+    x = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    A = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    eps = 0.05
+    coord = torch.linalg.lstsq(A, x.unsqueeze(1)).solution.squeeze()
+    half = eps * (coord.abs() + 1)
+    zs = torch.linspace(-half.item(), half.item(), 2001, dtype=torch.float64)
+    f0 = fun(x)[0]
+    ref = (max(fun(x + A[:, 0] * z)[0] for z in zs) - f0) / (1 + f0) * 100
+    res = eps_sharpness(fun, x, eps=eps, subspace=A, method="lbfgsb", generator=torch.Generator().manual_seed(0))
+    assert res.sharpness == pytest.approx(ref, rel=1e-6)
+
+
+def test_eps_sharpness_repeated_on_a_model_restores_it():
+    H = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    model = Quadratic(H, torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([1.0, -2.0], dtype=torch.float64))
+    fun, x0, restore = model_objective(model, mean_loss, [(torch.zeros(3), torch.zeros(3))], [model.w])
+    direct = quadratic_objective(H, torch.tensor([0.5, -1.0], dtype=torch.float64))
+    f, g = fun(x0 + 0.1)
+    fd, gd = direct(x0 + 0.1)
+    assert f == pytest.approx(fd) and torch.allclose(g, gd)
+    out = eps_sharpness_repeated(fun, x0, repeats=4, eps=0.05, subspace=1, seed=0)
+    restore()
+    assert torch.equal(model.w.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64))
+    assert len(out["values"]) == 4 and out["std"] > 0  # a fresh random subspace per repeat
+    assert np.all(out["values"] >= 0)

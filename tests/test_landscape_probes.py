@@ -1,0 +1,99 @@
+"""The landscape, interpolate, eps-sharpness and trajectory probes through the real CLI and store."""
+
+import numpy as np
+import pytest
+import zarr
+
+from lscape.store import RunReader
+
+SMALL = ["--data", "synthetic", "--data-opt", "n=128", "--data-opt", "dim=8", "--data-opt", "classes=3",
+         "--model-opt", "widths=16", "--batch-size", "32", "--no-progress"]
+
+
+def test_landscape_surface_resumes_at_the_first_missing_row(cli, tmp_path):
+    out = tmp_path / "run.zarr"
+    args = ["run", *SMALL, "--steps", "6", "--checkpoint-schedule", "at:2", "--plugin", "landscape",
+            "-o", "landscape.dims=2", "-o", "landscape.alpha=-1:1:#5", "-o", "landscape.beta=-1:1:#4",
+            "-o", "landscape.schedule=at:4", "--out", str(out)]
+    code, _, err = cli(*args)
+    assert code == 0, err
+    group = zarr.open_group(str(out), mode="r+")["landscape/surface_step000000004"]
+    full = group["train_loss"][:]
+    assert full.shape == (5, 4) and np.isfinite(full).all()
+    assert group["train_loss"].chunks == (1, 4)  # one chunk per row: readable while it fills
+    assert set(group.array_keys()) >= {"alpha", "beta", "eval_loss", "train_accuracy"}
+    # simulate an interruption after two rows, then resume the run from its checkpoint
+    group["train_loss"][2:] = np.nan
+    group.attrs["rows_done"] = 2
+    code, _, err = cli("run", "--resume", str(out), "--no-progress")
+    assert code == 0, err
+    again = zarr.open_group(str(out), mode="r")["landscape/surface_step000000004"]
+    assert again.attrs["rows_done"] == 5
+    np.testing.assert_allclose(again["train_loss"][:], full, rtol=1e-6)
+    assert RunReader(out).read("landscape")["surface_rows"][-1] == 5
+
+
+def test_landscape_hessian_and_gradient_directions(cli, tmp_path):
+    code, _, err = cli("run", *SMALL, "--steps", "3", "--plugin", "landscape", "-o", "landscape.direction=hessian",
+                       "-o", "landscape.alpha=-0.5:0.5:#5", "-o", "landscape.schedule=at:2",
+                       "--out", str(tmp_path / "h.zarr"))
+    assert code == 0, err
+    d = RunReader(tmp_path / "h.zarr").read("landscape")
+    lam = d["eigenvalues"][0, 0]
+    loss = d["train_loss"][0]
+    # a unit eigenvector direction: the second difference at α = 0 approximates λ
+    h = 0.25
+    assert (loss[1] - 2 * loss[2] + loss[3]) / h**2 == pytest.approx(lam, rel=0.3)
+    code, _, err = cli("run", *SMALL, "--steps", "3", "--plugin", "landscape", "-o", "landscape.direction=gradient",
+                       "-o", "landscape.alpha=-0.2:0.2:#5", "-o", "landscape.schedule=at:2",
+                       "--out", str(tmp_path / "g.zarr"))
+    assert code == 0, err
+    g = RunReader(tmp_path / "g.zarr").read("landscape")["train_loss"][0]
+    assert g[4] > g[2] > g[0]  # the loss rises along the gradient
+
+
+def test_interpolate_between_two_runs_and_eps_sharpness(cli, tmp_path):
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    for path, seed in ((a, "0"), (b, "1")):
+        code, _, err = cli("run", *SMALL, "--steps", "4", "--seed", seed, "--out", str(path))
+        assert code == 0, err
+    code, out, err = cli("measure", str(a), "--plugin", "interpolate", "--plugin", "eps-sharpness",
+                         "-o", f"interpolate.other={b}", "-o", "interpolate.alpha=-1:2:0.5",
+                         "-o", "eps-sharpness.repeats=3", "-o", "eps-sharpness.subspace=5",
+                         "--out", str(tmp_path / "m.zarr"))
+    assert code == 0, err
+    run = RunReader(tmp_path / "m.zarr")
+    d = run.read("interpolate")
+    assert list(d["alpha"][0]) == [-1, -0.5, 0, 0.5, 1, 1.5, 2]
+    assert np.isfinite(d["train_loss"]).all() and np.isfinite(d["eval_accuracy"]).all()
+    s = run.read("eps-sharpness")
+    assert s["values"].shape == (1, 3) and np.all(s["values"] >= 0)
+    assert s["eps_sharpness"][0] == pytest.approx(s["values"][0].mean())
+    code, _, err = cli("measure", str(a), "--plugin", "interpolate", "--out", str(tmp_path / "x.zarr"))
+    assert code == 2 and "interpolate.other" in err
+
+
+def test_trajectory_projection_is_seeded_chunked_and_plots(cli, tmp_path):
+    out = tmp_path / "t.zarr"
+    code, _, err = cli("run", *SMALL, "--steps", "12", "--plugin", "trajectory", "-o", "trajectory.dim=32",
+                       "-o", "trajectory.every=2", "-o", "trajectory.projection_seed=5", "-o", "trajectory.gradient=true",
+                       "--plugin", "landscape", "-o", "landscape.alpha=-1:1:#5", "--out", str(out))
+    assert code == 0, err
+    run = RunReader(out)
+    d = run.read("trajectory")
+    assert d["theta"].shape == (6, 32) and d["grad"].shape == (6, 32)
+    assert list(d["step"]) == [0, 2, 4, 6, 8, 10]
+    assert run.group_attrs("trajectory")["projection_seed"] == 5
+    assert run.arrays("trajectory")["theta"].compressors  # stored compressed
+    # the path length counts every step, recorded or not
+    assert d["path_length"][-1] > np.nansum(d["step_length"])
+    code, out_text, err = cli("plot", str(out), "--out", str(tmp_path / "fig"))
+    assert code == 0, err
+    assert "landscape_1d_t.png" in out_text
+
+
+def test_bad_range_is_a_usage_error(cli, tmp_path):
+    code, _, err = cli("run", *SMALL, "--steps", "2", "--plugin", "landscape", "-o", "landscape.alpha=1:0:0.1",
+                       "--out", str(tmp_path / "bad.zarr"))
+    assert code == 2 and "bad range" in err
+    assert not (tmp_path / "bad.zarr").exists()

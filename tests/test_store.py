@@ -1,0 +1,111 @@
+"""The zarr run store: chunked appends, NaN fill, dimension names, readers during writes."""
+
+import numpy as np
+import pytest
+import torch
+
+from lscape.errors import UsageError
+from lscape.options import Output
+from lscape.store import RunReader, RunStore
+
+
+def make(tmp_path):
+    return RunStore.create(tmp_path / "r.zarr", {"lscape_version": "test", "status": "running"})
+
+
+def test_rows_append_with_declared_dims_and_nan_fill(tmp_path):
+    store = make(tmp_path)
+    w = store.group("probe", [Output("top", dims=("k",), units="1", long_name="top eigenvalues")])
+    w.append(0, top=torch.tensor([3.0, 2.0]), scalar=1.5)
+    w.append(5, top=np.array([4.0, 1.0]))
+    store.flush()
+    d = RunReader(tmp_path / "r.zarr").read("probe")
+    assert d["step"].tolist() == [0, 5]
+    np.testing.assert_array_equal(d["top"], [[3, 2], [4, 1]])
+    assert d["scalar"][0] == 1.5 and np.isnan(d["scalar"][1])
+    arr = store.root["probe/top"]
+    assert arr.metadata.dimension_names == ("step", "k")
+    assert arr.attrs["long_name"] == "top eigenvalues"
+
+
+def test_xarray_opens_groups_with_step_coordinate(tmp_path):
+    xr = pytest.importorskip("xarray")
+    store = make(tmp_path)
+    w = store.group("g", [Output("v", dims=("k",))])
+    for s in range(3):
+        w.append(s * 10, v=np.arange(4.0) + s, loss=float(s))
+    store.flush()
+    ds = xr.open_zarr(tmp_path / "r.zarr", group="g", consolidated=False)
+    assert list(ds["step"].values) == [0, 10, 20]
+    assert ds["v"].dims == ("step", "k")
+    assert float(ds["loss"].sel(step=20)) == 2.0
+
+
+def test_reader_sees_flushed_rows_while_writer_buffers(tmp_path):
+    store = make(tmp_path)
+    w = store.group("g")
+    w.flush_seconds = 1e9
+    w.append(0, x=1.0)
+    w.flush()
+    w.append(1, x=2.0)  # buffered, not yet written
+    reader = RunReader(tmp_path / "r.zarr")
+    assert reader.read("g")["x"].tolist() == [1.0]
+    w.flush()
+    assert RunReader(tmp_path / "r.zarr").read("g")["x"].tolist() == [1.0, 2.0]
+
+
+def test_flush_happens_per_chunk(tmp_path):
+    store = make(tmp_path)
+    w = store.group("g")
+    w.flush_seconds = 1e9
+    big = np.zeros(2**18)  # 2 MiB rows: one row per chunk
+    w.append(0, traj=big)
+    assert RunReader(tmp_path / "r.zarr").read("g")["traj"].shape == (1, 2**18)
+
+
+def test_long_vectors_are_chunked_along_their_length(tmp_path):
+    store = make(tmp_path)
+    w = store.group("g")
+    w.append(0, traj=np.zeros(10**6, dtype=np.float32))
+    w.flush()
+    chunks = store.root["g/traj"].chunks
+    assert chunks[1] < 10**6
+
+
+def test_truncate_drops_later_rows(tmp_path):
+    store = make(tmp_path)
+    w = store.group("g")
+    for s in range(5):
+        w.append(s, x=float(s))
+    w.truncate(2)
+    w.append(2, x=20.0)
+    w.flush()
+    assert RunReader(tmp_path / "r.zarr").read("g")["x"].tolist() == [0.0, 1.0, 20.0]
+
+
+def test_existing_store_is_not_overwritten(tmp_path):
+    make(tmp_path)
+    with pytest.raises(UsageError, match="already exists"):
+        make(tmp_path)
+
+
+def test_reader_rejects_missing_and_foreign_stores(tmp_path):
+    with pytest.raises(UsageError, match="no run store"):
+        RunReader(tmp_path / "nope.zarr")
+    import zarr
+
+    zarr.open_group(tmp_path / "other.zarr", mode="w")
+    with pytest.raises(UsageError, match="not a lscape run"):
+        RunReader(tmp_path / "other.zarr")
+
+
+def test_array_missing_from_later_flushes_keeps_steps_length(tmp_path):
+    store = make(tmp_path)
+    w = store.group("g")
+    w.append(0, loss=1.0)
+    w.append(1, loss=2.0, eval_loss=5.0)
+    w.flush()
+    w.append(2, loss=3.0)
+    w.flush()
+    d = RunReader(tmp_path / "r.zarr").read("g")
+    assert d["eval_loss"].shape == (3,) and d["eval_loss"][1] == 5.0 and np.isnan(d["eval_loss"][[0, 2]]).all()
