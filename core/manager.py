@@ -28,6 +28,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "lscape.plugins.train_metrics",
     "lscape.plugins.progress",
     "lscape.plugins.grad_norm",
+    "lscape.plugins.noise.probes",
     "lscape.plugins.sharpness", "lscape.plugins.hessian", "lscape.plugins.hessian_exact",
     "lscape.plugins.workloads",
     "lscape.plugins.optimizers", "lscape.plugins.eos", "lscape.plugins.diffusion", "lscape.plugins.landscape",

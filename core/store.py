@@ -68,7 +68,7 @@ class GroupWriter:
         self._rows: list[dict[str, np.ndarray]] = []
         self._chunk_rows: int | None = None
         self._last_flush = time.monotonic()
-        self._length = len(group["step"]) if "step" in group.array_keys() else 0
+        self._length = group["step"].shape[0] if "step" in group.array_keys() else 0
 
     def __len__(self) -> int:
         """Rows written so far, buffered ones included."""

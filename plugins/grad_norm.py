@@ -29,7 +29,8 @@ class GradNorm(Probe):
 
     @hookimpl
     def on_run_start(self, ctx):
-        self._init = self._flat(ctx).clone()
+        if self._init is None:  # a resumed run keeps θ_0 from its checkpoint
+            self._init = self._flat(ctx).clone()
 
     def measure(self, ctx, state):
         params = [p for _, p in select_parameters(ctx.model, self.opts.params)]

@@ -45,10 +45,16 @@ class _VariantStep(StepOwner):
         """The variant around ``ctx.optimizer``."""
         raise NotImplementedError
 
-    def after_step(self, ctx, state) -> None:
-        """Record the variant's statistics when the ``stats`` schedule is due."""
-        # the schedule first: reading ``stats`` may synchronise with the device
-        if self.schedule.due(state.step, epoch_end=state.epoch_end, now=state.time) and self.optim.stats:
+    def before_step(self, state) -> bool:
+        """Whether this step's statistics are recorded (asked once: time schedules keep state)."""
+        due = self.schedule.due(state.step, epoch_end=state.epoch_end, now=state.time)
+        if hasattr(self.optim, "track_stats"):
+            self.optim.track_stats = due  # statistics cost extra passes: only when recorded
+        return due
+
+    def after_step(self, ctx, state, due: bool) -> None:
+        """Record the variant's statistics if this step is due."""
+        if due and self.optim.stats:
             self.record(ctx, state.step, **self.row(ctx, state))
 
     def row(self, ctx, state) -> dict[str, float]:
@@ -90,8 +96,9 @@ class SamStep(_VariantStep):
         return SAM(ctx.optimizer, rho=o.rho, adaptive=o.adaptive, eta=o.eta, eps=o.eps, model=ctx.model)
 
     def step(self, closure, ctx, state) -> float:
+        due = self.before_step(state)
         loss = self.optim.step(closure)
-        self.after_step(ctx, state)
+        self.after_step(ctx, state, due)
         return loss
 
     def row(self, ctx, state):
@@ -128,6 +135,7 @@ class SmoothOutStep(_VariantStep):
                          exclude_batchnorm=o.exclude_bn)
 
     def step(self, closure, ctx, state) -> float:
+        due = self.before_step(state)
         batch = state.batch
         n = batch[0].shape[0]
         mb = self.opts.mb
@@ -148,7 +156,7 @@ class SmoothOutStep(_VariantStep):
                     state.batch = batch
 
             loss = self.optim.step([first, *rest], [min(mb, n), *sizes])
-        self.after_step(ctx, state)
+        self.after_step(ctx, state, due)
         return float(loss)
 
 
@@ -183,8 +191,9 @@ class EntropySgdStep(_VariantStep):
                           langevin_lr=o.langevin_lr, beta=o.beta, momentum=o.momentum)
 
     def step(self, closure, ctx, state) -> float:
+        due = self.before_step(state)
         loss = self.optim.step(closure)
-        self.after_step(ctx, state)
+        self.after_step(ctx, state, due)
         return float(loss)
 
 

@@ -156,10 +156,11 @@ def test_transverse_excursion_of_a_straight_path_is_zero_and_of_a_bent_one_known
     assert ex["max"][0] == pytest.approx(10 / np.sqrt(2))
 
 
-def test_random_projection_preserves_msd_within_five_percent():
+@pytest.mark.parametrize("kind", ["gaussian", "sparse"])
+def test_random_projection_preserves_msd_within_five_percent(kind):
     rng = np.random.default_rng(10)
     x = rng.standard_normal((400, 20000)).astype(np.float32).cumsum(0)
-    proj = RandomProjection(20000, 1024, seed=3, block=4096)
+    proj = RandomProjection(20000, 1024, seed=3, kind=kind, block=4096)
     y = np.concatenate([proj(torch.from_numpy(x[i : i + 100])).numpy() for i in range(0, 400, 100)])
     ref, got = msd(x, 100)[1:], msd(y, 100)[1:]
     assert np.max(np.abs(got / ref - 1)) < 0.05

@@ -4,7 +4,7 @@ from lscape import hookimpl
 
 from .directions import filter_normalize, filter_normalized_direction, normalize_to, random_direction
 from .interpolation import interpolate_state, interpolation_curve
-from .probes import EpsSharpness, Interpolate, Landscape, load_model_state
+from .probes import EpsSharpness, Interpolate, Landscape, fill_surface, load_model_state
 from .sharpness import SharpnessResult, eps_sharpness, eps_sharpness_repeated, model_objective
 from .slices import Displacement, displaced, evaluate, parse_range, slice_1d, surface_2d, surface_rows
 
@@ -18,6 +18,7 @@ __all__ = [
     "eps_sharpness",
     "eps_sharpness_repeated",
     "evaluate",
+    "fill_surface",
     "filter_normalize",
     "filter_normalized_direction",
     "interpolate_state",

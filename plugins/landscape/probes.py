@@ -18,7 +18,7 @@ from .interpolation import interpolation_curve
 from .sharpness import eps_sharpness_repeated, model_objective
 from .slices import displaced, evaluate, parse_range, slice_1d
 
-__all__ = ["Landscape", "Interpolate", "EpsSharpness", "load_model_state"]
+__all__ = ["Landscape", "Interpolate", "EpsSharpness", "fill_surface", "load_model_state"]
 
 _SPLIT_OPTIONS = (
     Option("eval_batches", int, None, "fixed eval batches (default: as many as train batches; 0: none; -1: all)"),
@@ -138,44 +138,58 @@ class Landscape(_TrainEvalProbe):
         return {"surface_rows": rows, **extra}
 
     def _surface(self, ctx, step, params, dirs, data) -> int:
-        A, B = len(self.alphas), len(self.betas)
         group = None
         if ctx.store is not None and ctx.is_main:
-            name = f"{self.name}/surface_step{step:09d}"
-            group = ctx.store.root.require_group(name)
-            spec = {"alpha": self.opts.alpha, "beta": self.opts.beta or self.opts.alpha,
-                    "direction": self.opts.direction, "dims": 2}
-            if group.attrs.get("spec") != spec:  # a different grid: start afresh
-                for key in list(group.array_keys()):
-                    del group[key]
-                group.attrs.update({"spec": spec, "rows_done": 0, "step": int(step)})
-            for key, values in (("alpha", self.alphas), ("beta", self.betas)):
+            group = ctx.store.root.require_group(f"{self.name}/surface_step{step:09d}")
+        spec = {"alpha": self.opts.alpha, "beta": self.opts.beta or self.opts.alpha,
+                "direction": self.opts.direction, "step": int(step)}
+        return fill_surface(group, ctx.model, ctx.loss_fn, data, params, dirs, self.alphas, self.betas,
+                            self.opts.mode, spec)
+
+
+def fill_surface(group, model, loss_fn, data, params, dirs, alphas, betas, mode="eval", spec=None) -> int:
+    """Evaluate the surface θ + α_i d₁ + β_j d₂ row by row into zarr ``group``; returns rows done.
+
+    ``data`` maps a split name to its batches; each split gets ``<split>_loss`` and
+    ``<split>_accuracy`` arrays (α, β), one chunk per row, NaN until written. The
+    group's ``rows_done`` attribute is raised after each row is stored, so a reader can
+    trust the rows before it, and a second call with the same ``spec`` (a dict
+    describing the grid) resumes at the first missing row. ``group`` None computes
+    without storing.
+    """
+    A, B = len(alphas), len(betas)
+    if group is not None:
+        spec = dict(spec or {}, alphas=len(alphas), betas=len(betas), splits=sorted(data))
+        if group.attrs.get("spec") != spec:  # a different grid: start afresh
+            for key in list(group.array_keys()):
+                del group[key]
+            group.attrs.update({"spec": spec, "rows_done": 0})
+        for key, values in (("alpha", alphas), ("beta", betas)):
+            if key not in group.array_keys():
+                group.create_array(key, shape=values.shape, dtype="float64", dimension_names=[key])[:] = values
+        for split in data:
+            for what in ("loss", "accuracy"):
+                key = f"{split}_{what}"
                 if key not in group.array_keys():
-                    group.create_array(key, shape=values.shape, dtype="float64", dimension_names=[key])[:] = values
-            for split in data:
-                for what in ("loss", "accuracy"):
-                    key = f"{split}_{what}"
-                    if key not in group.array_keys():
-                        # one chunk per row of α: each finished row is one write
-                        group.create_array(key, shape=(A, B), chunks=(1, B), dtype="float64", fill_value=np.nan,
-                                           dimension_names=["alpha", "beta"],
-                                           attributes={"long_name": f"{split} {what} on the surface"})
-        start = int(group.attrs.get("rows_done", 0)) if group is not None else 0
-        done = start
-        # one displacement for all splits: every grid point is set once and evaluated on each
-        with displaced(ctx.model, params, dirs[:2], self.opts.mode) as disp:
-            for i in range(start, A):
-                row = {f"{s}_{w}": np.empty(B) for s in data for w in ("loss", "accuracy")}
-                for j, b in enumerate(self.betas):
-                    disp.move(self.alphas[i], b)
-                    for s, batches in data.items():
-                        row[f"{s}_loss"][j], row[f"{s}_accuracy"][j] = evaluate(ctx.model, ctx.loss_fn, batches)
-                if group is not None:
-                    for key, values in row.items():
-                        group[key][i] = values
-                    group.attrs["rows_done"] = i + 1  # after the row, so a reader never trusts a missing one
-                done = i + 1
-        return done
+                    group.create_array(key, shape=(A, B), chunks=(1, B), dtype="float64", fill_value=np.nan,
+                                       dimension_names=["alpha", "beta"],
+                                       attributes={"long_name": f"{split} {what} on the surface"})
+    start = int(group.attrs.get("rows_done", 0)) if group is not None else 0
+    done = start
+    # one displacement for all splits: every grid point is set once and evaluated on each
+    with displaced(model, params, dirs[:2], mode) as disp:
+        for i in range(start, A):
+            row = {f"{s}_{w}": np.empty(B) for s in data for w in ("loss", "accuracy")}
+            for j, b in enumerate(betas):
+                disp.move(alphas[i], b)
+                for s, batches in data.items():
+                    row[f"{s}_loss"][j], row[f"{s}_accuracy"][j] = evaluate(model, loss_fn, batches)
+            if group is not None:
+                for key, values in row.items():
+                    group[key][i] = values
+                group.attrs["rows_done"] = i + 1
+            done = i + 1
+    return done
 
 
 class Interpolate(_TrainEvalProbe):

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from lscape.params import unflatten
 from lscape.plugins.optim.wrapped import WrappedOptimizer
 
 __all__ = ["EntropySGD"]
@@ -30,7 +31,7 @@ class EntropySGD(WrappedOptimizer):
     ``mom``, Nesterov and ``wd`` of the Langevin loop default to each param group's
     ``momentum``, ``nesterov`` and ``weight_decay`` (as the original shares them); pass
     ``momentum``, ``nesterov`` or ``weight_decay`` to override. L = 0 is the base
-    optimizer exactly. After each step ``stats`` holds ``grad_norm`` ‖∇f(x)‖,
+    optimizer exactly. After each step (while ``track_stats`` is true) ``stats`` holds ``grad_norm`` ‖∇f(x)‖,
     ``dist_mu`` ‖x − μ‖, ``cos`` cos(∇f, x − μ), ``noise_norm`` (norm of the last
     Langevin noise term), ``mean_dist`` mean over the L steps of ‖x − x'_l‖ and
     ``gamma`` (γ used in this step).
@@ -63,6 +64,8 @@ class EntropySGD(WrappedOptimizer):
         self.nesterov = nesterov
         self.weight_decay = weight_decay
         self.generator = generator
+        #: compute ``stats`` in the next steps (a few extra vector passes per Langevin step)
+        self.track_stats = True
 
     @property
     def gamma_t(self) -> float:
@@ -75,28 +78,31 @@ class EntropySGD(WrappedOptimizer):
         loss = closure()
         gamma = self.gamma_t
         if self.L == 0:
-            self.stats = {"grad_norm": _norm([p.grad for p in self.parameters() if p.grad is not None]), "gamma": gamma}
+            self.stats = {"grad_norm": _norm([p.grad for p in self.parameters() if p.grad is not None]),
+                          "gamma": gamma} if self.track_stats else {}
             self.base.step()
             self.variant_state["t"] += 1
             return loss
 
+        track = self.track_stats
         groups = [self._langevin_group(g) for g in self.base.param_groups if g["params"]]
         with torch.no_grad():
             for lg in groups:
                 lg["x"] = [p.detach().clone() for p in lg["params"]]
                 lg["mu"] = [p.detach().clone() for p in lg["params"]]
                 lg["m"] = [torch.zeros_like(p) for p in lg["params"]] if lg["mom"] else None
-                lg["grad_f"] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in lg["params"]]
+                lg["xi_flat"], lg["xi"] = _noise_buffer(lg["params"]) if self.noise else (None, None)
+                if track:
+                    lg["grad_f"] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in lg["params"]]
         lr = self.langevin_lr
         noise_scale = self.noise / math.sqrt(0.5 * lr)
         # norms stay tensors inside the loop: no device synchronisation per Langevin step
         dist_sum = torch.zeros((), dtype=torch.float64)
         noise_sq = torch.zeros((), dtype=torch.float64)
-        for _ in range(self.L):
+        for step in range(self.L):
             closure()
             with torch.no_grad():
                 dist_sq = torch.zeros((), dtype=torch.float64)
-                noise_sq = torch.zeros((), dtype=torch.float64)
                 for lg in groups:
                     xp = lg["params"]
                     d = [torch.zeros_like(p) if p.grad is None else p.grad for p in xp]
@@ -109,38 +115,47 @@ class EntropySGD(WrappedOptimizer):
                             torch._foreach_add_(d, lg["m"], alpha=lg["mom"])
                         else:
                             d = [m.clone() for m in lg["m"]]
-                    diff = torch._foreach_sub(lg["x"], xp)  # x − x'
-                    torch._foreach_add_(d, diff, alpha=-gamma)
+                    # d − γ(x − x') as two in-place passes, without a temporary
+                    torch._foreach_add_(d, xp, alpha=gamma)
+                    torch._foreach_add_(d, lg["x"], alpha=-gamma)
                     if self.noise:
-                        xi = [torch.randn(p.shape, generator=self.generator, dtype=p.dtype, device=p.device) for p in xp]
-                        torch._foreach_mul_(xi, noise_scale)
-                        torch._foreach_add_(d, xi)
-                        noise_sq += _sq(xi)
+                        if lg["xi_flat"] is not None:
+                            # one fill of a reused flat buffer: far cheaper than a randn per tensor on CPU
+                            lg["xi_flat"].normal_(generator=self.generator)
+                            xi = lg["xi"]
+                        else:
+                            xi = [torch.randn(p.shape, generator=self.generator, dtype=p.dtype, device=p.device)
+                                  for p in xp]
+                        torch._foreach_add_(d, xi, alpha=noise_scale)
+                        if track and step == self.L - 1:
+                            noise_sq = noise_sq + noise_scale**2 * _sq(xi)
                     torch._foreach_add_(xp, d, alpha=-lr)
-                    torch._foreach_mul_(lg["mu"], self.beta)
-                    torch._foreach_add_(lg["mu"], xp, alpha=1.0 - self.beta)
-                    # ‖x − x'_l‖ after the update; diff above was before it
-                    torch._foreach_add_(diff, d, alpha=lr)
-                    dist_sq += _sq(diff)
-                dist_sum = dist_sum + dist_sq.sqrt()
+                    torch._foreach_lerp_(lg["mu"], xp, 1.0 - self.beta)
+                    if track:
+                        dist_sq = dist_sq + _sq(torch._foreach_sub(lg["x"], xp))
+                if track:
+                    dist_sum = dist_sum + dist_sq.sqrt()
         with torch.no_grad():
-            grad_f, step_dir = [], []
             for lg in groups:
                 torch._foreach_copy_(lg["params"], lg["x"])
                 for p, x, mu in zip(lg["params"], lg["x"], lg["mu"]):
                     p.grad = x - mu
-                grad_f += lg["grad_f"]
-                step_dir += [p.grad for p in lg["params"]]
-            gn, dn = _norm(grad_f), _norm(step_dir)
-            dot = float(sum((a * b).sum() for a, b in zip(grad_f, step_dir)))
-        self.stats = {
-            "grad_norm": gn,
-            "dist_mu": dn,
-            "cos": dot / (gn * dn) if gn > 0 and dn > 0 else 0.0,
-            "noise_norm": math.sqrt(float(noise_sq)),
-            "mean_dist": float(dist_sum) / self.L,
-            "gamma": gamma,
-        }
+        if track:
+            with torch.no_grad():
+                grad_f = [g for lg in groups for g in lg["grad_f"]]
+                step_dir = [p.grad for lg in groups for p in lg["params"]]
+                gn, dn = _norm(grad_f), _norm(step_dir)
+                dot = float(sum((a * b).sum() for a, b in zip(grad_f, step_dir)))
+            self.stats = {
+                "grad_norm": gn,
+                "dist_mu": dn,
+                "cos": dot / (gn * dn) if gn > 0 and dn > 0 else 0.0,
+                "noise_norm": math.sqrt(float(noise_sq)),
+                "mean_dist": float(dist_sum) / self.L,
+                "gamma": gamma,
+            }
+        else:
+            self.stats = {}
         self.base.step()
         self.variant_state["t"] += 1
         return loss
@@ -150,6 +165,14 @@ class EntropySGD(WrappedOptimizer):
         nesterov = self.nesterov if self.nesterov is not None else group.get("nesterov", True)
         wd = self.weight_decay if self.weight_decay is not None else group.get("weight_decay", 0.0)
         return {"params": list(group["params"]), "mom": float(mom or 0.0), "nesterov": bool(nesterov), "wd": float(wd or 0.0)}
+
+
+def _noise_buffer(params: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+    """A flat buffer and per-parameter views into it, when all parameters share dtype and device."""
+    if len({(p.dtype, p.device) for p in params}) != 1:
+        return None, None
+    flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    return flat, unflatten(flat, params)
 
 
 def _sq(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -47,6 +47,7 @@ class SAM(WrappedOptimizer):
         self.eta = float(eta)
         self.eps = float(eps)
         self.model = model
+        self._cache: dict[str, list[torch.Tensor]] = {}
 
     def step(self, closure):
         """One SAM update; returns the loss at θ (before the step)."""
@@ -63,13 +64,15 @@ class SAM(WrappedOptimizer):
                 e = torch._foreach_mul(scaled, scale)
             else:
                 denom = grad_norm
-                e = [g.clone() for g in grads]
+                e = self._buffers("e", grads)
+                torch._foreach_copy_(e, grads)
             # a tensor factor keeps the step free of device synchronisation
             torch._foreach_mul_(e, self.rho / (denom + self.eps))
             # kept as tensors; converted to floats only when someone reads ``stats``
             self._norms = (grad_norm, _global_norm(e))
             # copy back instead of subtracting e: restores θ bit for bit
-            saved = [p.detach().clone() for p in params]
+            saved = self._buffers("saved", params)
+            torch._foreach_copy_(saved, params)
             torch._foreach_add_(params, e)
         with batchnorm_stats_frozen(self.model):
             closure()
@@ -78,6 +81,14 @@ class SAM(WrappedOptimizer):
         self.base.step()
         self.variant_state["t"] += 1
         return loss
+
+    def _buffers(self, key: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        # reused across steps: fresh allocations every step cost page faults on CPU
+        cached = self._cache.get(key)
+        if cached is None or len(cached) != len(like) or any(c.shape != t.shape or c.dtype != t.dtype or c.device != t.device
+                                                             for c, t in zip(cached, like)):
+            cached = self._cache[key] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
+        return cached
 
     @property
     def stats(self) -> dict[str, float]:
