@@ -46,8 +46,8 @@ class RunConfig:
     time_limit: float | None = None
     lr_schedule: str = "constant"
     regime: dict[str, dict[str, float]] | None = None
-    eval_schedule: str = "epoch"
-    checkpoint_schedule: str = "epoch"
+    eval_schedule: str | None = None
+    checkpoint_schedule: str | None = None
     plugins: list[str] | None = None
     plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     disable: list[str] = field(default_factory=list)
@@ -99,6 +99,10 @@ class RunConfig:
     def merged(self, overrides: Mapping[str, Any]) -> "RunConfig":
         """A copy with the non-None ``overrides`` applied (command line over file)."""
         values = dataclasses.asdict(self)
+        # the run's length is one choice: --steps on the command line replaces the file's epochs
+        for given, other in (("steps", "epochs"), ("epochs", "steps")):
+            if overrides.get(given) is not None and overrides.get(other) is None:
+                values[other] = None
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -160,6 +164,11 @@ class RunConfig:
             self.regime = _regime(self.regime)
             if kind != "constant":
                 raise UsageError("a regime sets the learning rate per epoch: use it with --lr-schedule constant")
+        if self.checkpoint_schedule is None:
+            # every epoch, but not every step of full-batch training
+            self.checkpoint_schedule = "every:100" if self.batch_size == "full" else "epoch"
+        if self.eval_schedule is None:
+            self.eval_schedule = "every:10" if self.batch_size == "full" else "epoch"
         for name in ("eval_schedule", "checkpoint_schedule"):
             Schedule.parse(getattr(self, name))
         if self.plugins is None:

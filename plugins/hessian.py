@@ -9,7 +9,7 @@ import torch
 
 from lscape import Option, Output, Probe, hookimpl
 from lscape.curvature import hutchinson, hutchpp, lanczos, slq_density
-from lscape.plugins.sharpness import CURVATURE_OPTIONS, make_operator
+from lscape.plugins.sharpness import CURVATURE_OPTIONS, curvature_batches, make_operator
 from lscape.schedule import Schedule
 
 __all__ = ["Hessian", "plot_hessian"]
@@ -93,6 +93,9 @@ class Hessian(Probe):
         }
         self._due = (state.step, parts)
         return any(parts.values())
+
+    def batches(self, ctx, state) -> list[Any]:
+        return curvature_batches(self, ctx, state)
 
     def measure(self, ctx, state) -> dict[str, Any]:
         if self._due is not None and self._due[0] == state.step:

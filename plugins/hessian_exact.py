@@ -10,7 +10,7 @@ from lscape import Option, Output, Probe, hookimpl
 from lscape.curvature import DEFAULT_MAX_PARAMS, dense_matrix, dense_spectrum
 from lscape.errors import UsageError
 from lscape.params import select_parameters
-from lscape.plugins.sharpness import CURVATURE_OPTIONS, make_operator
+from lscape.plugins.sharpness import CURVATURE_OPTIONS, curvature_batches, make_operator
 
 __all__ = ["HessianExact", "plot_hessian_exact"]
 
@@ -43,6 +43,9 @@ class HessianExact(Probe):
     @hookimpl
     def on_run_start(self, ctx):
         self._check_size(ctx)
+
+    def batches(self, ctx, state) -> list[Any]:
+        return curvature_batches(self, ctx, state)
 
     def measure(self, ctx, state) -> dict[str, Any]:
         self._check_size(ctx)

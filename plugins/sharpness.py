@@ -8,8 +8,9 @@ import torch
 
 from lscape import Option, Output, Probe, hookimpl
 from lscape.curvature import HessianOperator, lanczos
+from lscape.data import derived_seed, fixed_batches
 
-__all__ = ["Sharpness", "CURVATURE_OPTIONS", "make_operator", "plot_sharpness"]
+__all__ = ["Sharpness", "CURVATURE_OPTIONS", "make_operator", "curvature_batches", "plot_sharpness"]
 
 #: Options every curvature probe shares: which matrix, over which parameters, in which mode.
 CURVATURE_OPTIONS = (
@@ -27,6 +28,22 @@ def make_operator(probe: Probe, ctx: Any, batches: list[Any]) -> HessianOperator
     opts = probe.opts
     return HessianOperator(ctx.model, ctx.loss_fn, batches, params=opts.params, mode=opts.mode,
                            method=opts.method, kind=opts.kind)
+
+
+def curvature_batches(probe: Probe, ctx: Any, state: Any) -> list[Any]:
+    """The probe's batches; with ``data=subset`` one fixed subset shared by all curvature probes.
+
+    ``sharpness``, ``hessian`` and ``hessian-exact`` then describe the same matrix, so their
+    numbers can be compared (λ_max from Lanczos against the dense spectrum, say).
+    """
+    if probe.opts.data != "subset":
+        return Probe.batches(probe, ctx, state)
+    size = probe.opts.measure_batch_size or ctx.batch_size
+    key = f"curvature-subset:{size}:{probe.opts.batches}"
+    if key not in ctx.cache:
+        seed = derived_seed(ctx.config.seed, "subset", "curvature")
+        ctx.cache[key] = fixed_batches(ctx.train_set, size, probe.opts.batches, seed, ctx.device)
+    return ctx.cache[key]
 
 
 class Sharpness(Probe):
@@ -61,6 +78,9 @@ class Sharpness(Probe):
     def __init__(self, **options: Any):
         super().__init__(**options)
         self._v0: torch.Tensor | None = None
+
+    def batches(self, ctx, state) -> list[Any]:
+        return curvature_batches(self, ctx, state)
 
     def measure(self, ctx, state) -> dict[str, Any]:
         op = make_operator(self, ctx, self.batches(ctx, state))

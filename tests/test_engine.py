@@ -215,3 +215,11 @@ def test_digits_default_workload_learns(tmp_path):
     train = RunReader(res.path).read("train")
     acc = train["eval_accuracy"][~np.isnan(train["eval_accuracy"])]
     assert acc[-1] > 0.7
+
+
+def test_command_line_steps_replace_the_files_epochs(tmp_path):
+    (tmp_path / "e.toml").write_text('data = "synthetic"\nepochs = 50\nbatch_size = "full"\n')
+    cfg = lscape.api.make_config(str(tmp_path / "e.toml"), steps=3).validate()
+    assert cfg.steps == 3 and cfg.epochs is None
+    # full batch: checkpoints and evaluations are not taken every single step by default
+    assert cfg.checkpoint_schedule == "every:100" and cfg.eval_schedule == "every:10"

@@ -77,6 +77,14 @@ def test_per_sample_gradients_equal_loop_over_samples(kind):
     torch.testing.assert_close(flat, ref, rtol=1e-10, atol=1e-12)
 
 
+def test_loop_method_gives_the_same_gradients_as_vmap():
+    model, loss_fn, batch = problem("attention", n=7)
+    vm = per_sample_gradients(model, loss_fn, batch, chunk_size=4)
+    lp = per_sample_gradients(model, loss_fn, batch, chunk_size=4, method="loop")
+    for name in vm:
+        torch.testing.assert_close(lp[name], vm[name], rtol=1e-10, atol=1e-12)
+
+
 def test_per_sample_gradients_leave_model_mode_and_grads_alone():
     model, loss_fn, batch = problem("cnn")
     model.train()

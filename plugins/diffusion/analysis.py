@@ -11,7 +11,7 @@ from lscape.errors import UsageError
 
 from .msd import contour_length, fit_broken_power_law, fit_power_law, local_exponent, log_lags, msd, roughness, transverse_excursion
 
-__all__ = ["Diffusion", "DIFFUSION_OPTIONS", "analyse_window", "analyse_run", "diffusion_outputs"]
+__all__ = ["Diffusion", "DIFFUSION_OPTIONS", "DIFFUSION_OUTPUTS", "analyse_window", "analyse_run"]
 
 DIFFUSION_OPTIONS = (
     Option("window", int, 1000, "rows of the trajectory per window (the waiting times t_w are its starts)", minimum=4),
@@ -25,28 +25,27 @@ DIFFUSION_OPTIONS = (
 )
 
 
-def diffusion_outputs(window: int, max_lag: int | None, span: int, bins: int) -> tuple[Output, ...]:
-    """The arrays one analysed window writes (their lengths follow from the options)."""
-    return (
-        Output("window_end", dtype="int64", long_name="first step after the window"),
-        Output("tau", dims=("lag",), units="steps", long_name="lag τ"),
-        Output("msd", dims=("lag",), long_name="time-lag-averaged MSD ⟨‖θ(t+τ) − θ(t)‖²⟩_t"),
-        Output("contour", dims=("lag",), long_name="time-lag-averaged contour length over τ steps"),
-        Output("beta_tau", dims=("span_index",), units="steps", long_name="centre lag of each local-exponent span"),
-        Output("beta", dims=("span_index",), long_name="local exponent β(τ) = d ln MSD / d ln τ"),
-        Output("msd_exponent", long_name="exponent of one power law MSD ∝ τ^β"),
-        Output("beta_short", long_name="exponent below the crossover τ₀"),
-        Output("beta_long", long_name="exponent above the crossover τ₀"),
-        Output("tau0", units="steps", long_name="crossover lag τ₀ of the two-regime fit"),
-        Output("contour_exponent", long_name="exponent of MSD ∝ s^α against contour length s"),
-        Output("roughness_dr", dims=("bin",), long_name="Δr bin centre"),
-        Output("roughness_msl", dims=("bin",), long_name="mean squared loss increment ⟨ΔL²⟩ per Δr bin"),
-        Output("roughness_count", dims=("bin",), dtype="int64", long_name="pairs per Δr bin"),
-        Output("roughness_exponent", long_name="2H of ⟨ΔL²⟩ ∝ Δr^{2H}"),
-        Output("excursion_mean", long_name="mean transverse excursion of fragments from their chords"),
-        Output("excursion_max", long_name="mean over fragments of the largest transverse excursion"),
-        Output("excursion_ratio", long_name="mean over fragments of largest excursion / chord length"),
-    )
+#: the arrays one analysed window writes (their lengths follow from the options)
+DIFFUSION_OUTPUTS = (
+    Output("window_end", dtype="int64", long_name="first step after the window"),
+    Output("tau", dims=("lag",), units="steps", long_name="lag τ"),
+    Output("msd", dims=("lag",), long_name="time-lag-averaged MSD ⟨‖θ(t+τ) − θ(t)‖²⟩_t"),
+    Output("contour", dims=("lag",), long_name="time-lag-averaged contour length over τ steps"),
+    Output("beta_tau", dims=("span_index",), units="steps", long_name="centre lag of each local-exponent span"),
+    Output("beta", dims=("span_index",), long_name="local exponent β(τ) = d ln MSD / d ln τ"),
+    Output("msd_exponent", long_name="exponent of one power law MSD ∝ τ^β"),
+    Output("beta_short", long_name="exponent below the crossover τ₀"),
+    Output("beta_long", long_name="exponent above the crossover τ₀"),
+    Output("tau0", units="steps", long_name="crossover lag τ₀ of the two-regime fit"),
+    Output("contour_exponent", long_name="exponent of MSD ∝ s^α against contour length s"),
+    Output("roughness_dr", dims=("bin",), long_name="Δr bin centre"),
+    Output("roughness_msl", dims=("bin",), long_name="mean squared loss increment ⟨ΔL²⟩ per Δr bin"),
+    Output("roughness_count", dims=("bin",), dtype="int64", long_name="pairs per Δr bin"),
+    Output("roughness_exponent", long_name="2H of ⟨ΔL²⟩ ∝ Δr^{2H}"),
+    Output("excursion_mean", long_name="mean transverse excursion of fragments from their chords"),
+    Output("excursion_max", long_name="mean over fragments of the largest transverse excursion"),
+    Output("excursion_ratio", long_name="mean over fragments of largest excursion / chord length"),
+)
 
 
 def analyse_window(theta: np.ndarray, steps: np.ndarray, loss: np.ndarray | None, opts: Any) -> dict[str, Any]:
@@ -103,10 +102,10 @@ class Diffusion(Plugin):
     name = "diffusion"
     help = "windowed MSD, anomalous exponents, crossover τ₀, roughness and excursions of the trajectory"
     options = DIFFUSION_OPTIONS
+    outputs = DIFFUSION_OUTPUTS
 
     def __init__(self, **options):
         super().__init__(**options)
-        self.outputs = diffusion_outputs(self.opts.window, self.opts.max_lag, self.opts.span, self.opts.bins)  # type: ignore[misc]
         self._next = 0  # row index of the next window start
 
     @hookimpl
@@ -162,7 +161,7 @@ def analyse_run(path: str, overwrite: bool = False, **options: Any) -> list[dict
     if reader.has("diffusion"):
         root = zarr.open_group(path, mode="r+")
         del root["diffusion"]
-    writer = store.group("diffusion", diffusion_outputs(opts.window, opts.max_lag, opts.span, opts.bins),
+    writer = store.group("diffusion", DIFFUSION_OUTPUTS,
                          attrs={"plugin": "diffusion", "options": vars(opts), "source": "lscape diffusion"})
     rows = []
     stride = opts.stride or opts.window

@@ -134,6 +134,8 @@ def per_sample_gradients(
 ) -> dict[str, torch.Tensor]:
     """Per-sample gradients of one batch, ``{name: tensor (n, *param.shape)}``."""
     chunks = list(iter_per_sample_gradients(model, loss_fn, [batch], params, chunk_size, mode, method))
+    if len(chunks) == 1:  # no copy: per-sample gradients are large
+        return chunks[0]
     return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
 

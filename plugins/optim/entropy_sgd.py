@@ -115,9 +115,6 @@ class EntropySGD(WrappedOptimizer):
                             torch._foreach_add_(d, lg["m"], alpha=lg["mom"])
                         else:
                             d = [m.clone() for m in lg["m"]]
-                    # d − γ(x − x') as two in-place passes, without a temporary
-                    torch._foreach_add_(d, xp, alpha=gamma)
-                    torch._foreach_add_(d, lg["x"], alpha=-gamma)
                     if self.noise:
                         if lg["xi_flat"] is not None:
                             # one fill of a reused flat buffer: far cheaper than a randn per tensor on CPU
@@ -129,6 +126,8 @@ class EntropySGD(WrappedOptimizer):
                         torch._foreach_add_(d, xi, alpha=noise_scale)
                         if track and step == self.L - 1:
                             noise_sq = noise_sq + noise_scale**2 * _sq(xi)
+                    # x' − η'(d − γ(x − x')) = lerp(x', x, η'γ) − η'd: the coupling term in one pass
+                    torch._foreach_lerp_(xp, lg["x"], lr * gamma)
                     torch._foreach_add_(xp, d, alpha=-lr)
                     torch._foreach_lerp_(lg["mu"], xp, 1.0 - self.beta)
                     if track:
