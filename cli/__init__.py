@@ -159,7 +159,7 @@ def plugins(name, as_json):
 
     pm = get_plugin_manager()
     reg = build_registry(pm)
-    console = Console()
+    console = _console()
     if name:
         entry = reg.activatable().get(name)
         if entry is None:
@@ -169,18 +169,18 @@ def plugins(name, as_json):
         if as_json:
             click.echo(json.dumps(info, indent=2, default=str))
             return
-        console.print(f"[bold]{info['name']}[/] ({info['kind']}, from {entry.source})\n{info['help']}")
+        console.print(f"{info['name']} ({info['kind']}, from {entry.source})\n{info['help']}", markup=False)
         if getattr(entry.obj, "schedule", None) and info["kind"] == "probe":
             console.print(f"default schedule: {entry.obj.schedule}; data: {entry.obj.data}")
         table = Table("option", "type", "default", "help", title="options (-o NAME.KEY=VALUE)")
         for o in info["options"]:
             extra = f" (one of {', '.join(map(str, o['choices']))})" if o["choices"] else ""
-            table.add_row(o["name"], o["type"], repr(o["default"]), o["help"] + extra)
+            table.add_row(*_cells(o["name"], o["type"], repr(o["default"]), o["help"] + extra))
         console.print(table)
         if info["outputs"]:
             table = Table("array", "dims", "dtype", "meaning", title=f"outputs (group '{entry.obj.group_name or name}')")
             for o in info["outputs"]:
-                table.add_row(o["name"], "(" + ", ".join(o["dims"]) + ")", o["dtype"], o["long_name"] or o["units"])
+                table.add_row(*_cells(o["name"], "(" + ", ".join(o["dims"]) + ")", o["dtype"], o["long_name"] or o["units"]))
             console.print(table)
         return
     listing = {
@@ -198,13 +198,26 @@ def plugins(name, as_json):
         return
     table = Table("plugin", "kind", "from", "what it does", title="plugins (--plugin NAME)")
     for n, e in listing["plugins"].items():
-        table.add_row(n, e["kind"] + (" (always on)" if e["always_on"] else ""), e["source"], e["help"])
+        table.add_row(*_cells(n, e["kind"] + (" (always on)" if e["always_on"] else ""), e["source"], e["help"]))
     console.print(table)
     for kind in ("models", "datasets", "losses", "optimizers"):
         table = Table(kind[:-1], "what it is", title=kind)
         for n, h in listing[kind].items():
-            table.add_row(n, h)
+            table.add_row(*_cells(n, h))
         console.print(table)
+
+
+def _console():
+    from rich.console import Console
+
+    # no emoji codes (":A:" in "log:A:B:N" is not an emoji) and no markup from plugin text
+    return Console(emoji=False, highlight=False)
+
+
+def _cells(*values: Any) -> list[Any]:
+    from rich.text import Text
+
+    return [Text(str(v)) for v in values]
 
 
 def _module_version(module: str) -> str:
@@ -247,19 +260,20 @@ def show(run_path, as_json):
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
         return
-    console = Console()
+    console = _console()
     cfg = attrs.get("config", {})
     console.print(f"[bold]{reader.path}[/]  status: [bold]{attrs.get('status')}[/]  "
                   f"steps: {attrs.get('steps_done')}  lscape {attrs.get('lscape_version')}")
     if attrs.get("error"):
-        console.print(f"error: {attrs['error']}")
+        console.print(f"error: {attrs['error']}", markup=False)
     console.print(f"model {cfg.get('model')} {cfg.get('model_opts') or ''}  data {cfg.get('data')}  "
                   f"loss {cfg.get('loss')}  optimizer {cfg.get('optimizer')} lr {cfg.get('lr')}  "
-                  f"batch {cfg.get('batch_size')}  seed {cfg.get('seed')}  plugins {', '.join(cfg.get('plugins') or [])}")
+                  f"batch {cfg.get('batch_size')}  seed {cfg.get('seed')}  plugins {', '.join(cfg.get('plugins') or [])}",
+                  markup=False)
     table = Table("group", "array", "shape", "dtype", "last value")
     for g, arrays in groups.items():
         for i, (name, info) in enumerate(arrays.items()):
-            table.add_row(g if i == 0 else "", name, "×".join(map(str, info["shape"])), info["dtype"], info["last"])
+            table.add_row(*_cells(g if i == 0 else "", name, "×".join(map(str, info["shape"])), info["dtype"], info["last"]))
     console.print(table)
     if ckpts:
         console.print(f"checkpoints: {len(ckpts)} (latest {ckpts[-1]})")

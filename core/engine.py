@@ -27,7 +27,7 @@ from . import __version__
 from .build import build_data, build_loss, build_model, build_optimizer
 from .config import RunConfig, parse_step_schedule
 from .context import RunContext, StepState
-from .data import BatchStream, derived_seed, full_batches
+from .data import BatchStream, batch_size_of, derived_seed, full_batches, shard
 from .errors import DivergedError, PluginError, UsageError
 from .manager import Registry, build_registry, get_plugin_manager, load_module
 from .probe import Plugin, StepOwner
@@ -63,7 +63,7 @@ class Engine:
         self.step = 0
         self.epoch = 0
         self._prepared = False
-        self._resume_state: dict[str, Any] | None = None
+        self._stop_requested = False
 
     # -- building ------------------------------------------------------------------------
 
@@ -73,6 +73,7 @@ class Engine:
         if cfg.resume:
             cfg = self.config = _config_for_resume(cfg)
         cfg.validate()
+        rank, world = _init_distributed(cfg.device)
         if self.pm is None:
             self.pm = get_plugin_manager()
         self.registry = reg = build_registry(self.pm)
@@ -87,10 +88,10 @@ class Engine:
         if missing:
             self.registry = reg = build_registry(self.pm)
         if cfg.out is None and not cfg.resume:
-            cfg.out = _default_out(cfg)
+            cfg.out = _broadcast(_default_out(cfg) if rank == 0 else None)
         if not cfg.resume and store_exists(cfg.out):
             raise UsageError(f"{cfg.out} already exists; pass --resume {cfg.out} to continue it, or choose another --out")
-        device = _device(cfg.device)
+        device = _device(cfg.device, rank, world)
         plugin_classes, modules = self._resolve_plugins(reg)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
@@ -105,7 +106,14 @@ class Engine:
         stream = BatchStream(train, batch_size, derived_seed(cfg.seed, "train-stream"), device, cfg.drop_last)
         ctx = RunContext(config=cfg, model=model, loss_fn=loss_fn, train_set=train, eval_set=evaluation,
                          device=device, optimizer=optimizer, registry=reg, stream=stream,
-                         steps_per_epoch=stream.steps_per_epoch)
+                         steps_per_epoch=stream.steps_per_epoch, rank=rank, world_size=world)
+        self._forward = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP averages gradients in every backward pass (each closure call of a step
+            # owner reduces once); probes use the bare module and the toolkit's reduction.
+            self._forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         ctx.total_steps = cfg.steps if cfg.steps is not None else (
             cfg.total_epochs * stream.steps_per_epoch if cfg.total_epochs is not None else None)
         if cfg.lr_schedule.startswith("cosine") and ctx.total_steps is None:
@@ -135,6 +143,8 @@ class Engine:
             ctx.step_owner.setup(ctx)
         self.ctx = ctx
         self._prepared = True
+        if world > 1:
+            torch.distributed.barrier()  # every rank checked --out before rank 0 creates it
         return ctx
 
     def _resolve_plugins(self, reg: Registry) -> tuple[list[tuple[str, type]], set[str]]:
@@ -174,18 +184,22 @@ class Engine:
         cfg = self.config
         assert ctx is not None and self.pm is not None
         if cfg.resume:
-            ctx.store = RunStore.open(cfg.resume)
-            self._load_latest_checkpoint()
-            ctx.store.update_attrs(status="running", resumed_at=_now())
-        else:
+            store = RunStore.open(cfg.resume)
+            self._load_latest_checkpoint(store)
+            if ctx.is_main:
+                ctx.store = store
+                ctx.store.update_attrs(status="running", resumed_at=_now())
+        elif ctx.is_main:
             ctx.store = RunStore.create(cfg.out, self._root_attrs())
         hook = self.pm.hook
         status, error = "running", None
-        previous = _install_signal_handlers()
+        previous = _install_signal_handlers(self)
         try:
             ctx.start_time = time.time() - float(ctx.cache.get("elapsed", 0.0))
             self._call(hook.on_run_start, ctx=ctx)
             status = self._loop(ctx)
+            if self._stop_requested:
+                status = "interrupted"
         except (KeyboardInterrupt, Interrupted):
             status = "interrupted"
         except DivergedError as e:
@@ -201,15 +215,17 @@ class Engine:
             raise
         self._finish(status, error)
         _restore_signal_handlers(previous)
-        return RunResult(ctx.store.path, status, self.step, error)
+        return RunResult(str(cfg.out), status, self.step, error)
 
     def _finish(self, status: str, error: str | None) -> None:
         ctx = self.ctx
-        assert ctx is not None and ctx.store is not None and self.pm is not None
+        assert ctx is not None and self.pm is not None
         try:
             self._call(self.pm.hook.on_run_end, ctx=ctx, status=status)
         except Exception as e:  # the store must still be flushed and marked
             status, error = "failed", error or str(e)
+        if ctx.store is None:  # ranks other than 0 write nothing
+            return
         ctx.store.flush()
         attrs: dict[str, Any] = {"status": status, "end_time": _now(), "steps_done": self.step}
         if error:
@@ -225,20 +241,29 @@ class Engine:
         owner = ctx.step_owner
         model, optimizer = ctx.model, ctx.optimizer
         last_epoch = None if self.step == 0 or stream.position == 0 else stream.epoch
-        while True:
+        while not self._stop_requested:
+            if ctx.world_size > 1:  # every rank stops at the same step, or the others would hang
+                flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                if flag.item() > 0:
+                    self._stop_requested = True
+                    break
             if ctx.total_steps is not None and self.step >= ctx.total_steps:
                 return "completed"
             elapsed = time.time() - ctx.start_time
             if cfg.time_limit is not None and elapsed >= cfg.time_limit:
                 return "completed"
             batch, epoch, epoch_end = stream.next()
+            state_size = batch_size_of(batch)
+            batch = shard(batch, ctx.rank, ctx.world_size)
             if epoch != last_epoch:
                 self.epoch = epoch
                 self._apply_regime(epoch)
                 self._call(hook.on_epoch_start, ctx=ctx, epoch=epoch)
                 last_epoch = epoch
             lr = self._set_lr(self.step, epoch)
-            state = StepState(step=self.step, epoch=epoch, batch=batch, lr=lr, time=elapsed, epoch_end=epoch_end)
+            state = StepState(step=self.step, epoch=epoch, batch=batch, lr=lr, time=elapsed, epoch_end=epoch_end,
+                              extras={"global_batch_size": state_size})
             self._call(hook.on_step_start, ctx=ctx, state=state)
             model.train()
             closure = self._closure(ctx, state)
@@ -263,25 +288,39 @@ class Engine:
                 self._call(hook.on_epoch_end, ctx=ctx, epoch=epoch)
             if diverged and cfg.on_nan == "stop":
                 raise DivergedError(f"loss became {loss} at step {self.step - 1}; stopped (on_nan = stop)")
-            if ckpt_schedule.due(self.step - 1, epoch_end=epoch_end, now=time.time() - ctx.start_time):
+            if ckpt_schedule.due(self.step - 1, epoch_end=epoch_end, now=time.time() - ctx.start_time) \
+                    and ctx.is_main:
                 self.save_checkpoint()
+        return "interrupted"
 
     def _closure(self, ctx: RunContext, state: StepState):
-        model, loss_fn, optimizer = ctx.model, ctx.loss_fn, ctx.optimizer
+        model, loss_fn, optimizer = self._forward, ctx.loss_fn, ctx.optimizer
         fresh = ctx.step_owner is not None and ctx.step_owner.fresh_batches
+        world = ctx.world_size
         calls = 0
 
         def closure() -> float:
             nonlocal calls
             if calls == 0 or not fresh:
-                batch = state.batch
+                batch, n_global = state.batch, state.extras["global_batch_size"]
             else:
                 batch, _, _ = ctx.stream.next()
+                n_global = batch_size_of(batch)
+                batch = shard(batch, ctx.rank, world)
             optimizer.zero_grad(set_to_none=True)
             x, y = batch[0], batch[1]
             loss = loss_fn(model(x), y)
-            loss.backward()
-            value = float(loss.detach())
+            if world > 1:
+                # DDP averages the ranks' gradients; weighting each rank's mean by its share
+                # of the global batch makes that average the global batch's gradient.
+                n_local = batch_size_of(batch)
+                (loss * (n_local * world / n_global)).backward()
+                total = (loss.detach() * n_local).reshape(1)
+                torch.distributed.all_reduce(total)
+                value = float(total[0]) / n_global
+            else:
+                loss.backward()
+                value = float(loss.detach())
             if calls == 0:
                 state.loss = value
                 self._call(self.pm.hook.on_after_backward, ctx=ctx, state=state)
@@ -357,11 +396,11 @@ class Engine:
         group.attrs.update({"latest": name})
         return name
 
-    def _load_latest_checkpoint(self) -> None:
+    def _load_latest_checkpoint(self, store: RunStore) -> None:
         ctx = self.ctx
-        state = load_checkpoint(ctx.store.root)
+        state = load_checkpoint(store.root)
         if state is None:
-            raise UsageError(f"{ctx.store.path} has no checkpoint to resume from")
+            raise UsageError(f"{store.path} has no checkpoint to resume from")
         ctx.model.load_state_dict(state["model"])
         ctx.optimizer.load_state_dict(state["optimizer"])
         ctx.stream.load_state_dict(state["stream"])
@@ -373,7 +412,8 @@ class Engine:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         ctx.cache["elapsed"] = float(state["elapsed"])
-        _truncate_after(ctx.store, self.step)
+        if ctx.is_main:
+            _truncate_after(store, self.step)
 
     def _root_attrs(self) -> dict[str, Any]:
         cfg = self.config
@@ -460,10 +500,35 @@ def _config_for_resume(cfg: RunConfig) -> RunConfig:
     return stored
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, rank: int = 0, world: int = 1) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if name == "cuda" and world > 1:
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
     return torch.device(name)
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """``(rank, world_size)``; under torchrun (WORLD_SIZE > 1) the process group is set up
+    here: gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    dist = torch.distributed
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (the value itself without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _default_out(cfg: RunConfig) -> str:
@@ -517,16 +582,20 @@ def _culprit(hook: Any, error: BaseException) -> str:
     return getattr(hook, "name", "unknown")
 
 
-def _install_signal_handlers() -> dict[int, Any]:
+def _install_signal_handlers(engine: "Engine") -> dict[int, Any]:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (so the store stays
+    consistent); a second signal interrupts at once."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return {}
 
-    def on_term(signum, frame):
-        raise Interrupted()
+    def on_signal(signum, frame):
+        if engine._stop_requested:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted()
+        engine._stop_requested = True
 
-    return {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term)}
+    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _restore_signal_handlers(previous: dict[int, Any]) -> None:

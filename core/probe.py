@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .context import RunContext, StepState
-from .data import derived_seed, fixed_batches, full_batches
+from .data import derived_seed, fixed_batches, full_batches, shard
 from .errors import UsageError
 from .hookspecs import hookimpl
 from .options import Option, Output, resolve_options
@@ -179,7 +179,8 @@ class Probe(Plugin):
 
         ``minibatch``: the current training batch. ``subset``: ``batches`` batches drawn
         once from the training set with the probe's own seed (the training stream is not
-        touched). ``full``: the whole training set.
+        touched). ``full``: the whole training set. Under torchrun each rank gets its shard
+        of these batches; the curvature toolkit all-reduces over ranks.
         """
         kind = self.opts.data
         if kind == "minibatch":
@@ -190,11 +191,12 @@ class Probe(Plugin):
         if kind == "subset":
             if self._batches is None:
                 seed = derived_seed(ctx.config.seed, "subset", self.name)
-                self._batches = fixed_batches(ctx.train_set, size, self.opts.batches, seed, ctx.device)
+                batches = fixed_batches(ctx.train_set, size, self.opts.batches, seed, ctx.device)
+                self._batches = [shard(b, ctx.rank, ctx.world_size) for b in batches]
             return self._batches
         key = f"full:{size}"
         if key not in ctx.cache:
-            ctx.cache[key] = list(full_batches(ctx.train_set, size, ctx.device))
+            ctx.cache[key] = [shard(b, ctx.rank, ctx.world_size) for b in full_batches(ctx.train_set, size, ctx.device)]
         return ctx.cache[key]
 
 

@@ -68,6 +68,9 @@ def test_landscape_surface_through_the_engine_resumes(cli, tmp_path):
     again = zarr.open_group(str(out), mode="r")["landscape/surface_step000000004"]
     assert again.attrs["rows_done"] == 5
     np.testing.assert_allclose(again["train_loss"][:], full, rtol=1e-6)
+    xr = pytest.importorskip("xarray")
+    ds = xr.open_zarr(str(out), group="landscape/surface_step000000004", consolidated=False)
+    assert ds["train_loss"].dims == ("alpha", "beta") and list(ds["beta"].values) == pytest.approx([-1, -1 / 3, 1 / 3, 1])
 
 
 def test_landscape_hessian_and_gradient_directions(cli, tmp_path):

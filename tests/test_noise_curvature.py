@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lscape.curvature import dense_hessian
 from lscape.plugins.noise import nonuniformity, stability_margins

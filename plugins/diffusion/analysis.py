@@ -115,9 +115,10 @@ class Diffusion(Plugin):
 
     @hookimpl
     def on_step_end(self, ctx, state):
-        if ctx.store is None or not ctx.is_main:
+        # through the trajectory plugin, so that its group is created with its own attributes
+        writer = ctx.plugins["trajectory"].group(ctx)
+        if writer is None:
             return
-        writer = ctx.store.group("trajectory")
         while len(writer) >= self._next + self.opts.window:
             writer.flush()  # the window must be on disk before it is read back
             g = writer.group

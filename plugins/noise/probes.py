@@ -128,6 +128,7 @@ class GradNoise(Probe):
 
     def _flush_pending(self, ctx):
         if self._pending is not None:
+            self._pending["values"].setdefault("change_in_grad_sq", float("nan"))  # no θ_{t+1} came
             self.record(ctx, self._pending["step"], **self._pending["values"])
             self._pending = None
 

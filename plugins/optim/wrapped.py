@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["WrappedOptimizer", "batchnorm_stats_frozen"]
+__all__ = ["WrappedOptimizer", "batchnorm_stats_frozen", "batchnorm_parameters"]
 
 
 class WrappedOptimizer:

@@ -1,0 +1,300 @@
+"""Benchmark lscape.curvature against PyHessian and hessian-eigenthings on one small CNN, against its dense Hessian.
+
+Run:  python benchmarks/curvature.py  (a few minutes on 2 CPU cores; needs `pip install
+pyhessian hessian-eigenthings` for the side-by-side columns, and skips a library that
+fails to install or import). Everything runs in one process on the same model, data and
+weights; the ground truth is the dense float64 Hessian of a float64 copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from lscape.curvature import HessianOperator, dense_matrix, lanczos
+from lscape.params import flat_parameters, set_flat_parameters
+
+torch.set_num_threads(1)  # the same single thread for every library: ratios, not absolute speed
+loss_fn = nn.functional.cross_entropy
+
+
+def make_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 12, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(12 * 4 * 4, 10),
+    )  # fmt: skip
+
+
+def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images labelled by a random teacher CNN, so that the student has something to learn."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 16, 16, generator=g)
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        y = make_cnn()(x).argmax(dim=1)
+    return x, y
+
+
+def train(model: nn.Module, x, y, steps: int, lr: float, batch: int = 64, seed: int = 0, on_step=None) -> None:
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        opt.zero_grad()
+        loss_fn(model(x[idx]), y[idx]).backward()
+        opt.step()
+        if on_step is not None:
+            on_step(step)
+
+
+def timed(fn, repeats: int = 3):
+    """(median seconds, last result) over ``repeats`` calls."""
+    times, result = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def rel_err(values, exact) -> float:
+    values = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    exact = torch.as_tensor(exact, dtype=torch.float64).reshape(-1)[: len(values)]
+    return float(((values - exact).abs() / exact.abs()).max())
+
+
+# -- the libraries ------------------------------------------------------------------------
+
+
+def load_pyhessian():
+    try:
+        import pyhessian.hessian  # noqa: F401 - the package re-exports the class under the module's name
+
+        ph = sys.modules["pyhessian.hessian"]
+
+        counter = {"n": 0}
+        original = ph.hessian_vector_product
+
+        def counted(gradsH, params, v):
+            counter["n"] += 1
+            return original(gradsH, params, v)
+
+        ph.hessian_vector_product = counted
+        return ph, counter
+    except Exception as e:  # noqa: BLE001 - report any import failure and go on
+        print(f"pyhessian: unavailable ({type(e).__name__}: {e}); its columns are skipped")
+        return None, None
+
+
+def load_eigenthings():
+    try:
+        import hessian_eigenthings as he
+
+        return he
+    except Exception as e:  # noqa: BLE001
+        print(f"hessian-eigenthings: unavailable ({type(e).__name__}: {e}); its rows are skipped")
+        return None
+
+
+def pyhessian_eigenvalues(ph, counter, model, x, y, top_n: int):
+    counter["n"] = 0
+    m = copy.deepcopy(model)
+    torch.manual_seed(0)
+    h = ph.hessian(m, loss_fn, data=(x, y), cuda=False)
+    values, _ = h.eigenvalues(top_n=top_n)  # defaults: maxIter=100, tol=1e-3
+    return sorted(values, reverse=True), counter["n"]
+
+
+def pyhessian_trace(ph, counter, model, x, y):
+    counter["n"] = 0
+    m = copy.deepcopy(model)
+    torch.manual_seed(0)
+    h = ph.hessian(m, loss_fn, data=(x, y), cuda=False)
+    values = h.trace()  # defaults: maxIter=100, tol=1e-3
+    return float(sum(values) / len(values)), counter["n"]
+
+
+class CountingOperator:
+    """Wraps a hessian-eigenthings operator to count its products."""
+
+    def __init__(self, op):
+        self.op, self.n = op, 0
+
+    def __getattr__(self, name):
+        return getattr(self.op, name)
+
+    def matvec(self, v):
+        self.n += 1
+        return self.op.matvec(v)
+
+    __call__ = matvec
+
+    def __matmul__(self, v):
+        return self.matvec(v)
+
+
+def eigenthings_run(he, model, x, y, algorithm: str, k: int):
+    m = copy.deepcopy(model).eval()
+    op = CountingOperator(he.HessianOperator(m, [(x, y)], he.supervised_loss(loss_fn), full_dataset=True))
+    if algorithm == "lanczos":
+        result = he.lanczos(op, k=k, which="LA", seed=0)  # default max_iter = 2k steps, no residual stop
+    else:
+        result = he.deflated_power_iteration(op, k=k, seed=0)  # defaults: max_iter=100, tol=1e-4
+    return sorted(result.eigenvalues.tolist(), reverse=True), op.n
+
+
+# -- the benchmark ------------------------------------------------------------------------
+
+
+def main() -> None:
+    print(f"lscape curvature benchmark: torch {torch.__version__}, python {platform.python_version()}, "
+          f"{platform.machine()}, 1 thread")
+    ph, counter = load_pyhessian()
+    he = load_eigenthings()
+    x_train, y_train = make_data(2048, seed=0)
+    torch.manual_seed(0)
+    model = make_cnn()
+    train(model, x_train, y_train, steps=150, lr=0.05)  # off the random initialisation: real outliers
+    x, y = x_train[:256], y_train[:256]
+    dim = sum(p.numel() for p in model.parameters())
+    print(f"model: CNN conv6-conv12-linear on 1x16x16 inputs, {dim} float32 parameters; "
+          f"Hessian of the mean cross-entropy on one batch of {len(x)} (eval mode)")
+
+    t0 = time.perf_counter()
+    model64 = copy.deepcopy(model).double()
+    exact_h = dense_matrix(HessianOperator(model64, loss_fn, [(x.double(), y)]))
+    exact = torch.linalg.eigvalsh(exact_h).flip(0)
+    print(f"ground truth: dense float64 Hessian and eigvalsh in {time.perf_counter() - t0:.1f}s; "
+          f"top-5 {[round(float(v), 5) for v in exact[:5]]}, trace {float(exact.sum()):.5f}")
+    rows = []
+
+    # 1. one product against one gradient ------------------------------------------------
+    params = list(model.parameters())
+    v = torch.randn(dim)
+
+    def gradient_once():
+        return torch.autograd.grad(loss_fn(model(x), y), params)
+
+    t_grad, _ = timed(gradient_once, repeats=7)
+    costs = {}
+    for label, method, cache in (("double backward, graph cached", "double-backward", True),
+                                 ("double backward, recomputed", "double-backward", False),
+                                 ("forward-over-reverse (torch.func)", "forward-over-reverse", False)):
+        op = HessianOperator(model, loss_fn, [(x, y)], method=method, cache_graph=cache)
+        op.matvec(v)  # builds the cached graph where there is one
+        costs[label], _ = timed(lambda: op.matvec(v), repeats=7)
+    auto = HessianOperator(model, loss_fn, [(x, y)]).method
+    print(f"\none gradient (forward + backward): {t_grad * 1e3:.1f} ms")
+    for label, t in costs.items():
+        print(f"one HVP, {label:34s}: {t * 1e3:7.1f} ms = {t / t_grad:4.2f} x gradient")
+    print(f"method='auto' picks: {auto} (graph cached for up to 8 batches)")
+
+    # 2. lambda_max ------------------------------------------------------------------------
+    def ours_top(k, tol):
+        op = HessianOperator(model, loss_fn, [(x, y)])
+        result = lanczos(op, k=k, tol=tol)
+        return result.eigenvalues.tolist(), result.num_products
+
+    print("\nλ_max (top-1)")
+    t_ours, (vals, n_ours) = timed(lambda: ours_top(1, 1e-3))
+    rows.append(("top-1", "lscape lanczos tol=1e-3 (residual)", n_ours, t_ours, rel_err(vals, exact)))
+    ph_top1 = None
+    if ph is not None:
+        t_ph, (vals, n_ph) = timed(lambda: pyhessian_eigenvalues(ph, counter, model, x, y, 1))
+        ph_top1 = (n_ph, t_ph)
+        rows.append(("top-1", "pyhessian eigenvalues() defaults", n_ph, t_ph, rel_err(vals, exact)))
+    if he is not None:
+        for algorithm in ("lanczos", "power"):
+            t_he, (vals, n_he) = timed(lambda: eigenthings_run(he, model, x, y, algorithm, 1))
+            rows.append(("top-1", f"eigenthings {algorithm} defaults", n_he, t_he, rel_err(vals, exact)))
+
+    # 3. top-5 -----------------------------------------------------------------------------
+    t_ours5, (vals, n_ours5) = timed(lambda: ours_top(5, 1e-4), repeats=1)
+    rows.append(("top-5", "lscape lanczos tol=1e-4 (residual)", n_ours5, t_ours5, rel_err(vals, exact)))
+    ph_top5 = None
+    if ph is not None:
+        t_ph5, (vals, n_ph5) = timed(lambda: pyhessian_eigenvalues(ph, counter, model, x, y, 5), repeats=1)
+        ph_top5 = (n_ph5, t_ph5)
+        rows.append(("top-5", "pyhessian eigenvalues(top_n=5)", n_ph5, t_ph5, rel_err(vals, exact)))
+    if he is not None:
+        for algorithm in ("lanczos", "power"):
+            t_he, (vals, n_he) = timed(lambda: eigenthings_run(he, model, x, y, algorithm, 5), repeats=1)
+            rows.append(("top-5", f"eigenthings {algorithm} defaults", n_he, t_he, rel_err(vals, exact)))
+
+    # 4. trace -----------------------------------------------------------------------------
+    from lscape.curvature import hutchpp
+
+    if ph is not None:
+        t_pht, (trace_ph, n_pht) = timed(lambda: pyhessian_trace(ph, counter, model, x, y), repeats=1)
+        rows.append(("trace", "pyhessian trace() defaults", n_pht, t_pht, rel_err([trace_ph], [exact.sum()])))
+        budget = max(6, n_pht)
+    else:
+        budget = 99
+    op = HessianOperator(model, loss_fn, [(x, y)])
+    t_pp, est = timed(lambda: hutchpp(op, budget), repeats=1)
+    rows.append(("trace", f"lscape hutchpp n={budget} (±{est.stderr:.3g})", budget, t_pp,
+                 rel_err([est.estimate], [exact.sum()])))
+
+    print(f"\n{'task':6s} {'method':42s} {'HVPs':>6s} {'time s':>8s} {'true rel. error':>16s}")
+    for task, name, n, t, err in rows:
+        print(f"{task:6s} {name:42s} {n:6d} {t:8.3f} {err:16.2e}")
+
+    # 5. warm-started lambda_max during training --------------------------------------------
+    student = copy.deepcopy(model)
+    x_m, y_m = x_train[-256:], y_train[-256:]
+    state = {"v0": None, "warm": [], "cold": [], "err": []}
+
+    def measure(step):
+        op = HessianOperator(student, loss_fn, [(x_m, y_m)])
+        warm = lanczos(op, k=1, tol=1e-3, v0=state["v0"])
+        state["v0"] = warm.eigenvectors
+        cold = lanczos(HessianOperator(student, loss_fn, [(x_m, y_m)]), k=1, tol=1e-3, seed=step)
+        tight = lanczos(HessianOperator(student, loss_fn, [(x_m, y_m)]), k=1, tol=1e-7, max_iter=200)
+        state["warm"].append(warm.num_products)
+        state["cold"].append(cold.num_products)
+        state["err"].append(rel_err(warm.eigenvalues, tight.eigenvalues))
+
+    train(student, x_train, y_train, steps=30, lr=0.05, seed=1, on_step=measure)
+    warm_after_first = state["warm"][1:]
+    avg_warm = sum(warm_after_first) / len(warm_after_first)
+    print(f"\nwarm-started λ_max during training (SGD lr 0.05 momentum 0.9, batch 64, measured after every step on a "
+          f"fixed batch of 256, tol 1e-3): {len(state['warm'])} measurements, HVPs first (cold) {state['warm'][0]}, "
+          f"then mean {avg_warm:.2f} (max {max(warm_after_first)}); cold starts mean "
+          f"{sum(state['cold']) / len(state['cold']):.2f}; max true rel. error vs a tol=1e-7 solve "
+          f"{max(state['err']):.1e}")
+
+    # 6. targets ---------------------------------------------------------------------------
+    print("\ntargets")
+    hvp_ratio = costs["double backward, recomputed"] / t_grad
+    cached_ratio = costs["double backward, graph cached"] / t_grad
+    checks = [
+        (f"one HVP <= 2.5x one gradient: recomputed {hvp_ratio:.2f}x, cached {cached_ratio:.2f}x "
+         f"(HVP = forward + first backward with graph + second backward, vs forward + backward)",
+         hvp_ratio <= 2.5),
+        (f"top-1 true rel. error <= 1e-3: {rows[0][4]:.1e}", rows[0][4] <= 1e-3),
+        (f"warm-started λ_max <= 5 HVPs on average: {avg_warm:.2f}", avg_warm <= 5),
+    ]
+    top5_err = next(r[4] for r in rows if r[1].startswith("lscape lanczos tol=1e-4"))
+    checks.append((f"top-5 true rel. error <= 1e-4: {top5_err:.1e}", top5_err <= 1e-4))
+    if ph_top1 is not None:
+        checks.append((f"top-1 HVPs <= 0.5x PyHessian: {n_ours} vs {ph_top1[0]} = {n_ours / ph_top1[0]:.2f}x",
+                       n_ours <= 0.5 * ph_top1[0]))
+        checks.append((f"top-1 time <= 0.5x PyHessian: {t_ours:.3f}s vs {ph_top1[1]:.3f}s = "
+                       f"{t_ours / ph_top1[1]:.2f}x", t_ours <= 0.5 * ph_top1[1]))
+    if ph_top5 is not None:
+        checks.append((f"top-5 HVPs <= 0.5x PyHessian: {n_ours5} vs {ph_top5[0]} = {n_ours5 / ph_top5[0]:.2f}x",
+                       n_ours5 <= 0.5 * ph_top5[0]))
+    for text, ok in checks:
+        print(f"  [{'met' if ok else 'MISSED'}] {text}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
