@@ -155,7 +155,7 @@ def plugins(name, as_json):
     from rich.console import Console
     from rich.table import Table
 
-    from lscape.manager import build_registry, get_plugin_manager
+    from lscape.manager import build_registry, get_plugin_manager, source_version
 
     pm = get_plugin_manager()
     reg = build_registry(pm)
@@ -191,7 +191,9 @@ def plugins(name, as_json):
         "datasets": {n: e.help for n, e in sorted(reg.datasets.items())},
         "losses": {n: e.help for n, e in sorted(reg.losses.items())},
         "optimizers": {n: e.help for n, e in sorted(reg.optimizers.items())},
-        "modules": {n: _module_version(n) for n, _ in pm.list_name_plugin()},
+        "modules": {n: {"version": source_version(pm, n),
+                        "hooks": sorted(h.name for h in pm.get_hookcallers(p) or [])}
+                    for n, p in pm.list_name_plugin()},
     }
     if as_json:
         click.echo(json.dumps(listing, indent=2))
@@ -199,6 +201,10 @@ def plugins(name, as_json):
     table = Table("plugin", "kind", "from", "what it does", title="plugins (--plugin NAME)")
     for n, e in listing["plugins"].items():
         table.add_row(*_cells(n, e["kind"] + (" (always on)" if e["always_on"] else ""), e["source"], e["help"]))
+    console.print(table)
+    table = Table("module", "version", "hooks", title="plugin modules")
+    for n, m in listing["modules"].items():
+        table.add_row(*_cells(n, m["version"], ", ".join(m["hooks"])))
     console.print(table)
     for kind in ("models", "datasets", "losses", "optimizers"):
         table = Table(kind[:-1], "what it is", title=kind)
@@ -218,18 +224,6 @@ def _cells(*values: Any) -> list[Any]:
     from rich.text import Text
 
     return [Text(str(v)) for v in values]
-
-
-def _module_version(module: str) -> str:
-    if module.startswith("lscape."):
-        return __version__
-    try:
-        from importlib.metadata import packages_distributions, version
-
-        dists = packages_distributions().get(module.split(".")[0], [])
-        return version(dists[0]) if dists else "unknown"
-    except Exception:
-        return "unknown"
 
 
 @cli.command(context_settings=CONTEXT)
@@ -333,8 +327,17 @@ def _add_plugin_commands() -> None:
 
         get_plugin_manager().hook.register_commands(cli=cli)
     except LscapeError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(_one_line(f"error: {e}"), err=True)
         sys.exit(2)
+
+
+def _one_line(message: object) -> str:
+    """``message`` on one line: line breaks and other control characters (which a user's
+    own text, echoed back in an error, may hold) are shown escaped."""
+    text = str(message)
+    if len(text.splitlines()) <= 1 and text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -351,13 +354,13 @@ def main(argv: list[str] | None = None) -> None:
         hint = ""
         if isinstance(e, click.UsageError) and e.ctx is not None:
             hint = f" (see `{e.ctx.command_path} --help`)"
-        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        click.echo(_one_line(f"error: {e.format_message()}{hint}"), err=True)
         sys.exit(2)
     except UsageError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(_one_line(f"error: {e}"), err=True)
         sys.exit(2)
     except PluginError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(_one_line(f"error: {e}"), err=True)
         if os.environ.get("LSCAPE_DEBUG"):
             traceback.print_exception(e.error)
         sys.exit(1)
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as e:
-        click.echo(f"error: {type(e).__name__}: {e} (set LSCAPE_DEBUG=1 for the traceback)", err=True)
+        click.echo(_one_line(f"error: {type(e).__name__}: {e} (set LSCAPE_DEBUG=1 for the traceback)"), err=True)
         if os.environ.get("LSCAPE_DEBUG"):
             traceback.print_exc()
         sys.exit(1)

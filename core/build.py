@@ -106,6 +106,15 @@ def build_loss(spec: str, table: Mapping[str, Entry]) -> Callable:
             raise UsageError(f"loss '{spec}' cannot be built without arguments: {e}") from e
     if not callable(obj):
         raise UsageError(f"loss '{spec}' is not callable")
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):  # some builtins have none: trust them
+        sig = None
+    if sig is not None:
+        try:
+            sig.bind(None, None)
+        except TypeError:
+            raise UsageError(f"loss '{spec}' must take (output, target); its signature is {sig}") from None
     return obj
 
 
@@ -126,7 +135,14 @@ def build_optimizer(spec: str, params: Any, lr: float, momentum: float, weight_d
     else:
         factory = _bound(obj, 4, lambda **kw: obj(params, lr, momentum, weight_decay, **kw))
         extra = {}
-    return call_with_accepted(factory, options, extra, what)
+    optimizer = call_with_accepted(factory, options, extra, what)
+    try:
+        step = inspect.signature(optimizer.step).parameters.get("closure")
+    except (AttributeError, TypeError, ValueError):
+        step = None
+    if step is not None and step.default is inspect.Parameter.empty and step.kind is not step.VAR_POSITIONAL:
+        raise UsageError(f"{what} needs a closure in step() (like LBFGS), which the training step does not pass")
+    return optimizer
 
 
 def _bound(signature_of: Callable, skip: int, call: Callable) -> Callable:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from .schedule import Schedule, parse_duration
 __all__ = ["RunConfig", "load_toml", "LR_SCHEDULES"]
 
 LR_SCHEDULES = ("constant", "step", "cosine")
+_FLOAT32_MAX = 3.4028234663852886e38
 #: probes active when neither the config file nor the command line names any
 DEFAULT_PLUGINS = ("grad-norm",)
 
@@ -77,15 +79,17 @@ class RunConfig:
             if bad:
                 raise UsageError(f"{source}: [plugins] entry '{bad[0]}' must be a table of options")
             if active is not None:
-                kwargs["plugins"] = list(active)
+                kwargs["plugins"] = _names(f"{source}: [plugins] active", active)
         elif isinstance(plugin_tables, list):
-            kwargs["plugins"] = [str(p) for p in plugin_tables]
+            kwargs["plugins"] = _names(f"{source}: plugins", plugin_tables)
         elif plugin_tables is not None:
             raise UsageError(f"{source}: 'plugins' must be a list of names or a table")
         for key, value in data.items():
             name = key.replace("-", "_")
             if name == "plugin_options":
-                kwargs.setdefault("plugin_options", {}).update(value)
+                if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+                    raise UsageError(f"{source}: '{key}' must be a table of tables, one per plugin")
+                kwargs.setdefault("plugin_options", {}).update({k: dict(v) for k, v in value.items()})
                 continue
             if name not in known:
                 raise UsageError(f"{source}: unknown key '{key}' (see `lscape run --help` for the options)")
@@ -94,7 +98,7 @@ class RunConfig:
             # tables for plugins not listed in `plugins` activate them too
             listed = kwargs.get("plugins") or []
             kwargs["plugins"] = list(dict.fromkeys([*listed, *kwargs["plugin_options"]]))
-        return cls(**kwargs)
+        return cls(**kwargs).check_types(source)
 
     def merged(self, overrides: Mapping[str, Any]) -> "RunConfig":
         """A copy with the non-None ``overrides`` applied (command line over file)."""
@@ -106,16 +110,69 @@ class RunConfig:
         for key, value in overrides.items():
             if value is None:
                 continue
-            if key in ("model_opts", "data_opts", "optimizer_opts"):
+            if not isinstance(value, Mapping) or not isinstance(values.get(key), Mapping):
+                values[key] = value  # check_types() names a wrong type
+            elif key in ("model_opts", "data_opts", "optimizer_opts"):
                 values[key] = {**values[key], **value}
             elif key == "plugin_options":
                 merged = {k: dict(v) for k, v in values[key].items()}
                 for plugin, opts in value.items():
+                    if not isinstance(opts, Mapping):
+                        raise UsageError(f"options of plugin '{plugin}' must be a table of KEY = VALUE")
                     merged.setdefault(plugin, {}).update(opts)
                 values[key] = merged
             else:
                 values[key] = value
         return RunConfig(**values)
+
+    def check_types(self, source: str = "") -> "RunConfig":
+        """Check the kind of every value (text, table, list, flag); returns self.
+
+        Numbers are checked by ``validate()``; this catches what a config file can hold
+        but the engine cannot use (a list for ``model``, a string for ``model_opts``).
+        """
+        where = f"{source}: " if source else ""
+
+        def bad(name: str, what: str, value: Any) -> UsageError:
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            return UsageError(f"{where}'{name}' must be {what}, got {shown}")
+
+        for name in ("model", "data", "loss", "optimizer", "lr_schedule", "device", "on_nan"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "text", getattr(self, name))
+        for name in ("eval_schedule", "checkpoint_schedule", "out", "resume"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+                setattr(self, name, value)
+            if value is not None and not isinstance(value, str):
+                raise bad(name, "text", value)
+        for name in ("out", "resume"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise UsageError(f"{where}--{name} must be a path, got '{value}'")
+        for name in ("model_opts", "data_opts", "optimizer_opts", "plugin_options"):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, {})
+            elif not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+                raise bad(name, "a table of KEY = VALUE", value)
+        for plugin, opts in self.plugin_options.items():
+            if not isinstance(opts, Mapping) or not all(isinstance(k, str) for k in opts):
+                raise bad(f"plugins.{plugin}", "a table of KEY = VALUE", opts)
+        for name in ("nesterov", "progress", "drop_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false", getattr(self, name))
+        if self.plugins is not None and not isinstance(self.plugins, str):
+            self.plugins = _names(f"{where}plugins", self.plugins)
+        if self.disable is None:
+            self.disable = []
+        elif isinstance(self.disable, str):
+            self.disable = [self.disable]
+        else:
+            self.disable = _names(f"{where}disable", self.disable)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration, as stored in the run's attributes."""
@@ -123,6 +180,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check every value; returns self. Raises ``UsageError`` on the first bad one."""
+        self.check_types()
         self.lr = _number("lr", self.lr, positive=True)
         self.momentum = _number("momentum", self.momentum)
         if not 0 <= self.momentum < 1:
@@ -151,6 +209,8 @@ class RunConfig:
         if self.time_limit is not None:
             self.time_limit = parse_duration(self.time_limit)
         self.seed = _integer("seed", self.seed, "an integer")
+        if not -2**63 <= self.seed < 2**63:  # what torch.manual_seed takes
+            raise UsageError(f"--seed must be a 64-bit integer (|seed| < 2**63), got {self.seed}")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise UsageError(f"--device must be cpu or cuda, got '{self.device}'")
         if self.on_nan not in ("stop", "continue"):
@@ -192,7 +252,7 @@ def parse_step_schedule(text: str) -> tuple[list[int], float]:
         _, milestones, gamma = text.split(":")
         ms = sorted(int(m) for m in milestones.split(","))
         g = float(gamma)
-        if not ms or g <= 0:
+        if not ms or not math.isfinite(g) or g <= 0:
             raise ValueError
         return ms, g
     except ValueError:
@@ -211,6 +271,15 @@ def load_toml(path: str | Path) -> RunConfig:
     return RunConfig.from_mapping(data, source=str(p))
 
 
+def _names(what: str, value: Any) -> list[str]:
+    """A list of plugin names; anything else is a ``UsageError``."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{what} must be a list of plugin names, got {value!r}"[:200])
+    return list(value)
+
+
 def _number(name: str, value: Any, positive: bool = False) -> float:
     try:
         if isinstance(value, bool):
@@ -220,6 +289,8 @@ def _number(name: str, value: Any, positive: bool = False) -> float:
         raise UsageError(f"--{name} must be a number, got '{value}'") from None
     if not math.isfinite(out) or (positive and out <= 0):
         raise UsageError(f"--{name} must be a {'positive ' if positive else ''}finite number, got '{value}'")
+    if abs(out) > _FLOAT32_MAX:  # torch casts it to the parameters' float32 and overflows
+        raise UsageError(f"--{name} must be at most {_FLOAT32_MAX:.4g} in size, got '{value}'")
     return out
 
 

@@ -29,7 +29,7 @@ from .config import RunConfig, parse_step_schedule
 from .context import RunContext, StepState
 from .data import BatchStream, batch_size_of, derived_seed, full_batches, shard
 from .errors import DivergedError, PluginError, UsageError
-from .manager import Registry, build_registry, get_plugin_manager, load_module
+from .manager import Registry, build_registry, get_plugin_manager, load_module, source_version
 from .probe import Plugin, StepOwner
 from .schedule import Schedule
 from .store import RunReader, RunStore, store_exists
@@ -64,6 +64,7 @@ class Engine:
         self.epoch = 0
         self._prepared = False
         self._stop_requested = False
+        self._versions: dict[str, str] = {}
 
     # -- building ------------------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class Engine:
             names = " and ".join(f"'{p.name}'" for p in owners)
             raise UsageError(f"plugins {names} both own the training step; activate only one of them")
         ctx.step_owner = owners[0] if owners else None
+        self._versions = {p.name: source_version(self.pm, reg.activatable()[p.name].source) for p in self.plugins}
         # Discovered is not active: only activated modules keep their run-event hooks.
         for name, plugin in list(self.pm.list_name_plugin()):
             if isinstance(plugin, types.ModuleType) and name not in modules:
@@ -422,7 +424,7 @@ class Engine:
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
             "config": cfg.to_dict(),
-            "plugins": {p.name: _plugin_version(self.registry, p.name) for p in self.plugins},
+            "plugins": self._versions,
             "seed": cfg.seed,
             "device": str(self.ctx.device),
             "status": "running",
@@ -547,19 +549,6 @@ def _slug(text: str) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _plugin_version(reg: Registry | None, name: str) -> str:
-    source = reg.activatable()[name].source if reg and name in reg.activatable() else ""
-    if source.startswith("lscape."):
-        return __version__
-    try:
-        from importlib.metadata import packages_distributions, version
-
-        dists = packages_distributions().get(source.split(".")[0], [])
-        return version(dists[0]) if dists else "unknown"
-    except Exception:
-        return "unknown"
 
 
 def _culprit(hook: Any, error: BaseException) -> str:

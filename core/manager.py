@@ -20,7 +20,8 @@ import pluggy
 from . import hookspecs
 from .errors import UsageError
 
-__all__ = ["BUILTIN_PLUGINS", "Entry", "Registry", "get_plugin_manager", "build_registry"]
+__all__ = ["BUILTIN_PLUGINS", "Entry", "Registry", "get_plugin_manager", "build_registry", "module_version",
+           "source_version"]
 
 #: Modules loaded in every manager, in this order.
 BUILTIN_PLUGINS: tuple[str, ...] = (
@@ -136,6 +137,31 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
 
         _call(impl, "register_plots", register=register)
     return reg
+
+
+def module_version(module: str) -> str:
+    """The version of the distribution that provides plugin module ``module``."""
+    if module.startswith("lscape."):
+        from . import __version__
+
+        return __version__
+    try:
+        from importlib.metadata import packages_distributions, version
+
+        dists = packages_distributions().get(module.split(".")[0], [])
+        return version(dists[0]) if dists else "unknown"
+    except Exception:  # metadata is best effort: never fail a run over a version string
+        return "unknown"
+
+
+def source_version(pm: pluggy.PluginManager, name: str) -> str:
+    """The version of the plugin module registered as ``name`` (entry points: their
+    distribution's version)."""
+    plugin = pm.get_plugin(name)
+    for registered, dist in pm.list_plugin_distinfo():
+        if registered is plugin:
+            return dist.version
+    return module_version(getattr(plugin, "__name__", name))
 
 
 def _call(impl: pluggy.HookImpl, hook_name: str, **kwargs: Any) -> None:

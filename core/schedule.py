@@ -16,6 +16,8 @@ from .errors import UsageError
 __all__ = ["Schedule", "parse_duration"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h|hr|d)?\s*$")
+#: a log schedule names at most this many steps (its set is built up front)
+_MAX_LOG_COUNT = 100_000
 _UNITS = {None: 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0, "d": 86400.0}
 
 
@@ -28,8 +30,8 @@ def parse_duration(text: str | float | int) -> float:
         if not m:
             raise UsageError(f"bad duration '{text}': use a number with s, m or h, e.g. 30m")
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    if seconds <= 0:
-        raise UsageError(f"bad duration '{text}': must be positive")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(f"bad duration '{text}': must be a positive finite number")
     return seconds
 
 
@@ -68,7 +70,7 @@ class Schedule:
                 return cls("at", steps=frozenset(steps), text="at:" + ",".join(map(str, steps)))
             if kind == "log":
                 start, end, count = (int(p) for p in rest.split(":"))
-                if start < 0 or end < start or count < 1:
+                if start < 0 or end < start or count < 1 or count > _MAX_LOG_COUNT:
                     raise ValueError
                 return cls("log", steps=frozenset(_log_steps(start, end, count)),
                            text=f"log:{start}:{end}:{count}")
@@ -82,7 +84,8 @@ class Schedule:
         except (ValueError, UsageError):
             pass
         raise UsageError(
-            f"bad schedule '{raw}': use every:N, at:0,10,100, log:START:END:COUNT, epoch, time:15m or never"
+            f"bad schedule '{raw}': use every:N, at:0,10,100, log:START:END:COUNT (COUNT <= {_MAX_LOG_COUNT}), "
+            "epoch, time:15m or never"
         )
 
     @classmethod

@@ -23,11 +23,20 @@ import tomllib
 from datetime import date, datetime, time as dtime
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lscape.config import RunConfig
+
+#: LSCAPE_FUZZ_SCALE=10 runs ten times the examples (a longer local or nightly search)
+SCALE = float(os.environ.get("LSCAPE_FUZZ_SCALE", "1"))
+
+
+def examples(n: int) -> int:
+    return max(1, int(n * SCALE))
+
 
 SETTINGS = dict(deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -122,7 +131,7 @@ CLI_OPTION = st.one_of(
                                                       "meta", "mps"]))),
     _opt("--on-nan", st.one_of(TEXT, st.sampled_from(["stop", "continue", "STOP"]))),
     _opt("--model", st.sampled_from(["mlp", "sam-mlp", "cnn", "lenet", "nope", "", "zz_no_module:f", "os:nope",
-                                     "math:pi", "math:sqrt", "builtins:int", "torch.nn:Linear", ":", "mlp:"])),
+                                     "math:pi", "math:sqrt", "builtins:int", "torch.nn:Linear", ":", "mlp:", "torch.optim:SGD"])),
     _opt("--model-opt", _kv(["widths", "activation", "bias", "in_features", "out_features"],
                            st.one_of(SMALL_JUNK, st.sampled_from(["4", "4,4", " 4 , 4 ", "0", "-1", "tanh",
                                                                   "gelu", "nope"])))),
@@ -131,10 +140,11 @@ CLI_OPTION = st.one_of(
     _opt("--data-opt", _kv(["n", "dim", "classes", "noise", "task", "eval_fraction", "outputs", "seed"],
                           st.one_of(SMALL_JUNK, st.sampled_from(["2", "3", "8", "regression", "0.5", "0.99",
                                                                  "1e300"])))),
-    _opt("--loss", st.sampled_from(["ce", "mse", "hinge", "", "math:pi", "torch.nn:MSELoss", "torch.nn:Linear",
-                                    "zz_no_module:f"])),
+    # (not torch.nn:MSELoss: its shape mismatch with class targets is test_loss_data_mismatch_is_bad_input)
+    _opt("--loss", st.sampled_from(["ce", "mse", "hinge", "", "math:pi", "math:sqrt", "torch.nn:CrossEntropyLoss",
+                                    "torch.nn:Linear", "torch.nn:MSELoss(", "zz_no_module:f"])),
     _opt("--optimizer", st.sampled_from(["sgd", "adam", "adamw", "lion", "", "torch.optim:Adam", "torch.optim:SGD",
-                                         "math:pi", "os:path", "torch.nn:Linear"])),
+                                         "math:pi", "os:path", "torch.nn:Linear", "torch.optim:LBFGS"])),
     _opt("--optimizer-opt", _kv(["beta2", "eps", "dampening", "nesterov", "momentum", "betas", "amsgrad"],
                                SMALL_JUNK)),
     _opt("--plugin", st.one_of(st.sampled_from(PLUGINS + ["helpers_plugins", "zz-nope", "", "json", "os.path"]),
@@ -197,9 +207,9 @@ def fresh_dir():
 
 # -- 1. command lines -----------------------------------------------------------------------
 
-@settings(max_examples=120, **SETTINGS)
-@given(options=st.lists(CLI_OPTION, min_size=1, max_size=5), rnd=st.randoms(use_true_random=False))
-def test_fuzzed_command_line(cli, options, rnd):
+@settings(max_examples=examples(120), **SETTINGS)
+@given(options=st.lists(CLI_OPTION, min_size=1, max_size=5))
+def test_fuzzed_command_line(cli, options):
     args = [a for opt in options for a in opt]
     with fresh_dir() as cwd:
         before = set(os.listdir(cwd))
@@ -319,7 +329,7 @@ BASE_CONFIG = {"data": "synthetic", "data_opts": {"n": 32, "dim": 4, "classes": 
                "batch_size": 16, "progress": False}
 
 
-@settings(max_examples=100, **SETTINGS)
+@settings(max_examples=examples(100), **SETTINGS)
 @given(entries=st.lists(CONFIG_ENTRY, min_size=1, max_size=4))
 def test_fuzzed_config_file(cli, entries):
     data = dict(BASE_CONFIG)
@@ -336,7 +346,7 @@ def test_fuzzed_config_file(cli, entries):
         check_outcome(code, out, err, cwd, before, out_path, [*full, text])
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=examples(40), **SETTINGS)
 @given(content=st.one_of(st.binary(max_size=200), TEXT, st.text(max_size=200),
                          st.lists(st.sampled_from(["[", "]", "=", '"', "lr", "steps", " ", "\n", "1", "[[x]]",
                                                    "[plugins]", "a.b", "{", "}", ",", "'''", "0x", "nan"]),
@@ -352,6 +362,17 @@ def test_garbage_config_file(cli, content):
         check_outcome(code, out, err, cwd, before, out_path, [*full, content])
 
 
+@pytest.mark.xfail(strict=True, reason="known bug: a loss/model/data shape mismatch is found only at the first "
+                   "training step, which exits 1 with a RuntimeError and leaves a 'failed' store; prepare() should "
+                   "try one forward pass and loss and raise UsageError (core/engine.py, not this file's remit)")
+@pytest.mark.parametrize("loss", ["torch.nn:MSELoss", "builtins:max"])
+def test_loss_data_mismatch_is_bad_input(cli, tmp_path, loss):
+    before = set(os.listdir(tmp_path))
+    code, out, err = cli("run", *TINY, "--loss", loss, "--out", tmp_path / "out.zarr")
+    check_outcome(code, out, err, tmp_path, before, tmp_path / "out.zarr", [loss])
+    assert code == 2
+
+
 # -- 3. an existing store is never touched --------------------------------------------------
 
 def test_existing_store_is_never_touched(cli, tmp_path):
@@ -361,7 +382,7 @@ def test_existing_store_is_never_touched(cli, tmp_path):
     original = _listing(store)
     assert original
 
-    @settings(max_examples=40, **SETTINGS)
+    @settings(max_examples=examples(40), **SETTINGS)
     @given(spelling=st.sampled_from([str(store), str(store) + "/", f"file://{store}", "r.zarr", "./r.zarr",
                                      "r.zarr/", f"{tmp_path}/./r.zarr"]),
            options=st.lists(CLI_OPTION.filter(lambda o: o[0] not in ("--resume", "--out")), max_size=4),
@@ -385,7 +406,7 @@ def test_existing_store_is_never_touched(cli, tmp_path):
 
 # -- 4. checkpoints are plain tensors; nothing is written outside --out ---------------------
 
-@settings(max_examples=8, **SETTINGS)
+@settings(max_examples=examples(8), **SETTINGS)
 @given(plugins=st.lists(st.sampled_from(["grad-norm", "sam", "entropy-sgd", "smoothout", "trajectory", "eos",
                                          "grad-stats", "layer-norms", "sharpness", "landscape"]),
                         max_size=3, unique=True),

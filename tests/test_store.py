@@ -109,3 +109,20 @@ def test_array_missing_from_later_flushes_keeps_steps_length(tmp_path):
     w.flush()
     d = RunReader(tmp_path / "r.zarr").read("g")
     assert d["eval_loss"].shape == (3,) and d["eval_loss"][1] == 5.0 and np.isnan(d["eval_loss"][[0, 2]]).all()
+
+
+def test_url_stores_work_for_out_show_and_resume(cli, tmp_path):
+    pytest.importorskip("fsspec")
+    import lscape
+
+    url = "memory://lscape-test-run"
+    res = lscape.run(data="synthetic", data_opts={"n": 64, "dim": 4, "classes": 2}, batch_size=16, steps=4,
+                     checkpoint_schedule="every:2", progress=False, out=url)
+    assert res.status == "completed" and res.path == url
+    assert RunReader(url).read("train")["step"].tolist() == [0, 1, 2, 3]
+    code, out, _ = cli("show", url, "--json")
+    assert code == 0 and '"completed"' in out
+    code, _, err = cli("run", "--steps", "2", "--out", url)
+    assert code == 2 and "already exists" in err
+    assert lscape.run(resume=url, progress=False).status == "completed"
+    assert not any(tmp_path.iterdir())  # nothing was written to the local disk

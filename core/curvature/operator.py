@@ -101,7 +101,7 @@ class HessianOperator:
         """Return H v (or G v) for a flat vector ``v`` of length ``dim``."""
         if v.shape != (self.dim,):
             raise ValueError(f"vector has shape {tuple(v.shape)}, the operator acts on ({self.dim},)")
-        v = v.to(dtype=self.dtype, device=self.device)
+        v = v.detach().to(dtype=self.dtype, device=self.device)
         out = self._product(v.unsqueeze(0))[0]
         self.num_products += 1
         return out
@@ -112,7 +112,7 @@ class HessianOperator:
         """Return H V for a block of flat vectors ``vs`` of shape (c, dim), as rows (c, dim)."""
         if vs.ndim != 2 or vs.shape[1] != self.dim:
             raise ValueError(f"block has shape {tuple(vs.shape)}, expected (c, {self.dim})")
-        vs = vs.to(dtype=self.dtype, device=self.device)
+        vs = vs.detach().to(dtype=self.dtype, device=self.device)
         out = self._product(vs)
         self.num_products += vs.shape[0]
         return out
@@ -240,9 +240,13 @@ class HessianOperator:
             _, hv = torch.func.jvp(grad_fn, (primal,), (tangent,))
             return lparams.flatten([hv[n] for n in self.names])
 
+        if vs.shape[0] == 1 or vs.device.type == "cpu":  # vmap is slower than a loop on CPU
+            rows = []
+            for v in vs:
+                with self._batch_rng(i):  # the same dropout mask for every row
+                    rows.append(hvp(v))
+            return torch.stack(rows).detach()
         with self._batch_rng(i):
-            if vs.shape[0] == 1 or vs.device.type == "cpu":  # vmap is slower than a loop on CPU
-                return torch.stack([hvp(v) for v in vs]).detach()
             # One dropout mask for all rows: they are columns of the same matrix.
             return torch.func.vmap(hvp, randomness="same")(vs).detach()
 
