@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,51 +66,46 @@ def main() -> None:
         run = tmp / "killed.zarr"
         proc = lscape("run", *ARGS, "--steps", str(STEPS), "--out", str(run), cwd=tmp)
         kills, resumes, kill_steps = 0, 0, []
-        while True:
-            # a random moment within roughly one uninterrupted run's length
-            time.sleep(rng.uniform(0.5, max(1.0, full / 3)))
+        while kills < args.kills:
+            # kill once the run is past a random step (spread so that every kill fits in the
+            # run), plus a random delay so kills land anywhere: mid-step, mid-flush, mid-checkpoint
+            done = _checkpoint_step(run)
+            target = rng.randint(done + 1, min(STEPS - 1, done + max(2, 2 * STEPS // args.kills)))
+            while proc.poll() is None and _checkpoint_step(run) < target:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.3))
             if proc.poll() is not None:
                 break
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
-            try:
-                kill_steps.append(len(RunReader(run).read("train")["step"]))
-            except Exception:  # killed before the store existed: start again from scratch
-                kill_steps.append(0)
-            if kills >= args.kills:
-                proc = lscape("run", "--resume", str(run), cwd=tmp) if _has_checkpoint(run) else \
-                    lscape("run", *ARGS, "--steps", str(STEPS), "--out", str(run), cwd=tmp)
-                assert proc.wait() == 0, proc.stderr.read()
-                resumes += 1
-                break
-            if _has_checkpoint(run):
+            kill_steps.append(_checkpoint_step(run))
+            if _checkpoint_step(run) >= 0:
                 proc = lscape("run", "--resume", str(run), cwd=tmp)
                 resumes += 1
-            else:
-                import shutil
-
+            else:  # killed before the first checkpoint: start again from scratch
                 shutil.rmtree(run, ignore_errors=True)
                 proc = lscape("run", *ARGS, "--steps", str(STEPS), "--out", str(run), cwd=tmp)
-        if proc.poll() is None or proc.returncode != 0:
-            assert proc.wait() == 0, proc.stderr.read()
+        assert proc.wait() == 0, proc.stderr.read()
         diff = differences(run, ref)
         status = RunReader(run).attrs["status"]
     print(f"fault loop: {STEPS}-step run (MLP, SGD+momentum, cosine lr, grad-norm, sharpness), "
           f"checkpoints every 10 steps, seed {args.seed}")
     print(f"uninterrupted run: {full:.1f}s")
     print(f"kills (SIGKILL at random moments): {kills}; resumes: {resumes}; final status: {status}")
-    print(f"rows present at each kill: {kill_steps}")
+    print(f"last checkpoint step at each kill: {kill_steps}")
     print(f"arrays differing from the uninterrupted run: {len(diff)} {diff if diff else ''}")
 
 
-def _has_checkpoint(path: Path) -> bool:
+def _checkpoint_step(path: Path) -> int:
+    """The step of the run's latest checkpoint (-1 when there is none yet)."""
     try:
         import zarr
 
-        return "latest" in zarr.open_group(str(path), mode="r")["checkpoints"].attrs
-    except Exception:
-        return False
+        group = zarr.open_group(str(path), mode="r")["checkpoints"]
+        return int(group[group.attrs["latest"]].attrs["step"])
+    except Exception:  # no store, no group or no checkpoint yet
+        return -1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 import os
 import tempfile
 import tomllib
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lscape.config import RunConfig
@@ -178,6 +179,7 @@ def check_outcome(code, out, err, cwd: Path, before: set[str], out_path: Path, a
     where = f"args={args!r}\nexit={code}\nstdout={out!r}\nstderr={err!r}"
     assert "Traceback" not in out + err, where
     lines = [line for line in err.splitlines() if line.strip()]
+    event(f"exit {code} " + (re.sub(r"'[^']*'", "Q", lines[-1])[:70] if lines and code else ""))  # TMP --hypothesis-show-statistics shows how deep the inputs get
     after = set(os.listdir(cwd))
     if code == 0:
         assert out_path.name in after, where
@@ -317,12 +319,14 @@ VALID = {
 def _field_value(key: str):
     name = key.replace("-", "_")
     guarded = SMALL_VALUES if name in SIZED else ANY_VALUES
-    return st.one_of(VALID.get(name, guarded), guarded)
+    valid = VALID.get(name, guarded)
+    return st.one_of(valid, valid, guarded)
 
 
+KNOWN_ENTRY = st.sampled_from(FIELDS + [f.replace("_", "-") for f in FIELDS]).flatmap(
+    lambda k: st.tuples(st.just(k), _field_value(k)))
 CONFIG_ENTRY = st.one_of(
-    st.sampled_from(FIELDS + [f.replace("_", "-") for f in FIELDS]).flatmap(
-        lambda k: st.tuples(st.just(k), _field_value(k))),
+    KNOWN_ENTRY, KNOWN_ENTRY, KNOWN_ENTRY,
     st.tuples(st.one_of(TEXT, st.sampled_from(["learning_rate", "plugin", "Model", "lr "])), SMALL_VALUES),
 )
 BASE_CONFIG = {"data": "synthetic", "data_opts": {"n": 32, "dim": 4, "classes": 2}, "model_opts": {"widths": 4},
