@@ -24,7 +24,7 @@ def resolve(spec: str, table: Mapping[str, Entry], kind: str) -> Any:
         module_name, _, attr = spec.partition(":")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as e:
+        except (ImportError, ValueError, TypeError) as e:  # "" and ".relative" are Value/TypeErrors
             raise UsageError(f"cannot import '{module_name}' for --{kind} {spec}: {e}") from e
         obj = module
         for part in attr.split("."):

@@ -235,6 +235,9 @@ class RunConfig:
             self.plugins = list(DEFAULT_PLUGINS)
         elif isinstance(self.plugins, str):
             self.plugins = [self.plugins]
+        for name in self.plugins:
+            if not name.strip() or name.startswith("."):  # neither a plugin nor an importable module
+                raise UsageError(f"unknown plugin '{name}' (see `lscape plugins`)")
         return self
 
     @property

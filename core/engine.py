@@ -129,6 +129,11 @@ class Engine:
                 raise UsageError(f"plugin '{name}': {e}") from e
             self.plugins.append(plugin)
             ctx.plugins[name] = plugin
+        for plugin in self.plugins:
+            missing = [r for r in plugin.requires if r not in ctx.plugins]
+            if missing:
+                raise UsageError(f"plugin '{plugin.name}' needs '{missing[0]}' too: add --plugin {missing[0]}")
+        _check_workload(ctx)
         owners = [p for p in self.plugins if isinstance(p, StepOwner)]
         if len(owners) > 1:
             names = " and ".join(f"'{p.name}'" for p in owners)
@@ -459,6 +464,29 @@ def evaluate(ctx: RunContext, dataset: Any = None) -> dict[str, float]:
     if classification:
         metrics["eval_accuracy"] = correct / max(total, 1)
     return metrics
+
+
+def _check_workload(ctx: RunContext) -> None:
+    """One forward pass and loss on a few training samples, so that a model, data and loss
+    that do not fit together are bad input (exit 2, nothing written), not a failed run.
+    The model's state and the RNG are restored; the training stream is not touched."""
+    from .data import take, to_device
+    from .probe import preserve_state
+
+    # as many samples as a training batch (capped), so broadcasting mistakes show as they would
+    n = min(ctx.batch_size, 16, len(ctx.train_set))
+    batch = to_device(take(ctx.train_set, torch.arange(n)), ctx.device)
+    try:
+        with preserve_state(ctx.model), torch.no_grad():
+            loss = ctx.loss_fn(ctx.model(batch[0]), batch[1])
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(f"the loss returned {type(loss).__name__} of shape "
+                                f"{tuple(getattr(loss, 'shape', ()))}, not a scalar tensor")
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        cfg = ctx.config
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"model '{cfg.model}', data '{cfg.data}' and loss '{cfg.loss}' do not fit together: "
+                         f"{first}") from None
 
 
 def load_checkpoint(root: Any, name: str | None = None) -> dict[str, Any] | None:

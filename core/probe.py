@@ -36,6 +36,8 @@ class Plugin:
     always_on: ClassVar[bool] = False
     #: the store group this plugin writes (defaults to its name)
     group_name: ClassVar[str | None] = None
+    #: plugins that must be active too (checked before anything is written)
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any):
         self.opts = resolve_options(self.all_options(), options, self.name)

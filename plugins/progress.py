@@ -22,7 +22,7 @@ class Progress(Plugin):
         self._task = None
         self._last_log = 0.0
         self._metrics: dict[str, float] = {}
-        self._t0 = 0.0
+        self._t0 = time.monotonic()
         self._step0: int | None = None
 
     @hookimpl

@@ -47,7 +47,8 @@ class HessianOperator:
     (Gauss–Newton, J^T ∇²_out L J, positive semi-definite for convex losses such as
     cross-entropy and MSE). ``cache_graph`` keeps the first-order graph of each batch so that
     a product costs one extra backward pass instead of a forward and two backwards (default:
-    when there are at most 8 batches held in a list).
+    when there are at most 8 batches held in a list). A cached operator describes the
+    parameters at its first product: build a new operator after the parameters change.
     """
 
     def __init__(

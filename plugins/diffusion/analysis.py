@@ -103,15 +103,11 @@ class Diffusion(Plugin):
     help = "windowed MSD, anomalous exponents, crossover τ₀, roughness and excursions of the trajectory"
     options = DIFFUSION_OPTIONS
     outputs = DIFFUSION_OUTPUTS
+    requires = ("trajectory",)
 
     def __init__(self, **options):
         super().__init__(**options)
         self._next = 0  # row index of the next window start
-
-    @hookimpl
-    def on_run_start(self, ctx):
-        if "trajectory" not in ctx.plugins:
-            raise UsageError("diffusion reads the trajectory probe: add --plugin trajectory")
 
     @hookimpl
     def on_step_end(self, ctx, state):
