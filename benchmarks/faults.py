@@ -70,7 +70,7 @@ def main() -> None:
             # kill once the run is past a random step (spread so that every kill fits in the
             # run), plus a random delay so kills land anywhere: mid-step, mid-flush, mid-checkpoint
             done = _checkpoint_step(run)
-            target = rng.randint(done + 1, min(STEPS - 1, done + max(2, 2 * STEPS // args.kills)))
+            target = rng.randint(done + 1, min(STEPS - 1, done + max(2, STEPS // args.kills)))
             while proc.poll() is None and _checkpoint_step(run) < target:
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, 0.3))
