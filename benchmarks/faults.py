@@ -44,9 +44,13 @@ def differences(a: Path, b: Path) -> list[str]:
         for name in sorted(set(da) | set(db)):
             if name == "time":  # wall clock
                 continue
-            if name not in da or name not in db or da[name].shape != db[name].shape \
-                    or not np.array_equal(da[name], db[name], equal_nan=True):
-                out.append(f"{g}/{name}")
+            if name not in da or name not in db:
+                out.append(f"{g}/{name} (missing)")
+            elif da[name].shape != db[name].shape:
+                out.append(f"{g}/{name} (shape {da[name].shape} vs {db[name].shape})")
+            elif not np.array_equal(da[name], db[name], equal_nan=True):
+                bad = np.nonzero(~((da[name] == db[name]) | (np.isnan(da[name].astype(float)) & np.isnan(db[name].astype(float)))))[0]
+                out.append(f"{g}/{name} (rows {bad[:5].tolist()}...)")
     return out
 
 

@@ -32,7 +32,7 @@ from .errors import DivergedError, PluginError, UsageError
 from .manager import Registry, build_registry, get_plugin_manager, load_module, source_version
 from .probe import Plugin, StepOwner
 from .schedule import Schedule
-from .store import RunReader, RunStore, store_exists
+from .store import RunReader, RunStore, store_exists, written_rows
 
 __all__ = ["Engine", "RunResult", "Interrupted", "evaluate"]
 
@@ -507,8 +507,7 @@ def _truncate_after(store: RunStore, step: int) -> None:
 
     def walk(group: Any, prefix: str) -> None:
         if "step" in group.array_keys():
-            steps = group["step"][:]
-            keep = int(np.searchsorted(steps, step, side="left"))
+            keep = written_rows(group["step"][:], before=step)
             store.group(prefix).truncate(keep)
         for key in group.group_keys():
             if key != "checkpoints" or prefix:

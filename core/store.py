@@ -29,7 +29,7 @@ import zarr
 from .errors import UsageError
 from .options import Output
 
-__all__ = ["RunStore", "GroupWriter", "RunReader", "store_exists", "to_numpy"]
+__all__ = ["RunStore", "GroupWriter", "RunReader", "store_exists", "to_numpy", "written_rows"]
 
 #: Target size of one chunk of a row-appended array.
 CHUNK_BYTES = 2 * 2**20
@@ -46,6 +46,17 @@ def store_exists(path: str | os.PathLike) -> bool:
         except Exception:  # zarr raises several kinds for "nothing there"
             return False
     return Path(text.removeprefix("file://")).exists()
+
+
+def written_rows(steps: np.ndarray, before: int | None = None) -> int:
+    """How many leading rows of a ``step`` array are written (and, with ``before``, have
+    step < before). A row whose step is still the fill value -1 was resized but not yet
+    written: the writer, or a killed process, was between the two."""
+    ok = steps >= 0
+    if before is not None:
+        ok &= steps < before
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if bad.size else int(steps.shape[0])
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -68,7 +79,7 @@ class GroupWriter:
         self._rows: list[dict[str, np.ndarray]] = []
         self._chunk_rows: int | None = None
         self._last_flush = time.monotonic()
-        self._length = group["step"].shape[0] if "step" in group.array_keys() else 0
+        self._length = written_rows(group["step"][:]) if "step" in group.array_keys() else 0
 
     def __len__(self) -> int:
         """Rows written so far, buffered ones included."""
@@ -262,7 +273,7 @@ class RunReader:
     def read(self, group: str) -> dict[str, np.ndarray]:
         """Every array of ``group`` as numpy, cut to the rows whose ``step`` is written."""
         arrays = self.arrays(group)
-        n = arrays["step"].shape[0] if "step" in arrays else min((a.shape[0] for a in arrays.values()), default=0)
+        n = written_rows(arrays["step"][:]) if "step" in arrays else min((a.shape[0] for a in arrays.values()), default=0)
         return {name: a[:n] if a.ndim else a[...] for name, a in arrays.items()}
 
 

@@ -126,3 +126,22 @@ def test_url_stores_work_for_out_show_and_resume(cli, tmp_path):
     assert code == 2 and "already exists" in err
     assert lscape.run(resume=url, progress=False).status == "completed"
     assert not any(tmp_path.iterdir())  # nothing was written to the local disk
+
+
+def test_rows_resized_but_not_written_by_a_killed_writer_are_ignored(tmp_path):
+    """A SIGKILL between resizing `step` and writing it leaves fill values (-1): readers stop
+    there, and the next writer (a resumed run) writes over them."""
+    store = make(tmp_path)
+    w = store.group("g")
+    for s in range(3):
+        w.append(s, x=float(s))
+    w.flush()
+    store.root["g/step"].resize((5,))  # what a killed flush can leave behind
+    store.root["g/x"].resize((5,))
+    assert RunReader(tmp_path / "r.zarr").read("g")["step"].tolist() == [0, 1, 2]
+    again = RunStore.open(tmp_path / "r.zarr").group("g")
+    again.append(3, x=3.0)
+    again.flush()
+    d = RunReader(tmp_path / "r.zarr").read("g")
+    assert d["step"].tolist() == [0, 1, 2, 3] and d["x"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert store.root["g/step"].shape == (4,)
