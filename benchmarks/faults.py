@@ -25,7 +25,7 @@ ARGS = ["--data", "synthetic", "--data-opt", "n=512", "--data-opt", "dim=16", "-
         "--model-opt", "widths=64,64", "--batch-size", "32", "--momentum", "0.9", "--lr-schedule", "cosine",
         "--checkpoint-schedule", "every:10", "--plugin", "grad-norm", "--plugin", "sharpness",
         "-o", "sharpness.every=15", "--no-progress"]
-STEPS = 400
+STEPS = 600
 
 
 def lscape(*args: str, cwd: Path) -> subprocess.Popen:
@@ -74,7 +74,7 @@ def main() -> None:
             # kill once the run is past a random step (spread so that every kill fits in the
             # run), plus a random delay so kills land anywhere: mid-step, mid-flush, mid-checkpoint
             done = _checkpoint_step(run)
-            target = rng.randint(done + 1, min(STEPS - 1, done + max(2, STEPS // args.kills)))
+            target = rng.randint(done + 1, min(STEPS - 1, done + max(2, STEPS // (2 * args.kills))))
             while proc.poll() is None and _checkpoint_step(run) < target:
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, 0.3))

@@ -134,6 +134,8 @@ class Engine:
             if missing:
                 raise UsageError(f"plugin '{plugin.name}' needs '{missing[0]}' too: add --plugin {missing[0]}")
         _check_workload(ctx)
+        for plugin in self.plugins:
+            plugin.check(ctx)
         owners = [p for p in self.plugins if isinstance(p, StepOwner)]
         if len(owners) > 1:
             names = " and ".join(f"'{p.name}'" for p in owners)

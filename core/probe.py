@@ -47,6 +47,11 @@ class Plugin:
         """Every option the plugin accepts, its own and the ones its base class adds."""
         return tuple(cls.options)
 
+    def check(self, ctx: RunContext) -> None:
+        """Called once the model and data are built, before the store exists: raise
+        ``UsageError`` for a setup this plugin cannot measure (a model too big for a dense
+        Hessian, a missing input), so bad input writes nothing."""
+
     def group(self, ctx: RunContext, sub: str | None = None) -> GroupWriter | None:
         """The writer of this plugin's store group (``None`` on ranks that do not write)."""
         if ctx.store is None or not ctx.is_main:

@@ -40,8 +40,7 @@ class HessianExact(Probe):
         Output("hvp_products", dtype="int64", long_name="Hessian-vector products spent"),
     )
 
-    @hookimpl
-    def on_run_start(self, ctx):
+    def check(self, ctx):
         self._check_size(ctx)
 
     def batches(self, ctx, state) -> list[Any]:

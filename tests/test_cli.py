@@ -89,6 +89,10 @@ BAD = [
     (["plot", "nowhere.zarr"], "no run store at nowhere.zarr"),
     (["plugins", "nope"], "unknown plugin 'nope'"),
     (["run", "--no-such-flag"], "No such option"),
+    (["run", "--plugin", "hessian-exact", "--model-opt", "widths=256,256"], "above max_params=20000"),
+    (["run", "--plugin", "diffusion"], "add --plugin trajectory"),
+    (["run", "--plugin", "sam", "--plugin", "entropy-sgd"], "both own the training step"),
+    (["run", "--loss", "torch.nn:MSELoss", "--data", "synthetic"], "do not fit together"),
     (["measure", "nowhere.zarr", "--plugin", "grad-norm"], "no run store"),
 ]
 
