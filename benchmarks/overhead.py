@@ -39,9 +39,9 @@ def plain_loop(steps, device):
     losses = []
     _sync(device)
     t0 = time.perf_counter()
+    model.train()
     for _ in range(steps):
         (x, y), _, _ = stream.next()
-        model.train()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -70,11 +70,12 @@ def _sync(device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         engine_loop(20, args.device, tmp), plain_loop(20, args.device)  # warm-up
         plain, engine = [], []

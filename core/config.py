@@ -284,16 +284,18 @@ def _names(what: str, value: Any) -> list[str]:
 
 
 def _number(name: str, value: Any, positive: bool = False) -> float:
+    """``value`` as a finite float; ``name`` is an option (``lr`` → "--lr") or a phrase."""
+    label = name if " " in name else f"--{name}"
     try:
         if isinstance(value, bool):
             raise ValueError
         out = float(value)
     except (TypeError, ValueError):
-        raise UsageError(f"--{name} must be a number, got '{value}'") from None
+        raise UsageError(f"{label} must be a number, got '{value}'") from None
     if not math.isfinite(out) or (positive and out <= 0):
-        raise UsageError(f"--{name} must be a {'positive ' if positive else ''}finite number, got '{value}'")
+        raise UsageError(f"{label} must be a {'positive ' if positive else ''}finite number, got '{value}'")
     if abs(out) > _FLOAT32_MAX:  # torch casts it to the parameters' float32 and overflows
-        raise UsageError(f"--{name} must be at most {_FLOAT32_MAX:.4g} in size, got '{value}'")
+        raise UsageError(f"{label} must be at most {_FLOAT32_MAX:.4g} in size, got '{value}'")
     return out
 
 
@@ -322,5 +324,13 @@ def _regime(regime: Any) -> dict[str, dict[str, float]]:
         bad = set(settings) - {"lr", "momentum", "weight_decay", "optimizer"}
         if bad:
             raise UsageError(f"regime entry {epoch}: unknown setting '{sorted(bad)[0]}' (lr, momentum, weight_decay)")
-        out[str(e)] = {k: v for k, v in settings.items() if k != "optimizer"}
+        checked = {}
+        for key, value in settings.items():
+            if key == "optimizer":
+                continue
+            number = _number(f"regime {epoch}.{key}", value, positive=key == "lr")
+            if key == "momentum" and not 0 <= number < 1 or key == "weight_decay" and number < 0:
+                raise UsageError(f"regime entry {epoch}: {key} = {number} is out of range")
+            checked[key] = number
+        out[str(e)] = checked
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))

@@ -7,6 +7,7 @@ writes nothing.
 
 from __future__ import annotations
 
+import gc
 import io
 import math
 import os
@@ -203,6 +204,10 @@ class Engine:
         hook = self.pm.hook
         status, error = "running", None
         previous = _install_signal_handlers(self)
+        # The objects alive now (torch, the model, the data) live for the whole run: keep
+        # them out of the garbage collector's full passes, which otherwise cost a few
+        # percent of a small model's step time. gc.unfreeze() at the end undoes it.
+        gc.freeze()
         try:
             ctx.start_time = time.time() - float(ctx.cache.get("elapsed", 0.0))
             self._call(hook.on_run_start, ctx=ctx)
@@ -221,9 +226,11 @@ class Engine:
                 pass
             self._finish(status, error)
             _restore_signal_handlers(previous)
+            gc.unfreeze()
             raise
         self._finish(status, error)
         _restore_signal_handlers(previous)
+        gc.unfreeze()
         return RunResult(str(cfg.out), status, self.step, error)
 
     def _finish(self, status: str, error: str | None) -> None:
@@ -274,7 +281,8 @@ class Engine:
             state = StepState(step=self.step, epoch=epoch, batch=batch, lr=lr, time=elapsed, epoch_end=epoch_end,
                               extras={"global_batch_size": state_size})
             self._call(hook.on_step_start, ctx=ctx, state=state)
-            model.train()
+            if not model.training:  # submodules a user froze in eval mode stay so
+                model.train()
             closure = self._closure(ctx, state)
             if owner is None:
                 loss = closure()
@@ -368,6 +376,9 @@ class Engine:
 
     def _call(self, hook: Any, **kwargs: Any) -> Any:
         """Fire a hook; an exception from a plugin becomes ``PluginError`` naming it."""
+        impls = getattr(hook, "get_hookimpls", None)
+        if impls is not None and not impls():  # the per-step path skips events nobody listens to
+            return None
         try:
             return hook(**kwargs)
         except (PluginError, DivergedError, KeyboardInterrupt, Interrupted):

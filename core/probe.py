@@ -41,6 +41,7 @@ class Plugin:
 
     def __init__(self, **options: Any):
         self.opts = resolve_options(self.all_options(), options, self.name)
+        self._writers: dict[tuple[int, str | None], GroupWriter] = {}
 
     @classmethod
     def all_options(cls) -> tuple[Option, ...]:
@@ -56,9 +57,14 @@ class Plugin:
         """The writer of this plugin's store group (``None`` on ranks that do not write)."""
         if ctx.store is None or not ctx.is_main:
             return None
-        name = self.group_name or self.name
-        full = f"{name}/{sub}" if sub else name
-        return ctx.store.group(full, self.outputs, attrs=self.store_attrs() if sub is None else None)
+        key = (id(ctx.store), sub)  # cached: record() runs every step for some plugins
+        writer = self._writers.get(key)
+        if writer is None:
+            name = self.group_name or self.name
+            full = f"{name}/{sub}" if sub else name
+            writer = ctx.store.group(full, self.outputs, attrs=self.store_attrs() if sub is None else None)
+            self._writers[key] = writer
+        return writer
 
     def store_attrs(self) -> dict[str, Any]:
         """Attributes written on the plugin's group: its options (and schedule)."""

@@ -76,7 +76,7 @@ class GroupWriter:
         self.group = group
         self.outputs = {o.name: o for o in outputs}
         self.flush_seconds = flush_seconds
-        self._rows: list[dict[str, np.ndarray]] = []
+        self._rows: list[dict[str, Any]] = []
         self._chunk_rows: int | None = None
         self._last_flush = time.monotonic()
         self._length = written_rows(group["step"][:]) if "step" in group.array_keys() else 0
@@ -87,14 +87,16 @@ class GroupWriter:
 
     def append(self, step: int, **values: Any) -> None:
         """Buffer one row; arrays not given in a row are filled with NaN (or -1, False)."""
-        row = {"step": np.asarray(int(step), dtype=np.int64)}
+        if "step" in values:
+            raise ValueError("'step' is the coordinate; pass it as the first argument")
+        # plain numbers stay Python objects until the flush (cheap on the per-step path);
+        # tensors and arrays are copied now, since their owner may change them in place
+        row: dict[str, Any] = {"step": int(step)}
         for name, value in values.items():
-            if name == "step":
-                raise ValueError("'step' is the coordinate; pass it as the first argument")
-            row[name] = to_numpy(value)
+            row[name] = value if isinstance(value, (float, int)) else to_numpy(value).copy()
         self._rows.append(row)
         if self._chunk_rows is None:
-            self._chunk_rows = self._rows_per_chunk(row)
+            self._chunk_rows = self._rows_per_chunk({k: np.asarray(v) for k, v in row.items()})
         if len(self._rows) >= self._chunk_rows or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
@@ -109,7 +111,7 @@ class GroupWriter:
         names = [n for n in seen if n != "step"] + ["step"]
         n0, k = self._length, len(rows)
         for name in names:
-            sample = next((r[name] for r in rows if name in r), None)
+            sample = next((np.asarray(r[name]) for r in rows if name in r), None)
             arr = self.group[name] if sample is None else self._array(name, sample)
             if arr.shape[0] != n0:  # an array first seen late, or left short by a crash
                 arr.resize((n0,) + arr.shape[1:])
@@ -117,7 +119,7 @@ class GroupWriter:
             block = np.full((k,) + arr.shape[1:], fill, dtype=arr.dtype)
             for i, r in enumerate(rows):
                 if name in r:
-                    value = r[name]
+                    value = np.asarray(r[name])
                     if value.shape != arr.shape[1:]:
                         raise ValueError(
                             f"{self.group.path}/{name}: row shape {value.shape} differs from {arr.shape[1:]}"
