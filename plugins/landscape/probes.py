@@ -250,7 +250,8 @@ class EpsSharpness(Probe):
     options = (
         Option("eps", float, 5e-4, "box size ε", minimum=0.0),
         Option("subspace", int, 0, "dimension p of a random subspace (0: full space)", minimum=0),
-        Option("method", str, "lbfgsb", "maximiser", choices=("lbfgsb", "pga")),
+        Option("method", str, "pga", "maximiser: projected gradient ascent, or scipy's L-BFGS-B",
+               choices=("pga", "lbfgsb")),
         Option("iters", int, 10, "iterations of the maximiser", minimum=1),
         Option("repeats", int, 5, "independent maximisations (random starts and subspaces)", minimum=1),
         Option("init", str, "random", "start of each maximisation", choices=("random", "zero")),
@@ -264,6 +265,14 @@ class EpsSharpness(Probe):
         Output("values", dims=("repeat",), units="%", long_name="ε-sharpness of each repeat"),
         Output("loss", long_name="loss at θ on the measurement data"),
     )
+
+    def check(self, ctx):
+        if self.opts.method == "lbfgsb":
+            try:
+                import scipy.optimize  # noqa: F401
+            except ImportError:
+                raise UsageError("eps-sharpness.method=lbfgsb needs scipy: pip install scipy, "
+                                 "or use method=pga") from None
 
     def measure(self, ctx, state):
         params = [p for _, p in select_parameters(ctx.model, self.opts.params)]
