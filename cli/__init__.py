@@ -152,7 +152,6 @@ def measure(source, plugins, options, checkpoints, model_opt, data_opt, **flat):
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def plugins(name, as_json):
     """List installed plugins; with NAME, its options, outputs and schedule."""
-    from rich.console import Console
     from rich.table import Table
 
     from lscape.manager import build_registry, get_plugin_manager, source_version
@@ -231,8 +230,6 @@ def _cells(*values: Any) -> list[Any]:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def show(run_path, as_json):
     """What a run store holds: status, config, groups, arrays with shapes and last values."""
-    import numpy as np
-    from rich.console import Console
     from rich.table import Table
 
     from lscape.store import RunReader

@@ -55,7 +55,7 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
     ``model=``/``data=`` overrides), or ``None`` for a freshly initialised model.
     Results go to a new store at ``out``; returns its ``RunResult``.
     """
-    from .engine import Engine, RunResult, load_checkpoint, _now
+    from .engine import Engine, RunResult, _now
     from .context import StepState
     from .probe import Probe
 
@@ -69,13 +69,10 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
         base = make_config(None, **overrides)
     elif source is not None:
         reader = RunReader(source)
-        stored = {k: v for k, v in reader.attrs.get("config", {}).items()
-                  if k not in ("plugins", "plugin_options", "resume", "out")}
-        base = RunConfig.from_mapping(stored, source=str(source)).merged(overrides)
+        base = RunConfig.stored(reader).merged(overrides)
     else:
         base = make_config(None, **overrides)
-    cfg = base.merged({"plugins": plugins, "plugin_options": dict(plugin_options or {}), "resume": None,
-                       "progress": progress})
+    cfg = base.merged({"plugins": plugins, "progress": progress})
     cfg.plugin_options = {k: dict(v) for k, v in (plugin_options or {}).items()}
     cfg.disable = ["train-metrics", "progress"]
     if out is None:

@@ -100,6 +100,19 @@ class RunConfig:
             kwargs["plugins"] = list(dict.fromkeys([*listed, *kwargs["plugin_options"]]))
         return cls(**kwargs).check_types(source)
 
+    @classmethod
+    def stored(cls, reader: Any) -> "RunConfig":
+        """The configuration a run store recorded (``reader`` a ``RunReader``), with its
+        plugins and their options, as ``--resume`` and ``lscape measure`` rebuild it."""
+        data = dict(reader.attrs.get("config", {}))
+        plugins = data.pop("plugins", None)
+        plugin_options = data.pop("plugin_options", None) or {}
+        data.pop("resume", None)
+        cfg = cls.from_mapping(data, source=reader.path)
+        cfg.plugins = list(plugins or [])
+        cfg.plugin_options = {k: dict(v) for k, v in plugin_options.items()}
+        return cfg
+
     def merged(self, overrides: Mapping[str, Any]) -> "RunConfig":
         """A copy with the non-None ``overrides`` applied (command line over file)."""
         values = dataclasses.asdict(self)

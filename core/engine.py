@@ -18,7 +18,7 @@ import time
 import types
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pluggy
@@ -531,11 +531,7 @@ def _truncate_after(store: RunStore, step: int) -> None:
 
 def _config_for_resume(cfg: RunConfig) -> RunConfig:
     path = cfg.resume
-    reader = RunReader(path)
-    stored = RunConfig.from_mapping({k: v for k, v in reader.attrs["config"].items()
-                                     if k not in ("resume", "plugin_options", "plugins")}, source=path)
-    stored.plugins = list(reader.attrs["config"].get("plugins", []))
-    stored.plugin_options = dict(reader.attrs["config"].get("plugin_options", {}))
+    stored = RunConfig.stored(RunReader(path))
     stored.out = path
     stored.resume = path
     stored.progress = cfg.progress

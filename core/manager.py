@@ -20,7 +20,7 @@ import pluggy
 from . import hookspecs
 from .errors import UsageError
 
-__all__ = ["BUILTIN_PLUGINS", "Entry", "Registry", "get_plugin_manager", "build_registry", "module_version",
+__all__ = ["BUILTIN_PLUGINS", "Entry", "Registry", "get_plugin_manager", "build_registry", "module_version", "first_line",
            "source_version"]
 
 #: Modules loaded in every manager, in this order.
@@ -180,7 +180,7 @@ def _named_registrar(table: dict[str, Entry], source: str, hook_name: str) -> Ca
             raise UsageError(
                 f"'{name}' is registered twice, by {table[name].source} and {source}; uninstall one of them"
             )
-        table[name] = Entry(name, obj, help or _first_line(obj), source)
+        table[name] = Entry(name, obj, help or first_line(obj), source)
 
     return register
 
@@ -195,12 +195,13 @@ def _class_registrar(reg: Registry, table: dict[str, Entry], source: str) -> Cal
             raise UsageError(
                 f"plugin name '{name}' is registered twice, by {clash.source} and {source}; uninstall one of them"
             )
-        table[name] = Entry(name, cls, getattr(cls, "help", "") or _first_line(cls), source)
+        table[name] = Entry(name, cls, getattr(cls, "help", "") or first_line(cls), source)
 
     return register
 
 
-def _first_line(obj: Any) -> str:
+def first_line(obj: Any) -> str:
+    """The first line of ``obj``'s docstring (empty without one)."""
     doc = getattr(obj, "__doc__", None) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
 

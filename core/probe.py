@@ -18,6 +18,7 @@ from .context import RunContext, StepState
 from .data import derived_seed, fixed_batches, full_batches, shard
 from .errors import UsageError
 from .hookspecs import hookimpl
+from .manager import first_line
 from .options import Option, Output, resolve_options
 from .schedule import Schedule
 from .store import GroupWriter
@@ -88,7 +89,7 @@ class Plugin:
         """Name, help, options and outputs, as ``lscape plugins NAME`` shows them."""
         return {
             "name": cls.name,
-            "help": cls.help or (cls.__doc__ or "").strip().splitlines()[0] if (cls.help or cls.__doc__) else "",
+            "help": cls.help or first_line(cls),
             "kind": cls.kind(),
             "options": [
                 {"name": o.name, "type": getattr(o.type, "__name__", str(o.type)), "default": o.default,

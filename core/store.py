@@ -79,7 +79,9 @@ class GroupWriter:
         self._rows: list[dict[str, Any]] = []
         self._chunk_rows: int | None = None
         self._last_flush = time.monotonic()
-        self._length = written_rows(group["step"][:]) if "step" in group.array_keys() else 0
+        # array handles, opened once: listing and reopening them at every flush is I/O
+        self._arrays: dict[str, zarr.Array] = {name: group[name] for name in group.array_keys()}
+        self._length = written_rows(self._arrays["step"][:]) if "step" in self._arrays else 0
 
     def __len__(self) -> int:
         """Rows written so far, buffered ones included."""
@@ -107,12 +109,12 @@ class GroupWriter:
             return
         rows, self._rows = self._rows, []
         # arrays seen in earlier flushes get NaN rows too, so every array keeps step's length
-        seen = dict.fromkeys([*self.group.array_keys(), *(k for r in rows for k in r)])
+        seen = dict.fromkeys([*self._arrays, *(k for r in rows for k in r)])
         names = [n for n in seen if n != "step"] + ["step"]
         n0, k = self._length, len(rows)
         for name in names:
             sample = next((np.asarray(r[name]) for r in rows if name in r), None)
-            arr = self.group[name] if sample is None else self._array(name, sample)
+            arr = self._arrays[name] if sample is None else self._array(name, sample)
             if arr.shape[0] != n0:  # an array first seen late, or left short by a crash
                 arr.resize((n0,) + arr.shape[1:])
             fill = _fill_value(arr.dtype)
@@ -132,8 +134,7 @@ class GroupWriter:
     def truncate(self, keep: int) -> None:
         """Drop everything after the first ``keep`` rows (used by resume)."""
         self.flush()
-        for name in self.group.array_keys():
-            arr = self.group[name]
+        for arr in self._arrays.values():
             if arr.shape[0] > keep:
                 arr.resize((keep,) + arr.shape[1:])
         self._length = min(self._length, keep)
@@ -143,8 +144,8 @@ class GroupWriter:
         return int(max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // row_bytes)))
 
     def _array(self, name: str, sample: np.ndarray) -> zarr.Array:
-        if name in self.group.array_keys():
-            return self.group[name]
+        if name in self._arrays:
+            return self._arrays[name]
         out = self.outputs.get(name)
         dtype = np.dtype(out.dtype) if out is not None else _default_dtype(sample)
         if name == "step":
@@ -158,7 +159,7 @@ class GroupWriter:
         attrs = {}
         if out is not None:
             attrs = {k: v for k, v in (("units", out.units), ("long_name", out.long_name)) if v}
-        return self.group.create_array(
+        self._arrays[name] = self.group.create_array(
             name,
             shape=(0,) + sample.shape,
             chunks=(rows,) + inner,
@@ -167,6 +168,7 @@ class GroupWriter:
             dimension_names=list(dims),
             attributes=attrs,
         )
+        return self._arrays[name]
 
 
 class RunStore:

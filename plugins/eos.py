@@ -10,11 +10,12 @@ from lscape import Option, Output, Probe, hookimpl
 from lscape.curvature import HessianOperator, gradient, lanczos
 from lscape.params import flat_parameters, set_flat_parameters
 from lscape.plugins.optim.sam import sam_edge
+from lscape.plugins.sharpness import WarmStart
 
 __all__ = ["EdgeOfStability", "plot_eos"]
 
 
-class EdgeOfStability(Probe):
+class EdgeOfStability(WarmStart, Probe):
     """λ_max (top-k) of the training loss's Hessian with the stability thresholds 2/η and SAM-edge.
 
     On the step's minibatch (the full batch under ``--batch-size full``), at θ_step with
@@ -52,10 +53,6 @@ class EdgeOfStability(Probe):
         Output("hvp_products", dtype="int64", long_name="Hessian-vector products spent"),
     )
 
-    def __init__(self, **options: Any):
-        super().__init__(**options)
-        self._v0: torch.Tensor | None = None
-
     def rho(self, ctx) -> float:
         """ρ used for the SAM-edge and the SAM gradient."""
         if self.opts.rho is not None:
@@ -71,12 +68,12 @@ class EdgeOfStability(Probe):
         op = HessianOperator(ctx.model, ctx.loss_fn, batches, mode=mode)
         g = op.gradient()
         loss = op.loss()
-        v0 = self._v0 if self.opts.warm_start and self._v0 is not None and self._v0.shape[-1] == op.dim else None
         k = min(self.opts.k, op.dim)
-        res = lanczos(op, k=k, which="LA", tol=self.opts.tol, max_iter=max(self.opts.max_iter, k), v0=v0)
+        res = lanczos(op, k=k, which="LA", tol=self.opts.tol, max_iter=max(self.opts.max_iter, k),
+                      v0=self.warm_vectors(op))
         op.release()
         v1 = res.eigenvectors[0].to(g.dtype)
-        self._v0 = res.eigenvectors.detach().clone()
+        self.keep_vectors(res)
         gn = float(torch.linalg.vector_norm(g))
         rho = self.rho(ctx)
         lr = float(state.lr if state.lr is not None else ctx.lr)
@@ -102,12 +99,6 @@ class EdgeOfStability(Probe):
             "time": float(state.time),
             "hvp_products": int(res.num_products),
         }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"v0": self._v0}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._v0 = state.get("v0")
 
 
 @hookimpl

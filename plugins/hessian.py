@@ -5,17 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from lscape import Option, Output, Probe, hookimpl
 from lscape.curvature import hutchinson, hutchpp, lanczos, slq_density
-from lscape.plugins.sharpness import CURVATURE_OPTIONS, curvature_batches, make_operator
+from lscape.plugins.sharpness import CURVATURE_OPTIONS, WarmStart, curvature_batches, make_operator
 from lscape.schedule import Schedule
 
 __all__ = ["Hessian", "plot_hessian"]
 
 
-class Hessian(Probe):
+class Hessian(WarmStart, Probe):
     """The Hessian spectrum of the training loss with exact Hessian-vector products.
 
     - top-k (on ``schedule``): Lanczos with full reorthogonalisation, warm-started,
@@ -74,7 +73,6 @@ class Hessian(Probe):
         main = str(self.schedule)
         self.trace_schedule = Schedule.parse(self.opts.trace_schedule or main)
         self.density_schedule = Schedule.parse(self.opts.density_schedule or main)
-        self._v0: torch.Tensor | None = None
         self._due: tuple[int, dict[str, bool]] | None = None
 
     def store_attrs(self) -> dict[str, Any]:
@@ -128,10 +126,9 @@ class Hessian(Probe):
     def _top(self, op, seed: int) -> dict[str, Any]:
         k_asked = self.opts.k
         k = min(k_asked, op.dim)
-        v0 = self._v0 if self.opts.warm_start and self._v0 is not None and self._v0.shape[-1] == op.dim else None
         result = lanczos(op, k=k, which=self.opts.which, tol=self.opts.tol,
-                         max_iter=max(self.opts.max_iter, k), v0=v0, seed=seed)
-        self._v0 = result.eigenvectors.detach().clone()
+                         max_iter=max(self.opts.max_iter, k), v0=self.warm_vectors(op), seed=seed)
+        self.keep_vectors(result)
         values = {
             "top_eigenvalues": _pad(result.eigenvalues.numpy(), k_asked, np.nan),
             "residuals": _pad(result.residuals.numpy(), k_asked, np.nan),
@@ -143,12 +140,6 @@ class Hessian(Probe):
             vectors[:k] = result.eigenvectors.detach().cpu().float().numpy()
             values["eigenvectors"] = vectors
         return values
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"v0": self._v0}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._v0 = state.get("v0")
 
 
 def _pad(values: np.ndarray, size: int, fill: Any) -> np.ndarray:

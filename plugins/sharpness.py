@@ -23,6 +23,28 @@ CURVATURE_OPTIONS = (
 )
 
 
+class WarmStart:
+    """Probe mixin: keeps the eigenvectors of the previous measurement so the next Lanczos
+    starts from them (option ``warm_start``), and saves them in checkpoints so a resumed
+    run starts where it stopped."""
+
+    _v0: torch.Tensor | None = None
+
+    def warm_vectors(self, op: HessianOperator) -> torch.Tensor | None:
+        """The previous eigenvectors, if warm starts are on and they fit ``op``."""
+        v0 = self._v0
+        return v0 if self.opts.warm_start and v0 is not None and v0.shape[-1] == op.dim else None
+
+    def keep_vectors(self, result: Any) -> None:
+        self._v0 = result.eigenvectors.detach().clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"v0": self._v0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._v0 = state.get("v0")
+
+
 def make_operator(probe: Probe, ctx: Any, batches: list[Any]) -> HessianOperator:
     """The curvature operator a probe's options describe, on ``batches`` at the current θ."""
     opts = probe.opts
@@ -46,7 +68,7 @@ def curvature_batches(probe: Probe, ctx: Any, state: Any) -> list[Any]:
     return ctx.cache[key]
 
 
-class Sharpness(Probe):
+class Sharpness(WarmStart, Probe):
     """λ_max of the loss Hessian (largest algebraic eigenvalue) with its residual and cost.
 
     Lanczos with full reorthogonalisation on exact Hessian-vector products, stopped when
@@ -75,20 +97,15 @@ class Sharpness(Probe):
         Output("loss", long_name="loss on the measured batches"),
     )
 
-    def __init__(self, **options: Any):
-        super().__init__(**options)
-        self._v0: torch.Tensor | None = None
-
     def batches(self, ctx, state) -> list[Any]:
         return curvature_batches(self, ctx, state)
 
     def measure(self, ctx, state) -> dict[str, Any]:
         op = make_operator(self, ctx, self.batches(ctx, state))
-        v0 = self._v0 if self.opts.warm_start and self._v0 is not None and self._v0.shape[-1] == op.dim else None
-        result = lanczos(op, k=1, which="LA", tol=self.opts.tol, max_iter=self.opts.max_iter, v0=v0,
-                         seed=int(state.step))
+        result = lanczos(op, k=1, which="LA", tol=self.opts.tol, max_iter=self.opts.max_iter,
+                         v0=self.warm_vectors(op), seed=int(state.step))
         op.release()
-        self._v0 = result.eigenvectors.detach().clone()
+        self.keep_vectors(result)
         return {
             "lambda_max": float(result.eigenvalues[0]),
             "residual": float(result.residuals[0]),
@@ -97,12 +114,6 @@ class Sharpness(Probe):
             "hvp_products": int(result.num_products),
             "loss": op.loss(),
         }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"v0": self._v0}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._v0 = state.get("v0")
 
 
 @hookimpl
