@@ -18,10 +18,18 @@ def test_wheel_installs_and_imports_every_builtin_plugin(tmp_path):
     assert build.returncode == 0, build.stderr
     wheel = next(dist.glob("lscape-*.whl"))
     env_dir = tmp_path / "venv"
-    # system site packages give torch & co; the wheel's lscape shadows the editable one
-    venv.create(env_dir, with_pip=False, system_site_packages=True)
+    # The new venv sees this interpreter's site-packages (torch & co) through a .pth file,
+    # whether the tests run in a venv or the system Python (system_site_packages would give
+    # the *base* interpreter's, which a venv user's torch is not in); the wheel's lscape,
+    # installed into the new venv's own site-packages, comes first on sys.path.
+    venv.create(env_dir, with_pip=False)
     py = env_dir / "bin" / "python"
-    install = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
+    own = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    outer = [p for p in sys.path if p.endswith("site-packages")]
+    (Path(own) / "zz_outer.pth").write_text("\n".join(outer) + "\n")
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q",
+                              "--target", own, str(wheel)],
                              capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr
     code = (
