@@ -41,6 +41,15 @@ class RunContext:
     stream: Any = None
     rank: int = 0
     world_size: int = 1
+    #: the one batch→loss adapter (``lscape.batch.BatchAdapter``): every forward pass on
+    #: data goes through ``ctx.adapter.loss(model, batch)`` / ``.output(model, batch)``
+    adapter: Any = None
+
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            from .batch import BatchAdapter
+
+            self.adapter = BatchAdapter(self.loss_fn)
 
     @property
     def batch_size(self) -> int:

@@ -13,6 +13,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Subset, default_collate
 
+from .batch import batch_size_of, shard, to_device
+
 __all__ = ["BatchStream", "take", "to_device", "fixed_batches", "full_batches", "batch_size_of", "derived_seed",
            "shard"]
 
@@ -36,37 +38,6 @@ def take(dataset: Dataset, indices: torch.Tensor | Sequence[int]) -> Any:
     if isinstance(tensors, (tuple, list)) and tensors and all(isinstance(t, torch.Tensor) for t in tensors):
         return tuple(t[mapped] for t in tensors)
     return default_collate([dataset[int(i)] for i in idx])
-
-
-def to_device(batch: Any, device: torch.device | str) -> Any:
-    """Move a batch (tensor, tuple/list or dict of tensors) to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def batch_size_of(batch: Any) -> int:
-    """Number of samples in a batch (its first tensor's leading dimension)."""
-    first = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return int(first.shape[0])
-
-
-def shard(batch: Any, rank: int, world_size: int) -> Any:
-    """This rank's part of a global batch (samples ``rank::world_size``): under torchrun every
-    rank draws the same global batch and keeps its shard, a distributed sampler per batch."""
-    if world_size <= 1:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch[rank::world_size]
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(shard(b, rank, world_size) for b in batch)
-    if isinstance(batch, dict):
-        return {k: shard(v, rank, world_size) for k, v in batch.items()}
-    return batch
 
 
 class BatchStream:
