@@ -196,10 +196,19 @@ class GradNoise(Probe):
         return self._sampler
 
     def state_dict(self):
-        return {"sampler": None if self._sampler is None else self._sampler.state_dict()}
+        # Before the first measurement after a resume the sampler is not built yet: the
+        # state loaded at the resume is still the state, and must go into the next checkpoint.
+        if self._sampler is not None:
+            return {"sampler": self._sampler.state_dict()}
+        return {"sampler": self._resume}
 
     def load_state_dict(self, state):
         self._resume = state.get("sampler")
+        if self._sampler is not None:  # loaded after the sampler exists: continue from the loaded state
+            if self._resume is None:
+                self._sampler = None
+            else:
+                self._sampler.load_state_dict(self._resume)
 
 
 class GradStats(Probe):
