@@ -43,6 +43,20 @@ def _plugin_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _regime(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``--regime 30:lr=0.01,momentum=0.9`` → ``{"30": {"lr": "0.01", "momentum": "0.9"}}``
+    (the config checks the numbers)."""
+    from lscape.options import parse_key_values
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        epoch, sep, settings = item.partition(":")
+        if not sep or not epoch.strip() or not settings.strip():
+            raise UsageError(f"bad --regime '{item}': expected EPOCH:KEY=VALUE[,KEY=VALUE], e.g. 30:lr=0.01")
+        out.setdefault(epoch.strip(), {}).update(parse_key_values(tuple(settings.split(",")), "--regime"))
+    return out
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML experiment file")
 @click.option("--model", help="registered name or module:factory  [default: mlp]")
@@ -67,12 +81,18 @@ def _plugin_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 @click.option("--disable", multiple=True, metavar="NAME", help="switch off an always-on plugin")
 @click.option("-o", "options", multiple=True, metavar="PLUGIN.KEY=VALUE", help="plugin option (repeatable)")
 @click.option("--out", help="run store path  [default: runs/MODEL-DATA-TIME.zarr]")
-@click.option("--seed", type=str, help="random seed  [default: 0]")
+@click.option("--seed", type=str, help="training seed: initialisation, batch order, probes' draws  [default: 0]")
+@click.option("--data-seed", type=str,
+              help="data seed: the train/eval split and synthetic data (--seed leaves it alone)  [default: 0]")
+@click.option("--drop-last", is_flag=True, default=None, help="drop the last incomplete batch of each epoch")
+@click.option("--regime", "regime_items", multiple=True, metavar="EPOCH:KEY=V[,KEY=V]",
+              help="from EPOCH on set lr/momentum/weight_decay, e.g. 30:lr=0.01 (repeatable)")
 @click.option("--device", help="cpu or cuda  [default: cpu]")
 @click.option("--on-nan", type=click.Choice(["stop", "continue"]), help="what a NaN/inf loss does [default: stop]")
-@click.option("--resume", type=str, metavar="PATH", help="continue a run from its last checkpoint")
+@click.option("--resume", type=str, metavar="PATH",
+              help="continue a run from its last checkpoint; with --steps/--epochs/--time-limit, extend it")
 @click.option("--no-progress", is_flag=True, help="plain log lines instead of a progress bar")
-def run(config_path, model_opt, data_opt, optimizer_opt, plugins, options, no_progress, resume, **flat):
+def run(config_path, model_opt, data_opt, optimizer_opt, plugins, options, no_progress, resume, regime_items, **flat):
     """Train a model and record what the active plugins measure."""
     from lscape.api import make_config
     from lscape.config import RunConfig, load_toml
@@ -81,10 +101,14 @@ def run(config_path, model_opt, data_opt, optimizer_opt, plugins, options, no_pr
 
     given = {k: v for k, v in flat.items() if v is not None and v != ()}
     if resume:
+        length = {k: given.pop(k) for k in ("steps", "epochs", "time_limit") if k in given}
         extra = [k for k in given] + (["plugin"] if plugins else []) + (["config"] if config_path else [])
-        if extra or model_opt or data_opt or options:
-            raise UsageError("--resume continues a run with its stored configuration; drop the other options")
-        cfg = RunConfig(resume=resume, progress=not no_progress)
+        if extra or model_opt or data_opt or options or regime_items:
+            raise UsageError("--resume continues a run with its stored configuration; only --steps, --epochs "
+                             f"and --time-limit (to extend it) may be given, not --{extra[0].replace('_', '-')}"
+                             if extra else "--resume continues a run with its stored configuration; "
+                             "drop the other options")
+        cfg = RunConfig(resume=resume, progress=not no_progress, **length)
     else:
         base = load_toml(config_path) if config_path else RunConfig()
         overrides: dict[str, Any] = dict(given)
@@ -92,6 +116,8 @@ def run(config_path, model_opt, data_opt, optimizer_opt, plugins, options, no_pr
         overrides["data_opts"] = parse_key_values(data_opt, "--data-opt") or None
         overrides["optimizer_opts"] = parse_key_values(optimizer_opt, "--optimizer-opt") or None
         overrides["plugin_options"] = _plugin_options(options) or None
+        if regime_items:
+            overrides["regime"] = {**(base.regime or {}), **_regime(regime_items)}
         if plugins:
             overrides["plugins"] = list(dict.fromkeys([*(base.plugins or []), *plugins]))
         if given.get("disable") is not None:
@@ -125,6 +151,7 @@ def _echo_result(result) -> None:
 @click.option("--loss", help="loss (default: the run's)")
 @click.option("--batch-size", type=str, help="batch size of the measurement data")
 @click.option("--seed", type=str)
+@click.option("--data-seed", type=str, help="data seed (default: the run's)")
 @click.option("--device")
 @click.option("--out", help="store for the measurements  [default: runs/SOURCE-measure-TIME.zarr]")
 def measure(source, plugins, options, checkpoints, model_opt, data_opt, **flat):

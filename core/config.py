@@ -19,9 +19,10 @@ from typing import Any, Mapping
 from .errors import UsageError
 from .schedule import Schedule, parse_duration
 
-__all__ = ["RunConfig", "load_toml", "LR_SCHEDULES"]
+__all__ = ["RunConfig", "load_toml", "LR_SCHEDULES", "PRECISIONS"]
 
 LR_SCHEDULES = ("constant", "step", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
 _FLOAT32_MAX = 3.4028234663852886e38
 #: probes active when neither the config file nor the command line names any
 DEFAULT_PLUGINS = ("grad-norm",)
@@ -55,11 +56,25 @@ class RunConfig:
     disable: list[str] = field(default_factory=list)
     out: str | None = None
     seed: int = 0
+    #: seed of the data factory (the train/eval split, synthetic data), apart from ``seed``
+    data_seed: int = 0
     device: str = "cpu"
     progress: bool = True
     on_nan: str = "stop"
     drop_last: bool = False
     resume: str | None = None
+    #: ``module:fn`` turning ``(model, batch)`` into ``(output, target)`` (default: tuples and dicts)
+    adapter: str | None = None
+    #: DataLoader worker processes (None: 0 on CPU, min(8, cores) on CUDA)
+    workers: int | None = None
+    #: split every training batch into chunks of this many samples (gradients accumulate)
+    micro_batch_size: int | None = None
+    #: fp32, bf16 or fp16 (autocast; fp16 with a GradScaler)
+    precision: str = "fp32"
+    #: wrap the training forward in torch.compile (true, or a backend name)
+    compile: bool | str = False
+    #: check the loss for NaN/inf every N steps (None: every step on CPU, every 50 on CUDA)
+    nan_check_every: int | None = None
 
     #: epochs used when neither epochs, steps nor a time limit is given
     DEFAULT_EPOCHS = 10
@@ -151,10 +166,10 @@ class RunConfig:
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             return UsageError(f"{where}'{name}' must be {what}, got {shown}")
 
-        for name in ("model", "data", "loss", "optimizer", "lr_schedule", "device", "on_nan"):
+        for name in ("model", "data", "loss", "optimizer", "lr_schedule", "device", "on_nan", "precision"):
             if not isinstance(getattr(self, name), str):
                 raise bad(name, "text", getattr(self, name))
-        for name in ("eval_schedule", "checkpoint_schedule", "out", "resume"):
+        for name in ("eval_schedule", "checkpoint_schedule", "out", "resume", "adapter"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 value = os.fspath(value)
@@ -224,8 +239,24 @@ class RunConfig:
         self.seed = _integer("seed", self.seed, "an integer")
         if not -2**63 <= self.seed < 2**63:  # what torch.manual_seed takes
             raise UsageError(f"--seed must be a 64-bit integer (|seed| < 2**63), got {self.seed}")
+        self.data_seed = _integer("data-seed", self.data_seed, "an integer")
+        if not 0 <= self.data_seed < 2**32:
+            raise UsageError(f"--data-seed must be an integer in [0, 2**32), got {self.data_seed}")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise UsageError(f"--device must be cpu or cuda, got '{self.device}'")
+        for name in ("workers", "micro_batch_size", "nan_check_every"):
+            value = getattr(self, name)
+            if value is not None:
+                value = _integer(name.replace("_", "-"), value, "a non-negative integer")
+                if value < (0 if name == "workers" else 1):
+                    raise UsageError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'workers' else '>= 1'}, "
+                                     f"got {value}")
+                setattr(self, name, value)
+        self.precision = self.precision.strip().lower()
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        if not isinstance(self.compile, (bool, str)) or (isinstance(self.compile, str) and not self.compile.strip()):
+            raise UsageError(f"compile must be true/false or a torch.compile backend name, got {self.compile!r}")
         if self.on_nan not in ("stop", "continue"):
             raise UsageError(f"on_nan must be 'stop' or 'continue', got '{self.on_nan}'")
         kind = self.lr_schedule.split(":", 1)[0]

@@ -73,22 +73,13 @@ class Engine:
         """Validate the config and build model, data, optimizer and plugins (no store yet)."""
         cfg = self.config
         if cfg.resume:
-            cfg = self.config = _config_for_resume(cfg)
+            cfg, self._extension = _config_for_resume(cfg)
+            self.config = cfg
         cfg.validate()
         rank, world = _init_distributed(cfg.device)
         if self.pm is None:
             self.pm = get_plugin_manager()
-        self.registry = reg = build_registry(self.pm)
-        # a plugin name that nothing registered may be a module to load by import path
-        missing = [n for n in cfg.plugins if n not in reg.activatable() and self.pm.get_plugin(n) is None]
-        for name in missing:
-            try:
-                load_module(self.pm, name)
-            except UsageError:
-                known = ", ".join(sorted(reg.activatable()))
-                raise UsageError(f"unknown plugin '{name}' (available: {known}; or an importable module)") from None
-        if missing:
-            self.registry = reg = build_registry(self.pm)
+        self.registry = reg = plugin_registry(self.pm, cfg.plugins)
         if cfg.out is None and not cfg.resume:
             cfg.out = _broadcast(_default_out(cfg) if rank == 0 else None)
         if not cfg.resume and store_exists(cfg.out):
@@ -97,7 +88,7 @@ class Engine:
         plugin_classes, modules = self._resolve_plugins(reg)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
-        train, evaluation = build_data(cfg.data, cfg.data_opts, reg.datasets, cfg.seed)
+        train, evaluation = build_data(cfg.data, cfg.data_opts, reg.datasets, cfg.data_seed)
         model = build_model(cfg.model, cfg.model_opts, reg.models, train).to(device)
         loss_fn = build_loss(cfg.loss, reg.losses)
         optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr,
@@ -120,37 +111,9 @@ class Engine:
             cfg.total_epochs * stream.steps_per_epoch if cfg.total_epochs is not None else None)
         if cfg.lr_schedule.startswith("cosine") and ctx.total_steps is None:
             raise UsageError("--lr-schedule cosine needs --steps or --epochs to know its length")
-        self.plugins = []
-        for name, cls in plugin_classes:
-            try:
-                plugin = cls(**cfg.plugin_options.get(name, {}))
-            except UsageError:
-                raise
-            except (TypeError, ValueError) as e:
-                raise UsageError(f"plugin '{name}': {e}") from e
-            self.plugins.append(plugin)
-            ctx.plugins[name] = plugin
-        for plugin in self.plugins:
-            missing = [r for r in plugin.requires if r not in ctx.plugins]
-            if missing:
-                raise UsageError(f"plugin '{plugin.name}' needs '{missing[0]}' too: add --plugin {missing[0]}")
+        self.plugins = make_plugins(plugin_classes, cfg.plugin_options, ctx)
         _check_workload(ctx)
-        for plugin in self.plugins:
-            plugin.check(ctx)
-        owners = [p for p in self.plugins if isinstance(p, StepOwner)]
-        if len(owners) > 1:
-            names = " and ".join(f"'{p.name}'" for p in owners)
-            raise UsageError(f"plugins {names} both own the training step; activate only one of them")
-        ctx.step_owner = owners[0] if owners else None
-        self._versions = {p.name: source_version(self.pm, reg.activatable()[p.name].source) for p in self.plugins}
-        # Discovered is not active: only activated modules keep their run-event hooks.
-        for name, plugin in list(self.pm.list_name_plugin()):
-            if isinstance(plugin, types.ModuleType) and name not in modules:
-                self.pm.unregister(plugin)
-        for plugin in self.plugins:
-            self.pm.register(plugin, name=f"plugin:{plugin.name}")
-        if ctx.step_owner is not None:
-            ctx.step_owner.setup(ctx)
+        self._versions = activate_plugins(self.pm, reg, ctx, self.plugins, modules)
         self.ctx = ctx
         self._prepared = True
         if world > 1:
@@ -158,31 +121,7 @@ class Engine:
         return ctx
 
     def _resolve_plugins(self, reg: Registry) -> tuple[list[tuple[str, type]], set[str]]:
-        cfg = self.config
-        available = reg.activatable()
-        chosen: dict[str, type] = {}
-        modules: set[str] = set()
-        for entry in available.values():
-            if getattr(entry.obj, "always_on", False) and entry.name not in cfg.disable:
-                chosen[entry.name] = entry.obj
-        for name in cfg.plugins:
-            if name in available:
-                chosen[name] = available[name].obj
-            elif self.pm.get_plugin(name) is not None and isinstance(self.pm.get_plugin(name), types.ModuleType):
-                modules.add(name)
-                for entry in reg.by_source(name):
-                    chosen[entry.name] = entry.obj
-            else:  # prepare() loaded every importable name, so this is a module without hooks
-                raise UsageError(f"plugin module '{name}' registers nothing lscape can activate")
-        for name in cfg.disable:
-            if name not in available:
-                raise UsageError(f"cannot disable unknown plugin '{name}'")
-        for name in cfg.plugin_options:
-            if name not in chosen:
-                if name in available:
-                    raise UsageError(f"options given for plugin '{name}', which is not active; add --plugin {name}")
-                raise UsageError(f"options given for unknown plugin '{name}'")
-        return list(chosen.items()), modules
+        return resolve_plugins(self.pm, reg, self.config)
 
     # -- running -------------------------------------------------------------------------
 
@@ -198,7 +137,7 @@ class Engine:
             self._load_latest_checkpoint(store)
             if ctx.is_main:
                 ctx.store = store
-                ctx.store.update_attrs(status="running", resumed_at=_now())
+                ctx.store.update_attrs(status="running", resumed_at=_now(), **_extension_attrs(self))
         elif ctx.is_main:
             ctx.store = RunStore.create(cfg.out, self._root_attrs())
         hook = self.pm.hook
@@ -242,11 +181,16 @@ class Engine:
             status, error = "failed", error or str(e)
         if ctx.store is None:  # ranks other than 0 write nothing
             return
-        ctx.store.flush()
-        attrs: dict[str, Any] = {"status": status, "end_time": _now(), "steps_done": self.step}
-        if error:
-            attrs["error"] = error
-        ctx.store.update_attrs(**attrs)
+        if status in ("completed", "interrupted", "diverged") and not getattr(self, "_mid_step", False):
+            self._final_checkpoint()  # "latest" is the model the run ended with
+        mark_ended(ctx.store, status, error, self.step)
+
+    def _final_checkpoint(self) -> None:
+        """A checkpoint of the state the run ended in, unless the latest one already is it."""
+        root = self.ctx.store.root
+        latest = root["checkpoints"].attrs.get("latest") if "checkpoints" in root.group_keys() else None
+        if latest != f"step_{self.step:09d}":
+            self.save_checkpoint()
 
     def _loop(self, ctx: RunContext) -> str:
         cfg = self.config
@@ -269,6 +213,7 @@ class Engine:
             elapsed = time.time() - ctx.start_time
             if cfg.time_limit is not None and elapsed >= cfg.time_limit:
                 return "completed"
+            self._mid_step = True  # a second signal inside a step leaves no consistent state to save
             batch, epoch, epoch_end = stream.next()
             state_size = batch_size_of(batch)
             batch = shard(batch, ctx.rank, ctx.world_size)
@@ -303,6 +248,7 @@ class Engine:
             self.step += 1
             if epoch_end:
                 self._call(hook.on_epoch_end, ctx=ctx, epoch=epoch)
+            self._mid_step = False
             if diverged and cfg.on_nan == "stop":
                 raise DivergedError(f"loss became {loss} at step {self.step - 1}; stopped (on_nan = stop)")
             if ckpt_schedule.due(self.step - 1, epoch_end=epoch_end, now=time.time() - ctx.start_time) \
@@ -376,15 +322,7 @@ class Engine:
 
     def _call(self, hook: Any, **kwargs: Any) -> Any:
         """Fire a hook; an exception from a plugin becomes ``PluginError`` naming it."""
-        impls = getattr(hook, "get_hookimpls", None)
-        if impls is not None and not impls():  # the per-step path skips events nobody listens to
-            return None
-        try:
-            return hook(**kwargs)
-        except (PluginError, DivergedError, KeyboardInterrupt, Interrupted):
-            raise
-        except Exception as e:
-            raise PluginError(_culprit(hook, e), e) from e
+        return call_hook(hook, **kwargs)
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -400,7 +338,7 @@ class Engine:
             "model": ctx.model.state_dict(),
             "optimizer": ctx.optimizer.state_dict(),
             "stream": ctx.stream.state_dict(),
-            "plugins": {p.name: p.state_dict() for p in self.plugins},
+            "plugins": plugin_states(self.plugins),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "lscape_version": __version__,
@@ -424,9 +362,7 @@ class Engine:
         ctx.model.load_state_dict(state["model"])
         ctx.optimizer.load_state_dict(state["optimizer"])
         ctx.stream.load_state_dict(state["stream"])
-        for plugin in self.plugins:
-            if plugin.name in state["plugins"]:
-                plugin.load_state_dict(state["plugins"][plugin.name])
+        load_plugin_states(self.plugins, state["plugins"])
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -436,19 +372,7 @@ class Engine:
             _truncate_after(store, self.step)
 
     def _root_attrs(self) -> dict[str, Any]:
-        cfg = self.config
-        return {
-            "lscape_version": __version__,
-            "torch_version": torch.__version__,
-            "python_version": platform.python_version(),
-            "config": cfg.to_dict(),
-            "plugins": self._versions,
-            "seed": cfg.seed,
-            "device": str(self.ctx.device),
-            "status": "running",
-            "start_time": _now(),
-            "command": " ".join(sys.argv),
-        }
+        return root_attrs(self.config, self.ctx.device, self._versions)
 
 
 def evaluate(ctx: RunContext, dataset: Any = None) -> dict[str, float]:
@@ -477,6 +401,146 @@ def evaluate(ctx: RunContext, dataset: Any = None) -> dict[str, float]:
     if classification:
         metrics["eval_accuracy"] = correct / max(total, 1)
     return metrics
+
+
+# -- pieces shared with lscape.attach (core/session.py) ----------------------------------
+
+
+def plugin_registry(pm: pluggy.PluginManager, names: Any) -> Registry:
+    """The registry of ``pm``, after loading every name in ``names`` that nothing registered
+    as a module by import path (an unknown name that does not import is bad input)."""
+    reg = build_registry(pm)
+    missing = [n for n in names or () if n not in reg.activatable() and pm.get_plugin(n) is None]
+    for name in missing:
+        try:
+            load_module(pm, name)
+        except UsageError:
+            known = ", ".join(sorted(reg.activatable()))
+            raise UsageError(f"unknown plugin '{name}' (available: {known}; or an importable module)") from None
+    return build_registry(pm) if missing else reg
+
+
+def resolve_plugins(pm: pluggy.PluginManager, reg: Registry, cfg: RunConfig) -> tuple[list[tuple[str, type]], set[str]]:
+    """The plugin classes a config activates (always-on ones unless disabled, then the named
+    ones) and the modules named as plugins; bad names and options are bad input."""
+    available = reg.activatable()
+    chosen: dict[str, type] = {}
+    modules: set[str] = set()
+    for entry in available.values():
+        if getattr(entry.obj, "always_on", False) and entry.name not in cfg.disable:
+            chosen[entry.name] = entry.obj
+    for name in cfg.plugins:
+        if name in available:
+            chosen[name] = available[name].obj
+        elif pm.get_plugin(name) is not None and isinstance(pm.get_plugin(name), types.ModuleType):
+            modules.add(name)
+            for entry in reg.by_source(name):
+                chosen[entry.name] = entry.obj
+        else:  # prepare() loaded every importable name, so this is a module without hooks
+            raise UsageError(f"plugin module '{name}' registers nothing lscape can activate")
+    for name in cfg.disable:
+        if name not in available:
+            raise UsageError(f"cannot disable unknown plugin '{name}'")
+    for name in cfg.plugin_options:
+        if name not in chosen:
+            if name in available:
+                raise UsageError(f"options given for plugin '{name}', which is not active; add --plugin {name}")
+            raise UsageError(f"options given for unknown plugin '{name}'")
+    return list(chosen.items()), modules
+
+
+def make_plugins(plugin_classes: list[tuple[str, type]], options: dict[str, dict[str, Any]],
+                 ctx: RunContext) -> list[Plugin]:
+    """Instantiate the plugins with their options into ``ctx.plugins``; check ``requires``."""
+    plugins = []
+    for name, cls in plugin_classes:
+        try:
+            plugin = cls(**options.get(name, {}))
+        except UsageError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"plugin '{name}': {e}") from e
+        plugins.append(plugin)
+        ctx.plugins[name] = plugin
+    for plugin in plugins:
+        missing = [r for r in plugin.requires if r not in ctx.plugins]
+        if missing:
+            raise UsageError(f"plugin '{plugin.name}' needs '{missing[0]}' too: add --plugin {missing[0]}")
+    return plugins
+
+
+def activate_plugins(pm: pluggy.PluginManager, reg: Registry, ctx: RunContext, plugins: list[Plugin],
+                     modules: set[str]) -> dict[str, str]:
+    """``Plugin.check`` each plugin, pick the one step owner, register the plugins for the run
+    events (unregistering modules that were discovered, not activated) and set the step owner
+    up; returns the plugins' versions."""
+    for plugin in plugins:
+        plugin.check(ctx)
+    owners = [p for p in plugins if isinstance(p, StepOwner)]
+    if len(owners) > 1:
+        names = " and ".join(f"'{p.name}'" for p in owners)
+        raise UsageError(f"plugins {names} both own the training step; activate only one of them")
+    ctx.step_owner = owners[0] if owners else None
+    versions = {p.name: source_version(pm, reg.activatable()[p.name].source) for p in plugins}
+    # Discovered is not active: only activated modules keep their run-event hooks.
+    for name, plugin in list(pm.list_name_plugin()):
+        if isinstance(plugin, types.ModuleType) and name not in modules:
+            pm.unregister(plugin)
+    for plugin in plugins:
+        pm.register(plugin, name=f"plugin:{plugin.name}")
+    if ctx.step_owner is not None:
+        ctx.step_owner.setup(ctx)
+    return versions
+
+
+def call_hook(hook: Any, **kwargs: Any) -> Any:
+    """Fire a hook; an exception from a plugin becomes ``PluginError`` naming it."""
+    impls = getattr(hook, "get_hookimpls", None)
+    if impls is not None and not impls():  # the per-step path skips events nobody listens to
+        return None
+    try:
+        return hook(**kwargs)
+    except (PluginError, DivergedError, KeyboardInterrupt, Interrupted):
+        raise
+    except Exception as e:
+        raise PluginError(_culprit(hook, e), e) from e
+
+
+def mark_ended(store: RunStore, status: str, error: str | None, steps: int) -> None:
+    """Flush the store and mark how the run ended (status, end time, steps, error)."""
+    store.flush()
+    attrs: dict[str, Any] = {"status": status, "end_time": _now(), "steps_done": steps}
+    if error:
+        attrs["error"] = error
+    store.update_attrs(**attrs)
+
+
+def plugin_states(plugins: list[Plugin]) -> dict[str, Any]:
+    """Every plugin's ``state_dict``, by name (what checkpoints keep)."""
+    return {p.name: p.state_dict() for p in plugins}
+
+
+def load_plugin_states(plugins: list[Plugin], states: dict[str, Any]) -> None:
+    """Give each plugin its state from ``plugin_states`` (plugins not in it keep theirs)."""
+    for plugin in plugins:
+        if plugin.name in states:
+            plugin.load_state_dict(states[plugin.name])
+
+
+def root_attrs(cfg: RunConfig, device: Any, versions: dict[str, str]) -> dict[str, Any]:
+    """The attributes of a new run store's root group."""
+    return {
+        "lscape_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "config": cfg.to_dict(),
+        "plugins": versions,
+        "seed": cfg.seed,
+        "device": str(device),
+        "status": "running",
+        "start_time": _now(),
+        "command": " ".join(sys.argv),
+    }
 
 
 def _check_workload(ctx: RunContext) -> None:
@@ -529,13 +593,51 @@ def _truncate_after(store: RunStore, step: int) -> None:
     walk(reader_root, "")
 
 
-def _config_for_resume(cfg: RunConfig) -> RunConfig:
+#: what a resumed run may change: its length, and only upwards
+EXTENDABLE = ("steps", "epochs", "time_limit")
+
+
+def _config_for_resume(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
+    """The stored config of ``cfg.resume`` with a raised ``steps``/``epochs``/``time_limit``
+    from ``cfg`` applied; returns it and the change (empty when the length is unchanged)."""
     path = cfg.resume
-    stored = RunConfig.stored(RunReader(path))
+    reader = RunReader(path)
+    stored = RunConfig.stored(reader)
     stored.out = path
     stored.resume = path
     stored.progress = cfg.progress
-    return stored
+    given = {k: getattr(cfg, k) for k in EXTENDABLE if getattr(cfg, k) is not None}
+    if not given:
+        return stored, {}
+    old = {k: getattr(stored.validate(), k) for k in EXTENDABLE}
+    new = stored.merged(given).validate()
+    done = reader.attrs.get("steps_done")
+    for key in ("steps", "epochs"):
+        value = getattr(new, key)
+        if value is None or key not in given:
+            continue
+        before = old[key] if key == "steps" else stored.total_epochs
+        if before is not None and value < before:
+            raise UsageError(f"--{key} can only be raised on resume: {path} was set to {before} {key}")
+        if key == "steps" and done is not None and value < int(done):
+            raise UsageError(f"--steps {value} is fewer than the {done} steps {path} has done")
+    if "time_limit" in given and old["time_limit"] is not None and new.time_limit < old["time_limit"]:
+        raise UsageError(f"--time-limit can only be raised on resume: {path} had {old['time_limit']:g}s")
+    change = {k: getattr(new, k) for k in EXTENDABLE if getattr(new, k) != old[k]}
+    if change:
+        change["from"] = {k: old[k] for k in change}
+    return new, change
+
+
+def _extension_attrs(engine: "Engine") -> dict[str, Any]:
+    """Root attributes of a resumed run whose length was raised: the new config, and the
+    change appended to ``extensions``."""
+    change = getattr(engine, "_extension", None)
+    if not change:
+        return {}
+    store = engine.ctx.store
+    record = {**change, "at_step": engine.step, "time": _now()}
+    return {"config": engine.config.to_dict(), "extensions": [*store.attrs.get("extensions", []), record]}
 
 
 def _device(name: str, rank: int = 0, world: int = 1) -> torch.device:
