@@ -221,3 +221,17 @@ def test_eps_sharpness_repeated_on_a_model_restores_it():
     assert torch.equal(model.w.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64))
     assert len(out["values"]) == 4 and out["std"] > 0  # a fresh random subspace per repeat
     assert np.all(out["values"] >= 0)
+
+
+def test_parse_range_reads_loss_landscapes_xmin_xmax_xnum_and_refuses_the_ambiguous():
+    # loss-landscape's --x=-1:1:51 is 51 points in [−1, 1] (it used to give 53 points from −1 to 51)
+    a = parse_range("-1:1:51")
+    np.testing.assert_array_equal(a, np.linspace(-1, 1, 51))
+    np.testing.assert_array_equal(parse_range("0.5:1.5:3"), [0.5, 1.0, 1.5])
+    # a written-out float third number keeps the step form
+    assert list(parse_range("-1:1:2.0")) == [-1, 0, 1, 2]
+    # an integer count no larger than the span could be either: refused, both spellings named
+    with pytest.raises(ValueError, match=r"ambiguous range '0:10:2'.*0:10:#2.*0:10:2\.0"):
+        parse_range("0:10:2")
+    with pytest.raises(ValueError, match="finite"):
+        parse_range("0:inf:0.1")

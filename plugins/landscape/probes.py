@@ -72,7 +72,7 @@ class Landscape(_TrainEvalProbe):
                choices=("auto", "filter", "unit", "model", "none")),
         Option("ignore", str, "biasbn", "random/filter directions on dim ≤ 1 tensors: zero (biasbn) or copy θ (none)",
                choices=("biasbn", "none")),
-        Option("alpha", str, "-1:1:#51", "coefficients along d₁: start:stop:step or start:stop:#num"),
+        Option("alpha", str, "-1:1:#51", "coefficients along d₁: start:stop:#num, xmin:xmax:xnum or start:stop:step"),
         Option("beta", str, None, "coefficients along d₂ (default: as alpha)"),
         Option("mode", str, "eval", "module mode while evaluating", choices=("eval", "train")),
         Option("params", str, None, "parameter subset: comma-separated glob patterns on names"),
@@ -203,7 +203,7 @@ class Interpolate(_TrainEvalProbe):
     options = _SPLIT_OPTIONS + (
         Option("other", str, None, "model B: a run store (its latest checkpoint) or a .pt state dict"),
         Option("checkpoint", str, "latest", "which checkpoint of a run store: latest or a step number"),
-        Option("alpha", str, "-1:2:0.1", "coefficients: start:stop:step or start:stop:#num"),
+        Option("alpha", str, "-1:2:0.1", "coefficients: start:stop:step, start:stop:#num or xmin:xmax:xnum"),
     )
     outputs = (
         Output("alpha", dims=("alpha",), long_name="interpolation coefficient α (0: this model, 1: other)"),

@@ -16,29 +16,55 @@ __all__ = ["parse_range", "evaluate", "Displacement", "displaced", "slice_1d", "
 def parse_range(spec: str | Sequence[float] | np.ndarray) -> np.ndarray:
     """Coefficients from a range string, or a list/array of floats returned unchanged.
 
-    Of the last two numbers of ``"a:b:c"`` the one smaller in magnitude is the step, so
-    SmoothOut's ``start:step:stop`` (``--alpha=-0.3:0.02:0.31``) and the
-    ``start:stop:step`` order (``"-1:2:0.1"``, −1 … 2 in steps of 0.1) both read as meant. The stop is included when it lies on the
-    grid (within 1e-6 of a step), excluded otherwise, so ``"-0.3:0.02:0.31"`` gives −0.3 …
-    0.3 as in the original. ``"-1:1:#51"`` gives 51 points from −1 to 1 inclusive.
+    Three forms, read by these rules in order:
+
+    - ``"a:b:#n"``: ``n`` points from a to b inclusive (``np.linspace``).
+    - ``"a:b:n"`` with ``n`` written as an integer (no ``.``, no exponent), ``n ≥ 2`` and
+      ``n > |b − a|``: loss-landscape's ``xmin:xmax:xnum``, ``n`` points from a to b
+      inclusive (``"-1:1:51"`` is Li et al.'s 51 points in [−1, 1]).
+    - otherwise a step form: of the last two numbers the one smaller in magnitude is the
+      step, so SmoothOut's ``start:step:stop`` (``"-0.3:0.02:0.31"``) and ``start:stop:step``
+      (``"-1:2:0.1"``) both read as meant. The stop is included when it lies on the grid
+      (within 1e-6 of a step), excluded otherwise, so ``"-0.3:0.02:0.31"`` gives −0.3 … 0.3
+      as in the original.
+
+    An integer third number ``n ≥ 2`` with ``n ≤ |b − a|`` (``"0:10:2"``: 2 points, or steps
+    of 2?) is ambiguous and refused with a ValueError that names both spellings.
     """
     if not isinstance(spec, str):
         return np.asarray(spec, dtype=float)
-    parts = spec.split(":")
+    parts = [p.strip() for p in spec.split(":")]
+    usage = f"bad range '{spec}': use start:stop:#num (like -1:1:#51), xmin:xmax:xnum (-1:1:51) or start:stop:step (-1:2:0.1)"
+    if len(parts) != 3:
+        raise ValueError(usage)
     try:
-        if len(parts) != 3:
-            raise ValueError
-        if parts[2].strip().startswith("#"):
-            return np.linspace(float(parts[0]), float(parts[1]), int(parts[2].strip()[1:]))
+        if parts[2].startswith("#"):
+            num = int(parts[2][1:])
+            if num < 1:
+                raise ValueError
+            return np.linspace(float(parts[0]), float(parts[1]), num)
         a, b, c = (float(v) for v in parts)
-        start, step, stop = (a, b, c) if abs(b) <= abs(c) else (a, c, b)
-        if step == 0 or (stop - start) / step < 0:
-            raise ValueError
     except ValueError:
-        raise ValueError(f"bad range '{spec}': use start:stop:step like -1:2:0.1, or start:stop:#num") from None
+        raise ValueError(usage) from None
+    if not all(math.isfinite(v) for v in (a, b, c)):
+        raise ValueError(f"bad range '{spec}': the numbers must be finite")
+    if _is_integer_literal(parts[2]) and c >= 2:
+        if c > abs(b - a):
+            return np.linspace(a, b, int(c))
+        raise ValueError(f"ambiguous range '{spec}': write {parts[0]}:{parts[1]}:#{int(c)} for {int(c)} points, "
+                         f"or {parts[0]}:{parts[1]}:{c!r} for the step form (start:stop:step or start:step:stop)")
+    start, step, stop = (a, b, c) if abs(b) <= abs(c) else (a, c, b)
+    if step == 0 or (stop - start) / step < 0:
+        raise ValueError(usage)
     n = math.floor((stop - start) / step + 1e-6) + 1
     # multiply rather than accumulate so that 0 comes out as exactly 0
     return np.round(start + step * np.arange(n), 12)
+
+
+def _is_integer_literal(text: str) -> bool:
+    """Whether ``text`` is written as an integer: digits with an optional sign, no point or exponent."""
+    body = text[1:] if text[:1] in "+-" else text
+    return body.isdigit()
 
 
 @torch.no_grad()
