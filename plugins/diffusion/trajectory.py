@@ -48,7 +48,7 @@ class Trajectory(Probe):
         Output("grad", dims=("coord",), dtype="float32", long_name="minibatch gradient ∇L_B(θ_t), projected like θ"),
         Output("loss", long_name="minibatch loss L_B(θ_t)"),
         Output("step_length", long_name="step length ‖θ_t − θ_{t−1}‖"),
-        Output("path_length", long_name="path length Σ_{k<t} ‖θ_{k+1} − θ_k‖ since the run (or resume) started"),
+        Output("path_length", long_name="path length Σ_{k<t} ‖θ_{k+1} − θ_k‖ since the run started (kept across resumes)"),
     )
 
     def __init__(self, **options):
@@ -79,7 +79,8 @@ class Trajectory(Probe):
         # every step, due or not: the step and path lengths must not depend on the stride
         self._setup(ctx)
         theta = flatten([p.detach() for p in self._params])
-        if self._prev is not None:
+        self._device_prev(theta)
+        if self._prev is not None and self._prev.shape == theta.shape:
             self._last_length = float(torch.linalg.vector_norm(theta - self._prev))
             self._path += self._last_length
         else:
@@ -133,8 +134,17 @@ class Trajectory(Probe):
             )
 
     def state_dict(self):
-        # θ_{t−1} is not saved: after a resume the first step length is unknown (NaN)
-        return {"path_length": self._path}
+        # θ_{t−1} is saved so that the first step after a resume has its step length and
+        # the path length keeps every increment: resume is exact
+        return {"path_length": self._path, "last_length": self._last_length,
+                "prev": None if self._prev is None else self._prev.detach().cpu().clone()}
 
     def load_state_dict(self, state):
         self._path = float(state.get("path_length", 0.0))
+        self._last_length = float(state.get("last_length", math.nan))
+        prev = state.get("prev")
+        self._prev = None if prev is None else prev.clone()
+
+    def _device_prev(self, theta: torch.Tensor) -> None:
+        if self._prev is not None and self._prev.device != theta.device:
+            self._prev = self._prev.to(theta.device)
