@@ -235,3 +235,66 @@ def test_parse_range_reads_loss_landscapes_xmin_xmax_xnum_and_refuses_the_ambigu
         parse_range("0:10:2")
     with pytest.raises(ValueError, match="finite"):
         parse_range("0:inf:0.1")
+
+
+def test_random_subspace_is_the_smoothout_codes_construction():
+    from lscape.plugins.landscape.sharpness import random_subspace
+
+    n, p = 40, 3
+    A, A_plus = random_subspace(n, p, torch.Generator().manual_seed(7))
+    # measure_sharpness.py -m p: A⁺ = U(−1, 1) (p, n) with unit rows, A = pinv(A⁺)
+    u = 2 * torch.rand(p, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64) - 1
+    torch.testing.assert_close(A_plus, u / u.norm(dim=1, keepdim=True), rtol=0, atol=0)
+    torch.testing.assert_close(A, torch.linalg.pinv(A_plus), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(A_plus @ A, torch.eye(p, dtype=torch.float64), rtol=0, atol=1e-12)
+    G, G_plus = random_subspace(n, p, torch.Generator().manual_seed(7), "gaussian")
+    torch.testing.assert_close(G, torch.randn(n, p, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    # the scale is what makes φ differ: Gaussian columns have norm ~√n, the seed's ~1
+    assert G.norm(dim=0).min() > 3 * A.norm(dim=0).max()
+
+
+@pytest.mark.parametrize("kind", ["smoothout", "gaussian"])
+def test_eps_sharpness_in_a_random_subspace_is_the_closed_form_corner_of_a_linear_loss(kind):
+    from lscape.plugins.landscape.sharpness import random_subspace
+
+    # f(v) = 1 + cᵀv is maximised over |z_i| ≤ h_i = ε(|(A⁺x)_i| + 1) at z = h·sign(Aᵀc)
+    n, p, eps = 30, 4, 0.01
+    c = torch.linspace(-1, 1, n, dtype=torch.float64)
+    x = torch.cos(torch.arange(n, dtype=torch.float64))
+
+    def fun(v):
+        return float(1 + c @ v), c.clone()
+
+    A, A_plus = random_subspace(n, p, torch.Generator().manual_seed(3), kind)
+    h = eps * ((A_plus @ x).abs() + 1)
+    f0 = 1 + float(c @ x)
+    expected = float((A.T @ c).abs() @ h) / (1 + f0) * 100
+    res = eps_sharpness(fun, x, eps=eps, subspace=p, method="pga", iters=1, init="zero", step=1.0,
+                        generator=torch.Generator().manual_seed(3), subspace_matrix=kind)
+    assert res.sharpness == pytest.approx(expected, rel=1e-12)
+
+
+def test_eps_sharpness_probe_measures_on_the_eval_set_with_split_eval():
+    from types import SimpleNamespace
+
+    from lscape.plugins.landscape import EpsSharpness
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    mk = lambda n, s: torch.utils.data.TensorDataset(torch.randn(n, 4, generator=torch.Generator().manual_seed(s)),
+                                                     torch.arange(n) % 3)
+    train, held = mk(24, 1), mk(20, 2)
+    ctx = SimpleNamespace(model=model, loss_fn=nn.functional.cross_entropy, train_set=train, eval_set=held,
+                          batch_size=8, device="cpu", cache={}, config=SimpleNamespace(seed=0), rank=0, world_size=1)
+    state = SimpleNamespace(step=0, batch=None)
+    probe = EpsSharpness(split="eval", data="full", repeats=2, eps=1e-3)
+    probe.check(ctx)
+    out = probe.measure(ctx, state)
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(model(held.tensors[0]), held.tensors[1]))
+    assert out["loss"] == pytest.approx(expected, rel=1e-6)
+    assert EpsSharpness(data="full", repeats=2).measure(ctx, state)["loss"] != pytest.approx(expected, rel=1e-3)
+    from lscape.errors import UsageError
+
+    with pytest.raises(UsageError, match="split=eval needs an eval set"):
+        EpsSharpness(split="eval").check(SimpleNamespace(eval_set=None))

@@ -250,6 +250,11 @@ class EpsSharpness(Probe):
     options = (
         Option("eps", float, 5e-4, "box size ε", minimum=0.0),
         Option("subspace", int, 0, "dimension p of a random subspace (0: full space)", minimum=0),
+        Option("subspace_matrix", str, "smoothout",
+               "random subspace: smoothout (A⁺ U(−1,1), unit rows, A = pinv(A⁺), as the seed) or gaussian (A N(0,1))",
+               choices=("smoothout", "gaussian")),
+        Option("split", str, "train", "measure on training batches, or on the eval set as the SmoothOut code does",
+               choices=("train", "eval")),
         Option("method", str, "pga", "maximiser: projected gradient ascent, or scipy's L-BFGS-B",
                choices=("pga", "lbfgsb")),
         Option("iters", int, 10, "iterations of the maximiser", minimum=1),
@@ -267,6 +272,8 @@ class EpsSharpness(Probe):
     )
 
     def check(self, ctx):
+        if self.opts.split == "eval" and getattr(ctx, "eval_set", None) is None:
+            raise UsageError("eps-sharpness.split=eval needs an eval set (the data gives none)")
         if self.opts.method == "lbfgsb":
             try:
                 import scipy.optimize  # noqa: F401
@@ -277,17 +284,36 @@ class EpsSharpness(Probe):
     def measure(self, ctx, state):
         params = [p for _, p in select_parameters(ctx.model, self.opts.params)]
         ctx.model.train(self.opts.mode == "train")
-        fun, x0, restore = model_objective(ctx.model, ctx.loss_fn, self.batches(ctx, state), params)
+        fun, x0, restore = model_objective(ctx.model, ctx.loss_fn, self._measure_batches(ctx, state), params)
         seed = self.opts.seed if self.opts.seed is not None else derived_seed(ctx.config.seed, "eps-sharpness")
         try:
             res = eps_sharpness_repeated(
                 fun, x0, repeats=self.opts.repeats, seed=int(seed) + int(state.step), eps=self.opts.eps,
                 subspace=self.opts.subspace or None, method=self.opts.method, iters=self.opts.iters, init=self.opts.init,
+                subspace_matrix=self.opts.subspace_matrix,
             )
             f0 = fun(x0)[0]
         finally:
             restore()
         return {"eps_sharpness": res["mean"], "eps_sharpness_std": res["std"], "values": res["values"], "loss": f0}
+
+    def _measure_batches(self, ctx, state) -> list:
+        """The probe's ``data`` batches of the training set, or with ``split=eval`` of the eval set
+        (``data=full``: all of it; otherwise ``batches`` fixed batches; seeded, drawn once)."""
+        if self.opts.split == "train":
+            return self.batches(ctx, state)
+        if ctx.eval_set is None:
+            raise UsageError("eps-sharpness.split=eval needs an eval set (the data gives none)")
+        size = self.opts.measure_batch_size or ctx.batch_size
+        n = -1 if self.opts.data == "full" else self.opts.batches
+        key = f"{self.name}:eval:{n}:{size}"
+        if key not in ctx.cache:
+            if n < 0:
+                ctx.cache[key] = list(full_batches(ctx.eval_set, size, ctx.device))
+            else:
+                ctx.cache[key] = fixed_batches(ctx.eval_set, size, n, derived_seed(ctx.config.seed, "eval-subset",
+                                                                                   self.name), ctx.device)
+        return ctx.cache[key]
 
 
 def load_model_state(path: str, checkpoint: str = "latest", device: Any = "cpu") -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 
 from lscape.params import flat_parameters, set_flat_parameters
 
-__all__ = ["SharpnessResult", "eps_sharpness", "eps_sharpness_repeated", "model_objective"]
+__all__ = ["SharpnessResult", "eps_sharpness", "eps_sharpness_repeated", "model_objective", "random_subspace"]
 
 Objective = Callable[[torch.Tensor], tuple[float, torch.Tensor]]
 
@@ -35,13 +35,17 @@ def eps_sharpness(
     init: str = "random",
     generator: torch.Generator | None = None,
     step: float = 0.5,
+    subspace_matrix: str = "smoothout",
 ) -> SharpnessResult:
     """φ_{x,f}(ε, A) = [max_{y ∈ C_ε} f(x + Ay) − f(x)] / (1 + f(x)) × 100.
 
     ``fun(v)`` returns ``(f(v), ∇f(v))`` for a flat vector ``v``. Full space (``subspace``
     None): C_ε = {y : |y_i| ≤ ε(|x_i| + 1)}. Subspace: ``subspace`` is an (n, p) matrix A
-    or an int p for a Gaussian A drawn from ``generator``; then
-    C_ε = {z ∈ R^p : |z_i| ≤ ε(|(A⁺x)_i| + 1)}. The maximisation is inexact, as in the
+    or an int p for a random A drawn from ``generator`` by :func:`random_subspace`
+    (``subspace_matrix="smoothout"``: the SmoothOut code's A⁺ with U(−1, 1) entries and
+    unit rows, A = pinv(A⁺); ``"gaussian"``: A with N(0, 1) entries); then
+    C_ε = {z ∈ R^p : |z_i| ≤ ε(|(A⁺x)_i| + 1)}. Because of the box's "+1", φ depends on
+    the scale of A: the two choices give different numbers on the same model. The maximisation is inexact, as in the
     paper: ``method="lbfgsb"`` runs scipy's L-BFGS-B on −f (the intended sign: the SmoothOut
     code handed the optimiser the wrong one) for ``iters`` iterations; ``method="pga"`` runs
     ``iters`` steps of projected sign-gradient ascent, each ``step`` × the box half-width.
@@ -50,16 +54,20 @@ def eps_sharpness(
     """
     x = x.detach()
     n = x.numel()
-    A = None
+    A = A_plus = None
     if isinstance(subspace, int):
-        A = torch.randn(n, subspace, generator=generator, dtype=torch.float64).to(x.device)
+        A, A_plus = random_subspace(n, subspace, generator, subspace_matrix)
+        A, A_plus = A.to(x.device), A_plus.to(x.device)
     elif subspace is not None:
         A = subspace.to(device=x.device, dtype=torch.float64)
     if A is None:
         half = eps * (x.double().abs() + 1)
     else:
-        # A⁺x by least squares; A has few columns, so this is a small solve
-        coords = torch.linalg.lstsq(A.cpu(), x.double().cpu().unsqueeze(1)).solution.squeeze(1).to(x.device)
+        if A_plus is not None:
+            coords = A_plus @ x.double()
+        else:
+            # A⁺x by least squares; A has few columns, so this is a small solve
+            coords = torch.linalg.lstsq(A.cpu(), x.double().cpu().unsqueeze(1)).solution.squeeze(1).to(x.device)
         half = eps * (coords.abs() + 1)
 
     def lift(z: torch.Tensor) -> torch.Tensor:
@@ -105,6 +113,29 @@ def eps_sharpness(
         raise ValueError(f"method must be 'lbfgsb' or 'pga', got {method!r}")
     fmax = max(best[0], f0)
     return SharpnessResult((fmax - f0) / (1 + f0) * 100, f0, fmax, lift(best[1]))
+
+
+def random_subspace(n: int, p: int, generator: torch.Generator | None = None,
+                    kind: str = "smoothout") -> tuple[torch.Tensor, torch.Tensor]:
+    """A random p-dimensional subspace of R^n as ``(A, A⁺)``, A (n, p), A⁺ (p, n), float64 on the CPU.
+
+    ``kind="smoothout"`` (the SmoothOut code, ``measure_sharpness.py -m p``): A⁺ has
+    U(−1, 1) entries, each of its p rows scaled to unit length, and A = pinv(A⁺) =
+    A⁺ᵀ(A⁺A⁺ᵀ)⁻¹ (A⁺ has full row rank almost surely). ``kind="gaussian"``: A has
+    N(0, 1) entries and A⁺ = pinv(A).
+    """
+    if not 1 <= p <= n:
+        raise ValueError(f"the subspace dimension must be between 1 and {n}, got {p}")
+    if kind == "smoothout":
+        A_plus = 2 * torch.rand(p, n, generator=generator, dtype=torch.float64) - 1
+        A_plus /= A_plus.norm(dim=1, keepdim=True)
+        A = torch.linalg.solve(A_plus @ A_plus.T, A_plus).T
+    elif kind == "gaussian":
+        A = torch.randn(n, p, generator=generator, dtype=torch.float64)
+        A_plus = torch.linalg.solve(A.T @ A, A.T)
+    else:
+        raise ValueError(f"subspace_matrix must be 'smoothout' or 'gaussian', got {kind!r}")
+    return A, A_plus
 
 
 def eps_sharpness_repeated(fun: Objective, x: torch.Tensor, repeats: int = 5, seed: int = 0, **kw) -> dict[str, float | np.ndarray]:
