@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lscape import Option, Output, StepOwner, hookimpl
 from lscape.errors import UsageError
 from lscape.plugins.optim import SAM, EntropySGD, SmoothOut, ghost_closures, sam_edge
@@ -175,6 +177,13 @@ class EntropySgdStep(_VariantStep):
         Option("langevin_lr", float, 0.1, "learning rate η' of the Langevin loop", minimum=0.0),
         Option("beta", float, 0.75, "averaging factor of μ", minimum=0.0),
         Option("momentum", float, None, "Langevin momentum (default: the base optimizer's)", minimum=0.0),
+        Option("nesterov", bool, None, "Nesterov momentum in the Langevin loop (default: the base optimizer's)"),
+        Option("dampening", float, None, "Langevin momentum dampening τ: m = mom·m + (1 − τ)d (default: the base's)",
+               minimum=0.0),
+        Option("weight_decay", float, None, "weight decay in the Langevin loop (default: the base optimizer's)",
+               minimum=0.0),
+        Option("compat", str, "none", "'original': python/optim.py's outer buffer start, its dw = mdw aliasing "
+               "without Nesterov and its constant γ", choices=("none", "original")),
     )
     outputs = (
         Output("grad_norm", long_name="‖∇f(x)‖ on the step's first minibatch"),
@@ -187,8 +196,11 @@ class EntropySgdStep(_VariantStep):
 
     def build(self, ctx):
         o = self.opts
+        if o.compat == "original" and not isinstance(ctx.optimizer, torch.optim.SGD):
+            raise UsageError("entropy-sgd.compat=original reproduces the original's SGD update: use --optimizer sgd")
         return EntropySGD(ctx.optimizer, L=o.L, gamma=o.gamma, scoping=o.scoping, noise=o.noise,
-                          langevin_lr=o.langevin_lr, beta=o.beta, momentum=o.momentum)
+                          langevin_lr=o.langevin_lr, beta=o.beta, momentum=o.momentum, nesterov=o.nesterov,
+                          dampening=o.dampening, weight_decay=o.weight_decay, compat=o.compat)
 
     def step(self, closure, ctx, state) -> float:
         due = self.before_step(state)

@@ -104,3 +104,124 @@ def test_statistics_are_recorded_and_consistent():
     # the noise term is noise/√(0.5·η')·ξ with ξ ~ N(0, I) over all parameters
     n = sum(p.numel() for p in model.parameters())
     assert s["noise_norm"] == pytest.approx(1e-3 / (0.05 ** 0.5) * n ** 0.5, rel=0.2)
+
+
+# -- compat="original": python/optim.py as published (ALGORITHMS.md, "Behaviours of the original code")
+
+
+def _original_reference(x0, grad, steps, lr, mom, nesterov, L, gamma, wd=0.0, damp=0.0, llr=0.1, beta=0.75):
+    """The original algorithm transcribed for one flat tensor, noise 0: outer buffer seeded with
+    the first gradient, Langevin ``dw = mdw`` without Nesterov, γ constant."""
+    x = x0.clone()
+    outer = None
+    for _ in range(steps):
+        g0 = grad(x)
+        if outer is None:
+            outer = g0.clone()
+        xc, mu, m = x.clone(), x.clone(), torch.zeros_like(x)
+        xp = x.clone()
+        for _ in range(L):
+            dw = grad(xp) + wd * xp
+            if mom > 0:
+                m = mom * m + (1 - damp) * dw
+                if nesterov:
+                    dw = dw + mom * m
+                else:
+                    dw = m          # alias: the next lines change the buffer too
+            dw = dw - gamma * (xc - xp)
+            if mom > 0 and not nesterov:
+                m = dw
+            xp = xp - llr * dw
+            mu = beta * mu + (1 - beta) * xp
+        d = (xc - mu) if L > 0 else g0
+        d = d + wd * x
+        outer = mom * outer + (1 - damp) * d
+        d = d + mom * outer if nesterov else outer
+        x = x - lr * d
+    return x
+
+
+def _quadratic():
+    A = torch.diag(torch.tensor([1.5, 0.7, 0.2], dtype=torch.float64))
+    b = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    return A, b, (lambda v: A @ v - b)
+
+
+def _run(opt_factory, x0, A, b, steps):
+    x = nn.Parameter(x0.clone())
+    opt = opt_factory([x])
+
+    def closure():
+        x.grad = None
+        (0.5 * x @ A @ x - b @ x).backward()
+        return torch.zeros(())
+
+    for _ in range(steps):
+        opt.step(closure)
+    return x.detach(), opt
+
+
+def test_original_first_update_with_L_zero_is_one_plus_mu_plus_mu_squared_times_the_gradient():
+    A, b, grad = _quadratic()
+    x0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    lr, mom = 0.1, 0.9
+    make = lambda compat: (lambda p: EntropySGD(torch.optim.SGD(p, lr=lr, momentum=mom, nesterov=True), L=0,
+                                                compat=compat))
+    x_orig, _ = _run(make("original"), x0, A, b, 1)
+    x_torch, _ = _run(make("none"), x0, A, b, 1)
+    torch.testing.assert_close(x_orig, x0 - lr * (1 + mom + mom**2) * grad(x0), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(x_torch, x0 - lr * (1 + mom) * grad(x0), rtol=1e-14, atol=1e-15)
+    # and ten steps follow the original's recursion exactly
+    x10, _ = _run(make("original"), x0, A, b, 10)
+    torch.testing.assert_close(x10, _original_reference(x0, grad, 10, lr, mom, True, 0, 0.0), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_original_mode_matches_the_transcribed_original_with_langevin_steps(nesterov):
+    A, b, grad = _quadratic()
+    x0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    kw = dict(lr=0.5, momentum=0.6, nesterov=nesterov, weight_decay=1e-2, dampening=0.0 if nesterov else 0.3)
+    x, opt = _run(lambda p: EntropySGD(torch.optim.SGD(p, **kw), L=5, gamma=0.3, scoping=0.5, noise=0.0,
+                                       compat="original"), x0, A, b, 8)
+    ref = _original_reference(x0, grad, 8, 0.5, 0.6, nesterov, 5, 0.3, wd=1e-2, damp=kw["dampening"])
+    torch.testing.assert_close(x, ref, rtol=1e-12, atol=1e-14)
+    assert opt.t == 8 and opt.gamma_t == 0.3            # the original never increments t
+    default, _ = _run(lambda p: EntropySGD(torch.optim.SGD(p, **kw), L=5, gamma=0.3, scoping=0.0, noise=0.0),
+                      x0, A, b, 8)
+    assert (default - ref).norm() > 1e-4 * ref.norm()   # the intended method differs, as the issue measured
+
+
+def test_without_nesterov_the_aliased_buffer_and_the_copied_one_have_their_own_fixed_points():
+    # aliased (original): m = mom·m + (1−τ)∇f − γ(x − x') has m* = 0, so x − μ → (1−τ)A((1−τ)A + γI)⁻¹x;
+    # copied (default): d = m − γ(x − x') with m* = (1−τ)∇f/(1−mom), so x − μ → A(A + γ(1−mom)/(1−τ) I)⁻¹x
+    A = torch.diag(torch.tensor([1.5, 0.5], dtype=torch.float64))
+    x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    mom, damp, gamma = 0.5, 0.2, 0.5
+    eye = torch.eye(2, dtype=torch.float64)
+    for compat, expected in (("original", (1 - damp) * A @ torch.linalg.solve((1 - damp) * A + gamma * eye, x0)),
+                             ("none", A @ torch.linalg.solve(A + gamma * (1 - mom) / (1 - damp) * eye, x0))):
+        x = nn.Parameter(x0.clone())
+
+        def closure():
+            x.grad = None
+            (0.5 * x @ A @ x).backward()
+            return torch.zeros(())
+
+        base = torch.optim.SGD([x], lr=0.0, momentum=mom, dampening=damp)
+        EntropySGD(base, L=800, gamma=gamma, scoping=0.0, noise=0.0, compat=compat).step(closure)
+        torch.testing.assert_close(x.grad, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_original_mode_needs_an_sgd_base_and_the_plugin_passes_its_options():
+    with pytest.raises(ValueError, match="torch.optim.SGD"):
+        EntropySGD(torch.optim.Adam([nn.Parameter(torch.zeros(2))]), compat="original")
+    from lscape.plugins.optimizers import EntropySgdStep
+
+    names = {o.name for o in EntropySgdStep.all_options()}
+    assert {"nesterov", "dampening", "weight_decay", "compat"} <= names
+    step = EntropySgdStep(nesterov="false", dampening="0.1", weight_decay="0.01", compat="original", L="2")
+    p = nn.Parameter(torch.zeros(2))
+    from types import SimpleNamespace
+
+    opt = step.build(SimpleNamespace(optimizer=torch.optim.SGD([p], lr=0.1, momentum=0.9)))
+    assert (opt.nesterov, opt.dampening, opt.weight_decay, opt.compat) == (False, 0.1, 0.01, "original")

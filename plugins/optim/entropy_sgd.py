@@ -28,10 +28,19 @@ class EntropySGD(WrappedOptimizer):
         x restored; p.grad = x − μ  (L > 0)            # the local-entropy gradient / γ
         base.step()                                    # outer momentum, weight decay, lr
 
-    ``mom``, Nesterov and ``wd`` of the Langevin loop default to each param group's
-    ``momentum``, ``nesterov`` and ``weight_decay`` (as the original shares them); pass
-    ``momentum``, ``nesterov`` or ``weight_decay`` to override. L = 0 is the base
-    optimizer exactly. After each step (while ``track_stats`` is true) ``stats`` holds ``grad_norm`` ‖∇f(x)‖,
+    ``mom``, Nesterov, dampening and ``wd`` of the Langevin loop default to each param
+    group's ``momentum``, ``nesterov``, ``dampening`` and ``weight_decay`` (as the original
+    shares them); pass ``momentum``, ``nesterov``, ``dampening`` or ``weight_decay`` to
+    override. With dampening τ the Langevin buffer is m = mom·m + (1 − τ)·d. L = 0 is the
+    base optimizer exactly.
+
+    ``compat="original"`` reproduces the published ``python/optim.py`` where it differs
+    from the method: (1) the outer momentum buffer starts as a copy of the first gradient
+    ∇f(x₀) instead of torch's first-step ``buf = d``, so the first update is
+    x₀ − lr(1 + mom + mom²)g₀ for L = 0 with Nesterov (needs an SGD base); (2) without
+    Nesterov the Langevin direction *is* the momentum buffer (``dw = mdw``), so the coupling
+    and noise terms accumulate in it; (3) t is never incremented, so γ stays ``gamma``
+    whatever ``scoping`` says. After each step (while ``track_stats`` is true) ``stats`` holds ``grad_norm`` ‖∇f(x)‖,
     ``dist_mu`` ‖x − μ‖, ``cos`` cos(∇f, x − μ), ``noise_norm`` (norm of the last
     Langevin noise term), ``mean_dist`` mean over the L steps of ‖x − x'_l‖ and
     ``gamma`` (γ used in this step).
@@ -50,10 +59,19 @@ class EntropySGD(WrappedOptimizer):
         nesterov: bool | None = None,
         weight_decay: float | None = None,
         generator: torch.Generator | None = None,
+        dampening: float | None = None,
+        compat: str = "none",
     ):
         super().__init__(base)
         if L < 0:
             raise ValueError(f"L must be >= 0, got {L}")
+        if compat not in ("none", "original"):
+            raise ValueError(f"compat must be 'none' or 'original', got {compat!r}")
+        if compat == "original" and not isinstance(base, torch.optim.SGD):
+            raise ValueError("compat='original' reproduces the original's own SGD update: the base must be "
+                             f"torch.optim.SGD, not {type(base).__name__}")
+        self.compat = compat
+        self.dampening = dampening
         self.L = int(L)
         self.gamma = float(gamma)
         self.scoping = float(scoping)
@@ -69,7 +87,9 @@ class EntropySGD(WrappedOptimizer):
 
     @property
     def gamma_t(self) -> float:
-        """γ for the next step: gamma · (1 + scoping)^t."""
+        """γ for the next step: gamma · (1 + scoping)^t (gamma with compat="original")."""
+        if self.compat == "original":
+            return self.gamma
         return self.gamma * (1.0 + self.scoping) ** self.t
 
     def step(self, closure):
@@ -77,6 +97,8 @@ class EntropySGD(WrappedOptimizer):
         self._require_closure(closure)
         loss = closure()
         gamma = self.gamma_t
+        if self.compat == "original":
+            self._seed_outer_buffer()
         if self.L == 0:
             self.stats = {"grad_norm": _norm([p.grad for p in self.parameters() if p.grad is not None]),
                           "gamma": gamma} if self.track_stats else {}
@@ -108,11 +130,14 @@ class EntropySGD(WrappedOptimizer):
                     d = [torch.zeros_like(p) if p.grad is None else p.grad for p in xp]
                     if lg["wd"]:
                         torch._foreach_add_(d, xp, alpha=lg["wd"])
+                    aliased = False
                     if lg["m"] is not None:
                         torch._foreach_mul_(lg["m"], lg["mom"])
-                        torch._foreach_add_(lg["m"], d)
+                        torch._foreach_add_(lg["m"], d, alpha=1.0 - lg["damp"])
                         if lg["nesterov"]:
                             torch._foreach_add_(d, lg["m"], alpha=lg["mom"])
+                        elif self.compat == "original":
+                            d, aliased = lg["m"], True  # the original's dw = mdw: what follows enters the buffer
                         else:
                             d = [m.clone() for m in lg["m"]]
                     if self.noise:
@@ -126,9 +151,14 @@ class EntropySGD(WrappedOptimizer):
                         torch._foreach_add_(d, xi, alpha=noise_scale)
                         if track and step == self.L - 1:
                             noise_sq = noise_sq + noise_scale**2 * _sq(xi)
-                    # x' − η'(d − γ(x − x')) = lerp(x', x, η'γ) − η'd: the coupling term in one pass
-                    torch._foreach_lerp_(xp, lg["x"], lr * gamma)
-                    torch._foreach_add_(xp, d, alpha=-lr)
+                    if aliased:
+                        # the coupling term goes into d (= the buffer) before the update
+                        torch._foreach_add_(d, torch._foreach_sub(lg["x"], xp), alpha=-gamma)
+                        torch._foreach_add_(xp, d, alpha=-lr)
+                    else:
+                        # x' − η'(d − γ(x − x')) = lerp(x', x, η'γ) − η'd: the coupling term in one pass
+                        torch._foreach_lerp_(xp, lg["x"], lr * gamma)
+                        torch._foreach_add_(xp, d, alpha=-lr)
                     torch._foreach_lerp_(lg["mu"], xp, 1.0 - self.beta)
                     if track:
                         dist_sq = dist_sq + _sq(torch._foreach_sub(lg["x"], xp))
@@ -159,11 +189,27 @@ class EntropySGD(WrappedOptimizer):
         self.variant_state["t"] += 1
         return loss
 
+    def _seed_outer_buffer(self) -> None:
+        """compat="original": before the first outer update, the momentum buffer is a copy of
+        ∇f(x₀) (the original's ``state['mdw'] = deepcopy(w.grad)``), so torch's SGD then
+        computes buf = mom·∇f(x₀) + (1 − dampening)·d as the original does."""
+        if self.t != 0:
+            return
+        for group in self.base.param_groups:
+            if not group.get("momentum"):
+                continue
+            for p in group["params"]:
+                state = self.base.state[p]
+                if p.grad is not None and state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = p.grad.detach().clone()
+
     def _langevin_group(self, group: dict) -> dict:
         mom = self.momentum if self.momentum is not None else group.get("momentum", 0.0)
         nesterov = self.nesterov if self.nesterov is not None else group.get("nesterov", True)
         wd = self.weight_decay if self.weight_decay is not None else group.get("weight_decay", 0.0)
-        return {"params": list(group["params"]), "mom": float(mom or 0.0), "nesterov": bool(nesterov), "wd": float(wd or 0.0)}
+        damp = self.dampening if self.dampening is not None else group.get("dampening", 0.0)
+        return {"params": list(group["params"]), "mom": float(mom or 0.0), "nesterov": bool(nesterov),
+                "wd": float(wd or 0.0), "damp": float(damp or 0.0)}
 
 
 def _noise_buffer(params: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
