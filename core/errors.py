@@ -26,3 +26,28 @@ class PluginError(LscapeError):
 
 class DivergedError(LscapeError):
     """The training loss became NaN or infinite."""
+
+
+class UserCodeError(UsageError):
+    """The user's own code (a model, data or loss factory, a loss, a model's forward) raised.
+
+    Shown as one line, "your factory X raised: ..." (exit status 2, nothing written); the
+    original exception is kept as ``__cause__``, whose traceback the CLI prints with
+    ``LSCAPE_DEBUG=1``.
+    """
+
+    def __init__(self, what: str, error: BaseException):
+        self.what = what
+        self.error = error
+        super().__init__(f"your {what} raised {type(error).__name__}: {message_line(error)}"
+                         " (LSCAPE_DEBUG=1 shows the traceback)")
+
+
+def message_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when it has none), cut to
+    ``limit`` characters: torch's multi-line errors become one readable line."""
+    text = str(error).strip()
+    if isinstance(error, KeyError) and error.args:
+        text = repr(error.args[0])
+    line = text.splitlines()[0].strip() if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

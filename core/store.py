@@ -10,8 +10,19 @@ Layout (see DESIGN.md)::
 Every array carries ``dimension_names`` so ``xarray.open_zarr(path, group=g)`` gives a
 labelled Dataset. Writers buffer rows and flush one chunk at a time, on ``flush()`` and
 after ``flush_seconds`` of wall clock, so an interrupted run loses at most what came after
-its last flush. The ``step`` array of a group is written last, so a reader that trusts
-``len(step)`` never sees a half-written row.
+its last flush.
+
+Live reads: a flush grows every array of a group, writes the rows (``step`` last) and only
+then publishes the group's committed row count in its ``rows`` attribute; a resume's
+truncation publishes the smaller count first. ``RunReader.read``/``to_xarray`` cut every
+array to the committed count, so a reader polling a live store always gets a consistent
+prefix (``xarray.open_zarr`` on a live store may catch arrays mid-resize: use
+``lscape.open_run(path).to_xarray(group)``).
+
+One writer: ``RunStore.create``/``open`` take the store's writer lock (``WriterLock``): an
+OS lock on the store's folder, held until ``close()`` or the process dies, with the holder's
+pid, host and start time in the attributes of the store's ``lock`` group (for messages and
+``lscape show``). A lock left by a dead process is stale and taken over.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -26,10 +38,16 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import zarr
 
-from .errors import UsageError
+from .errors import UsageError, message_line
 from .options import Output
 
-__all__ = ["RunStore", "GroupWriter", "RunReader", "store_exists", "to_numpy", "written_rows"]
+__all__ = ["RunStore", "GroupWriter", "RunReader", "WriterLock", "store_exists", "to_numpy", "written_rows",
+           "committed_rows"]
+
+#: group attribute holding the number of rows every array of the group has written
+ROWS_ATTR = "rows"
+#: the group whose attributes name the store's writer
+LOCK_GROUP = "lock"
 
 #: Target size of one chunk of a row-appended array.
 CHUNK_BYTES = 2 * 2**20
@@ -59,6 +77,18 @@ def written_rows(steps: np.ndarray, before: int | None = None) -> int:
     return int(bad[0]) if bad.size else int(steps.shape[0])
 
 
+def committed_rows(group: zarr.Group, arrays: Mapping[str, zarr.Array] | None = None) -> int:
+    """The rows of ``group`` that a reader may trust: the published ``rows`` count (stores
+    from before it existed: the written rows of ``step``), never more than ``step`` holds."""
+    arrays = dict(group.arrays()) if arrays is None else arrays
+    published = group.attrs.get(ROWS_ATTR)
+    if "step" not in arrays:
+        return min((a.shape[0] for a in arrays.values() if a.ndim), default=0)
+    step = arrays["step"]
+    n = step.shape[0] if published is None else min(int(published), step.shape[0])
+    return written_rows(step[:n])
+
+
 def to_numpy(value: Any) -> np.ndarray:
     """A value handed to a writer as a numpy array (tensors are detached and moved to CPU)."""
     if hasattr(value, "detach"):
@@ -81,7 +111,7 @@ class GroupWriter:
         self._last_flush = time.monotonic()
         # array handles, opened once: listing and reopening them at every flush is I/O
         self._arrays: dict[str, zarr.Array] = {name: group[name] for name in group.array_keys()}
-        self._length = written_rows(self._arrays["step"][:]) if "step" in self._arrays else 0
+        self._length = committed_rows(group, self._arrays) if "step" in self._arrays else 0
 
     def __len__(self) -> int:
         """Rows written so far, buffered ones included."""
@@ -95,7 +125,13 @@ class GroupWriter:
         # tensors and arrays are copied now, since their owner may change them in place
         row: dict[str, Any] = {"step": int(step)}
         for name, value in values.items():
-            row[name] = value if isinstance(value, (float, int)) else to_numpy(value).copy()
+            if isinstance(value, (float, int)):
+                row[name] = value
+            elif getattr(value, "ndim", None) == 0 and hasattr(value, "detach"):
+                # a 0-d tensor (the loss) stays on its device until the flush: no host sync per step
+                row[name] = value.detach()
+            else:
+                row[name] = to_numpy(value).copy()
         self._rows.append(row)
         if self._chunk_rows is None:
             self._chunk_rows = self._rows_per_chunk({k: np.asarray(v) for k, v in row.items()})
@@ -108,6 +144,10 @@ class GroupWriter:
         if not self._rows:
             return
         rows, self._rows = self._rows, []
+        for r in rows:  # device scalars kept by append() reach the host here, once per flush
+            for key, value in r.items():
+                if hasattr(value, "detach"):
+                    r[key] = to_numpy(value)
         # arrays seen in earlier flushes get NaN rows too, so every array keeps step's length
         seen = dict.fromkeys([*self._arrays, *(k for r in rows for k in r)])
         names = [n for n in seen if n != "step"] + ["step"]
@@ -130,14 +170,16 @@ class GroupWriter:
             arr.resize((n0 + k,) + arr.shape[1:])
             arr[n0 : n0 + k] = block
         self._length = n0 + k
+        self.group.attrs[ROWS_ATTR] = self._length  # published last: readers trust this many rows
 
     def truncate(self, keep: int) -> None:
         """Drop everything after the first ``keep`` rows (used by resume)."""
         self.flush()
+        self._length = min(self._length, keep)
+        self.group.attrs[ROWS_ATTR] = self._length  # published first: readers stop trusting the rest
         for arr in self._arrays.values():
             if arr.shape[0] > keep:
                 arr.resize((keep,) + arr.shape[1:])
-        self._length = min(self._length, keep)
 
     def _rows_per_chunk(self, row: Mapping[str, np.ndarray]) -> int:
         row_bytes = max(sum(v.nbytes for v in row.values()), 1)
@@ -174,32 +216,78 @@ class GroupWriter:
 class RunStore:
     """A run store opened for writing. Use ``create`` for a new run, ``open`` to resume."""
 
-    def __init__(self, root: zarr.Group, path: str):
+    def __init__(self, root: zarr.Group, path: str, lock: "WriterLock | None" = None):
         self.root = root
         self.path = path
+        self.lock = lock
         self._writers: dict[str, GroupWriter] = {}
 
     @classmethod
     def create(cls, path: str | os.PathLike, attrs: Mapping[str, Any]) -> "RunStore":
-        """Create a new store; an existing one at ``path`` is a ``UsageError``."""
+        """Create a new store and take its writer lock; an existing one at ``path`` (or one
+        that another process creates first) is a ``UsageError``."""
         path = str(path)
+        exists = f"{path} already exists; pass --resume {path} to continue it, or choose another --out"
         if store_exists(path):
-            raise UsageError(f"{path} already exists; pass --resume {path} to continue it, or choose another --out")
-        root = zarr.open_group(path, mode="w-")
+            raise UsageError(exists)
+        local = _local_path(path)
+        lock = None
+        if local is not None:
+            _make_parent(path, local)
+            try:
+                os.mkdir(local)  # atomic: of two runs racing for one --out, exactly one gets here
+            except FileExistsError:
+                raise UsageError(exists) from None
+            except OSError as e:
+                raise UsageError(f"cannot create {path}: {e.strerror or e}") from None
+            lock = WriterLock.acquire(local, path)
+        try:
+            root = zarr.open_group(path, mode="w-")
+        except Exception as e:  # a URL without its filesystem package (s3fs), an unknown protocol
+            if lock is not None:
+                lock.release()
+                os.rmdir(local)
+            hint = " (install the filesystem package for this URL)" if isinstance(e, ImportError) else ""
+            raise UsageError(f"cannot create {path}: {message_line(e)}{hint}") from None
         root.attrs.update(_jsonable(dict(attrs)))
-        return cls(root, path)
+        store = cls(root, path, lock)
+        if lock is not None:
+            lock.publish(root)
+        return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "RunStore":
-        """Open an existing store for appending."""
+    def open(cls, path: str | os.PathLike, lock: bool = True) -> "RunStore":
+        """Open an existing store for appending, taking its writer lock (``lock=False``: for
+        the ranks of a distributed run that only read checkpoints)."""
         path = str(path)
         if not store_exists(path):
             raise UsageError(f"no run store at {path}")
+        local = _local_path(path)
+        held = WriterLock.acquire(local, path) if lock and local is not None else None
         try:
             root = zarr.open_group(path, mode="r+")
         except Exception as e:
+            if held is not None:
+                held.release()
             raise UsageError(f"{path} is not a lscape run store ({type(e).__name__})") from e
-        return cls(root, path)
+        if held is not None:
+            held.publish(root)
+        return cls(root, path, held)
+
+    def close(self) -> None:
+        """Flush every writer and release the writer lock."""
+        try:
+            self.flush()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+
+    def clear_attrs(self, *names: str) -> None:
+        """Remove root attributes (an old ``error`` after a successful resume)."""
+        for name in names:
+            if name in self.root.attrs:
+                del self.root.attrs[name]
 
     @property
     def attrs(self) -> Mapping[str, Any]:
@@ -275,10 +363,186 @@ class RunReader:
         return {name: g[name] for name in sorted(g.array_keys())}
 
     def read(self, group: str) -> dict[str, np.ndarray]:
-        """Every array of ``group`` as numpy, cut to the rows whose ``step`` is written."""
-        arrays = self.arrays(group)
-        n = written_rows(arrays["step"][:]) if "step" in arrays else min((a.shape[0] for a in arrays.values()), default=0)
-        return {name: a[:n] if a.ndim else a[...] for name, a in arrays.items()}
+        """Every array of ``group`` as numpy, cut to the group's committed rows: a consistent
+        prefix even while a run writes the store."""
+        g = self.root[group]
+        arrays = {name: g[name] for name in sorted(g.array_keys())}
+        n = committed_rows(g, arrays)
+        out = {}
+        for name, a in arrays.items():
+            if not a.ndim:
+                out[name] = a[...]
+                continue
+            value = a[:n]
+            if value.shape[0] < n and name != "step":  # an array the writer is creating: not yet filled
+                pad = np.full((n - value.shape[0],) + value.shape[1:], _fill_value(value.dtype), dtype=value.dtype)
+                value = np.concatenate([value, pad])
+            out[name] = value
+        m = min((v.shape[0] for v in out.values() if np.ndim(v)), default=0)  # a truncation under way
+        return {k: v[:m] if np.ndim(v) else v for k, v in out.items()}
+
+    def to_xarray(self, group: str):
+        """``group`` as an ``xarray.Dataset`` with ``step`` as coordinate, cut to the committed
+        rows (the live-safe form of ``xarray.open_zarr(path, group=group)``)."""
+        try:
+            import xarray as xr
+        except ImportError:
+            raise UsageError("to_xarray needs xarray: pip install xarray") from None
+        if group not in self.groups():
+            raise UsageError(f"{self.path} has no group '{group}' (groups: {', '.join(self.groups()) or 'none'})")
+        data = self.read(group)
+        g = self.root[group]
+        variables = {}
+        for name, value in data.items():
+            a = g[name]
+            dims = a.metadata.dimension_names or tuple(f"{name}_dim{i}" for i in range(np.ndim(value)))
+            variables[name] = xr.Variable(tuple(dims), value, attrs=a.attrs.asdict())
+        coords = {"step": variables.pop("step")} if "step" in variables else {}
+        attrs = {k: v for k, v in g.attrs.asdict().items() if k != ROWS_ATTR}
+        return xr.Dataset(variables, coords=coords, attrs=attrs)
+
+    def writer(self) -> dict[str, Any] | None:
+        """Who holds (or last held) the store's writer lock: pid, host, since, and ``alive``
+        (``None`` where it cannot be told: another host, or no lock recorded)."""
+        if LOCK_GROUP not in self.root.group_keys():
+            return None
+        info = self.root[LOCK_GROUP].attrs.asdict()
+        return {**info, "alive": _holder_alive(info, _local_path(self.path))}
+
+
+class WriterLock:
+    """The exclusive writer lock of a local run store.
+
+    The lock itself is ``flock`` on the store's folder: the OS drops it when its process dies,
+    so a lock left by a killed run is stale by construction and simply taken over. The
+    holder's pid, host and start time go into the attributes of the store's ``lock`` group,
+    for the message a second writer gets and for readers. Where ``flock`` is missing
+    (Windows) the recorded pid is checked instead.
+    """
+
+    def __init__(self, local: str, path: str, fd: int | None):
+        self.local, self.path, self._fd = local, path, fd
+
+    @classmethod
+    def acquire(cls, local: str, path: str) -> "WriterLock":
+        """Take the lock of the store at ``local`` or raise a one-line ``UsageError``."""
+        try:
+            import fcntl
+        except ImportError:  # no flock: trust the recorded pid
+            fcntl = None
+        fd = None
+        if fcntl is not None:
+            fd = os.open(local, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise UsageError(_busy_message(path, _recorded_holder(local))) from None
+            holder = _recorded_holder(local)
+            if holder and holder.get("host") != socket.gethostname() and not holder.get("released"):
+                # flock does not reach across hosts on every network filesystem
+                os.close(fd)
+                raise UsageError(_busy_message(path, holder, remote=True))
+        else:
+            holder = _recorded_holder(local)
+            if holder and not holder.get("released") and _holder_alive(holder, local):
+                raise UsageError(_busy_message(path, holder))
+        return cls(local, path, fd)
+
+    def publish(self, root: zarr.Group) -> None:
+        """Record this process as the writer (in the ``lock`` group's attributes)."""
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now_text(), "released": False,
+                "start_ticks": _start_ticks(os.getpid())}
+        root.require_group(LOCK_GROUP).attrs.update(info)
+        self._root = root
+
+    def release(self) -> None:
+        """Mark the lock released and drop it (idempotent)."""
+        root = getattr(self, "_root", None)
+        if root is not None:
+            try:
+                root[LOCK_GROUP].attrs.update({"released": True})
+            except Exception:  # the store may be gone (a test deleting it): the OS lock still goes
+                pass
+            self._root = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
+def _busy_message(path: str, holder: dict[str, Any] | None, remote: bool = False) -> str:
+    who = "another process"
+    if holder:
+        who = f"pid {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})"
+    if remote:
+        return (f"{path} is being written by {who}; if that run is dead, delete {path}/{LOCK_GROUP} "
+                f"and try again")
+    return f"{path} is being written by {who}; wait for it to finish, or choose another --out"
+
+
+def _recorded_holder(local: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(local, LOCK_GROUP, "zarr.json")) as f:
+            return dict(json.load(f).get("attributes") or {})
+    except (OSError, ValueError):
+        return None
+
+
+def _holder_alive(info: Mapping[str, Any], local: str | None) -> bool | None:
+    """Whether the recorded writer still runs (``None``: cannot be told from here)."""
+    if info.get("released"):
+        return False
+    if local is None or info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return None
+    pid = int(info["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    ticks = info.get("start_ticks")
+    return ticks is None or _start_ticks(pid) in (None, ticks)  # a reused pid is another process
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _now_text() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _local_path(path: str) -> str | None:
+    """The filesystem path of a local store (``None`` for URL stores such as memory:// or s3://)."""
+    if "://" in path and not path.startswith("file://"):
+        return None
+    return path.removeprefix("file://")
+
+
+def _make_parent(path: str, local: str) -> None:
+    parent = os.path.dirname(os.path.abspath(local))
+    if os.path.isdir(parent):
+        return
+    if os.path.exists(parent):
+        raise UsageError(f"cannot create {path}: {parent} is a file, not a folder")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {path}: {e.strerror or e}") from None
 
 
 def _default_dtype(sample: np.ndarray) -> np.dtype:
