@@ -10,10 +10,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .batch import MODEL_LOSS, BatchAdapter
 from .errors import UsageError
 from .manager import Entry
 
-__all__ = ["resolve", "build_model", "build_data", "build_loss", "build_optimizer", "call_with_accepted"]
+__all__ = ["resolve", "build_model", "build_data", "build_loss", "build_adapter", "build_optimizer",
+           "call_with_accepted"]
 
 
 def resolve(spec: str, table: Mapping[str, Entry], kind: str) -> Any:
@@ -37,7 +39,7 @@ def resolve(spec: str, table: Mapping[str, Entry], kind: str) -> Any:
 
 
 def call_with_accepted(fn: Callable, options: Mapping[str, Any], extra: Mapping[str, Any], what: str) -> Any:
-    """Call ``fn(**options, **extra)`` passing only the ``extra`` keys it accepts.
+    """Call ``fn(**options, **extra)`` passing only the ``extra`` keys its signature names.
 
     An option it does not accept is a ``UsageError`` naming the option; errors raised
     for bad values inside ``fn`` (``TypeError``/``ValueError``) become ``UsageError`` too.
@@ -56,7 +58,9 @@ def call_with_accepted(fn: Callable, options: Mapping[str, Any], extra: Mapping[
             raise UsageError(f"{what} has no option '{unknown[0]}' (options: {accepted})")
     kwargs = dict(options)
     for key, value in extra.items():
-        if value is not None and key not in kwargs and (var_kw or key in params):
+        # only what the signature names: a factory with **kwargs (torchvision's resnet18)
+        # passes them on to a constructor that never asked for them
+        if value is not None and key not in kwargs and key in params:
             kwargs[key] = value
     try:
         return fn(**kwargs)
@@ -96,8 +100,11 @@ def build_model(spec: str, options: Mapping[str, Any], table: Mapping[str, Entry
     return model
 
 
-def build_loss(spec: str, table: Mapping[str, Entry]) -> Callable:
-    """A loss callable; a class given as ``module:Class`` is instantiated."""
+def build_loss(spec: str, table: Mapping[str, Entry]) -> Callable | None:
+    """A loss callable; a class given as ``module:Class`` is instantiated. ``model`` (the
+    model's own loss, ``output.loss``) gives None."""
+    if spec == MODEL_LOSS:
+        return None
     obj = resolve(spec, table, "loss")
     if inspect.isclass(obj):
         try:
@@ -116,6 +123,17 @@ def build_loss(spec: str, table: Mapping[str, Entry]) -> Callable:
         except TypeError:
             raise UsageError(f"loss '{spec}' must take (output, target); its signature is {sig}") from None
     return obj
+
+
+def build_adapter(spec: str | None, loss_fn: Callable | None, table: Mapping[str, Entry] | None = None) -> BatchAdapter:
+    """The run's batch→loss adapter; ``spec`` a ``module:fn`` (or a registered name) with
+    ``fn(model, batch) -> (output, target)``, or None for tuples and dicts."""
+    fn = None
+    if spec is not None:
+        fn = resolve(spec, table or {}, "adapter")
+        if not callable(fn):
+            raise UsageError(f"adapter '{spec}' is not callable")
+    return BatchAdapter(loss_fn, fn)
 
 
 def build_optimizer(spec: str, params: Any, lr: float, momentum: float, weight_decay: float,

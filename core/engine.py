@@ -7,6 +7,7 @@ writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import math
@@ -25,11 +26,12 @@ import pluggy
 import torch
 
 from . import __version__
-from .build import build_data, build_loss, build_model, build_optimizer
+from .batch import batch_size_of, chunks, shard
+from .build import build_adapter, build_data, build_loss, build_model, build_optimizer
 from .config import RunConfig, parse_step_schedule
 from .context import RunContext, StepState
-from .data import BatchStream, batch_size_of, derived_seed, full_batches, shard
-from .errors import DivergedError, PluginError, UsageError
+from .data import BatchStream, default_workers, derived_seed, full_batches
+from .errors import DivergedError, PluginError, UsageError, UserCodeError
 from .manager import Registry, build_registry, get_plugin_manager, load_module, source_version
 from .probe import Plugin, StepOwner
 from .schedule import Schedule
@@ -66,6 +68,9 @@ class Engine:
         self._prepared = False
         self._stop_requested = False
         self._versions: dict[str, str] = {}
+        self._pending_losses: list[tuple[int, torch.Tensor]] = []
+        self._divergence: tuple[int, float] = (0, float("nan"))
+        self._nan_every = 1
 
     # -- building ------------------------------------------------------------------------
 
@@ -91,15 +96,21 @@ class Engine:
         train, evaluation = build_data(cfg.data, cfg.data_opts, reg.datasets, cfg.data_seed)
         model = build_model(cfg.model, cfg.model_opts, reg.models, train).to(device)
         loss_fn = build_loss(cfg.loss, reg.losses)
+        adapter = build_adapter(cfg.adapter, loss_fn)
         optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr,
                                     cfg.momentum, cfg.weight_decay,
                                     {**({"nesterov": True} if cfg.nesterov else {}), **cfg.optimizer_opts},
                                     reg.optimizers)
         batch_size = None if cfg.batch_size == "full" else int(cfg.batch_size)
-        stream = BatchStream(train, batch_size, derived_seed(cfg.seed, "train-stream"), device, cfg.drop_last)
+        workers = default_workers(device) if cfg.workers is None else cfg.workers
+        stream = BatchStream(train, batch_size, derived_seed(cfg.seed, "train-stream"), device, cfg.drop_last,
+                             workers=workers, pin_memory=device.type == "cuda")
         ctx = RunContext(config=cfg, model=model, loss_fn=loss_fn, train_set=train, eval_set=evaluation,
                          device=device, optimizer=optimizer, registry=reg, stream=stream,
-                         steps_per_epoch=stream.steps_per_epoch, rank=rank, world_size=world)
+                         steps_per_epoch=stream.steps_per_epoch, rank=rank, world_size=world, adapter=adapter)
+        ctx.cache["workers"] = workers
+        self._precision = Precision(cfg.precision, device)
+        self._nan_every = cfg.nan_check_every or (50 if device.type == "cuda" else 1)
         self._forward = model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -107,6 +118,12 @@ class Engine:
             # DDP averages gradients in every backward pass (each closure call of a step
             # owner reduces once); probes use the bare module and the toolkit's reduction.
             self._forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            # only the training forward is compiled; probes run the plain module
+            backend = "inductor" if cfg.compile is True else str(cfg.compile)
+            self._forward = torch.compile(self._forward, backend=backend)
+        if stream.steps_per_epoch is None and cfg.steps is None and cfg.time_limit is None:
+            raise UsageError("the training data is an IterableDataset (no length): give --steps or --time-limit")
         ctx.total_steps = cfg.steps if cfg.steps is not None else (
             cfg.total_epochs * stream.steps_per_epoch if cfg.total_epochs is not None else None)
         if cfg.lr_schedule.startswith("cosine") and ctx.total_steps is None:
@@ -114,6 +131,9 @@ class Engine:
         self.plugins = make_plugins(plugin_classes, cfg.plugin_options, ctx)
         _check_workload(ctx)
         self._versions = activate_plugins(self.pm, reg, ctx, self.plugins, modules)
+        if self._precision.scaler is not None and ctx.step_owner is not None:
+            raise UsageError(f"--precision fp16 (a GradScaler) does not combine with the step owner "
+                             f"'{ctx.step_owner.name}'; use --precision bf16")
         self.ctx = ctx
         self._prepared = True
         if world > 1:
@@ -133,11 +153,12 @@ class Engine:
         cfg = self.config
         assert ctx is not None and self.pm is not None
         if cfg.resume:
-            store = RunStore.open(cfg.resume)
+            store = RunStore.open(cfg.resume, lock=ctx.is_main)  # one writer: a second --resume is refused
             self._load_latest_checkpoint(store)
             if ctx.is_main:
                 ctx.store = store
                 ctx.store.update_attrs(status="running", resumed_at=_now(), **_extension_attrs(self))
+                ctx.store.clear_attrs("error")  # an earlier failure's reason no longer applies
         elif ctx.is_main:
             ctx.store = RunStore.create(cfg.out, self._root_attrs())
         hook = self.pm.hook
@@ -179,11 +200,14 @@ class Engine:
             self._call(self.pm.hook.on_run_end, ctx=ctx, status=status)
         except Exception as e:  # the store must still be flushed and marked
             status, error = "failed", error or str(e)
+        if ctx.stream is not None:
+            ctx.stream.close()  # persistent loader workers
         if ctx.store is None:  # ranks other than 0 write nothing
             return
         if status in ("completed", "interrupted", "diverged") and not getattr(self, "_mid_step", False):
             self._final_checkpoint()  # "latest" is the model the run ended with
         mark_ended(ctx.store, status, error, self.step)
+        ctx.store.close()  # releases the writer lock
 
     def _final_checkpoint(self) -> None:
         """A checkpoint of the state the run ended in, unless the latest one already is it."""
@@ -229,14 +253,27 @@ class Engine:
             if not model.training:  # submodules a user froze in eval mode stay so
                 model.train()
             closure = self._closure(ctx, state)
+            every = self._nan_every
             if owner is None:
                 loss = closure()
-                if math.isfinite(loss) or cfg.on_nan == "continue":
+                scaler = self._precision.scaler
+                if scaler is not None:
+                    scaler.step(optimizer)  # skips non-finite steps itself
+                    scaler.update()
+                elif cfg.on_nan == "continue" or every > 1 or _finite(loss):
                     optimizer.step()
             else:
-                loss = float(owner.step(closure, ctx, state))
-                state.loss = loss
-            diverged = not math.isfinite(loss)
+                loss = owner.step(closure, ctx, state)
+                state.loss = loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+            # NaN/inf checks cost a host sync: every step on CPU, every `every` steps on CUDA
+            # (the window's losses are kept on the device and the first bad one is named)
+            if every == 1:
+                diverged = not _finite(state.loss)
+                if diverged:
+                    self._divergence = (self.step, float(state.loss))
+            else:
+                self._pending_losses.append((self.step, state.loss))
+                diverged = (self.step + 1) % every == 0 and self._diverged_since()
             if diverged:
                 state.extras["diverged"] = True
             if eval_schedule.due(self.step, epoch_end=epoch_end, now=time.time() - ctx.start_time) \
@@ -250,19 +287,25 @@ class Engine:
                 self._call(hook.on_epoch_end, ctx=ctx, epoch=epoch)
             self._mid_step = False
             if diverged and cfg.on_nan == "stop":
-                raise DivergedError(f"loss became {loss} at step {self.step - 1}; stopped (on_nan = stop)")
+                at, value = self._divergence
+                late = f" (noticed at step {self.step - 1}: --nan-check-every {every})" if at != self.step - 1 else ""
+                raise DivergedError(f"loss became {value} at step {at}{late}; stopped (on_nan = stop)")
             if ckpt_schedule.due(self.step - 1, epoch_end=epoch_end, now=time.time() - ctx.start_time) \
                     and ctx.is_main:
                 self.save_checkpoint()
         return "interrupted"
 
     def _closure(self, ctx: RunContext, state: StepState):
-        model, loss_fn, optimizer = self._forward, ctx.loss_fn, ctx.optimizer
+        model, adapter, optimizer = self._forward, ctx.adapter, ctx.optimizer
         fresh = ctx.step_owner is not None and ctx.step_owner.fresh_batches
         world = ctx.world_size
+        micro = self.config.micro_batch_size
+        precision = self._precision
         calls = 0
 
-        def closure() -> float:
+        def closure() -> torch.Tensor:
+            """Zero the gradients, forward and backward over the batch (in micro-batches),
+            return the batch-mean loss as a detached 0-d tensor on the device (no host sync)."""
             nonlocal calls
             if calls == 0 or not fresh:
                 batch, n_global = state.batch, state.extras["global_batch_size"]
@@ -271,19 +314,28 @@ class Engine:
                 n_global = batch_size_of(batch)
                 batch = shard(batch, ctx.rank, world)
             optimizer.zero_grad(set_to_none=True)
-            x, y = batch[0], batch[1]
-            loss = loss_fn(model(x), y)
+            n_local = batch_size_of(batch)
+            # Under DDP each rank's mean is weighted by its share of the global batch, so the
+            # ranks' averaged gradient is the global batch's gradient.
+            scale = n_local * world / n_global if world > 1 else 1.0
+            pieces = chunks(batch, micro)
+            total = None
+            for i, piece in enumerate(pieces):
+                weight = batch_size_of(piece) / n_local if len(pieces) > 1 else 1.0
+                last = i == len(pieces) - 1
+                # one all-reduce per step under DDP, after the last chunk
+                sync = model.no_sync() if world > 1 and not last and hasattr(model, "no_sync") else _NULL
+                with sync:
+                    with precision.autocast():
+                        loss = adapter.loss(model, piece)
+                    precision.backward(loss if weight * scale == 1.0 else loss * (weight * scale))
+                part = loss.detach().float() * weight if len(pieces) > 1 else loss.detach()
+                total = part if total is None else total + part
             if world > 1:
-                # DDP averages the ranks' gradients; weighting each rank's mean by its share
-                # of the global batch makes that average the global batch's gradient.
-                n_local = batch_size_of(batch)
-                (loss * (n_local * world / n_global)).backward()
-                total = (loss.detach() * n_local).reshape(1)
+                total = (total.float() * n_local).reshape(1)
                 torch.distributed.all_reduce(total)
-                value = float(total[0]) / n_global
-            else:
-                loss.backward()
-                value = float(loss.detach())
+                total = total[0] / n_global
+            value = total.reshape(())
             if calls == 0:
                 state.loss = value
                 self._call(self.pm.hook.on_after_backward, ctx=ctx, state=state)
@@ -291,6 +343,20 @@ class Engine:
             return value
 
         return closure
+
+    def _diverged_since(self) -> bool:
+        """Whether a loss since the last check was non-finite (one host sync for the window);
+        remembers the first such step and value in ``_divergence``."""
+        pending, self._pending_losses = self._pending_losses, []
+        if not pending:
+            return False
+        values = torch.stack([v.reshape(()).float() for _, v in pending]).cpu()
+        bad = (~torch.isfinite(values)).nonzero()
+        if bad.numel() == 0:
+            return False
+        first = int(bad[0, 0])
+        self._divergence = (pending[first][0], float(values[first]))
+        return True
 
     def _set_lr(self, step: int, epoch: int) -> float:
         cfg = self.config
@@ -338,6 +404,7 @@ class Engine:
             "model": ctx.model.state_dict(),
             "optimizer": ctx.optimizer.state_dict(),
             "stream": ctx.stream.state_dict(),
+            "scaler": self._precision.scaler.state_dict() if self._precision.scaler is not None else None,
             "plugins": plugin_states(self.plugins),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -357,11 +424,16 @@ class Engine:
     def _load_latest_checkpoint(self, store: RunStore) -> None:
         ctx = self.ctx
         state = load_checkpoint(store.root)
-        if state is None:
-            raise UsageError(f"{store.path} has no checkpoint to resume from")
+        if state is None:  # killed before its first checkpoint: redo it from step 0, as the new run did
+            print(f"[lscape] {store.path} has no checkpoint yet: restarting it from step 0", file=sys.stderr)
+            if ctx.is_main:
+                _truncate_after(store, 0)
+            return
         ctx.model.load_state_dict(state["model"])
         ctx.optimizer.load_state_dict(state["optimizer"])
         ctx.stream.load_state_dict(state["stream"])
+        if self._precision.scaler is not None and state.get("scaler"):
+            self._precision.scaler.load_state_dict(state["scaler"])
         load_plugin_states(self.plugins, state["plugins"])
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
@@ -372,28 +444,59 @@ class Engine:
             _truncate_after(store, self.step)
 
     def _root_attrs(self) -> dict[str, Any]:
-        return root_attrs(self.config, self.ctx.device, self._versions)
+        return {**root_attrs(self.config, self.ctx.device, self._versions), "total_steps": self.ctx.total_steps}
+
+
+_NULL = contextlib.nullcontext()
+
+
+def _finite(value: Any) -> bool:
+    """Whether a loss (float or tensor) is finite; a host sync for a device tensor."""
+    return math.isfinite(float(value))
+
+
+class Precision:
+    """Training precision: ``fp32``, or autocast to ``bf16``/``fp16`` (fp16 with a GradScaler,
+    whose state is checkpointed). Probes run outside it, in the parameters' dtype."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.name = name
+        self.device = device
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+
+    def autocast(self) -> Any:
+        if self.dtype is None:
+            return _NULL
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
 
 def evaluate(ctx: RunContext, dataset: Any = None) -> dict[str, float]:
     """Mean loss (and accuracy for class targets) on ``dataset`` (default: the eval set),
     in eval mode without gradients; the model's modes are restored."""
     dataset = ctx.eval_set if dataset is None else dataset
-    model, loss_fn = ctx.model, ctx.loss_fn
+    model, adapter = ctx.model, ctx.adapter
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
-    total, loss_sum, correct, classification = 0, 0.0, 0, True
+    total, loss_sum, correct, classification = 0, 0.0, 0, adapter.separable
+    size = ctx.config.micro_batch_size or max(ctx.batch_size, 256)
     try:
         with torch.no_grad():
-            for x, y in full_batches(dataset, max(ctx.batch_size, 256), ctx.device):
-                out = model(x)
-                n = x.shape[0]
-                loss_sum += float(loss_fn(out, y)) * n
+            for batch in full_batches(dataset, size, ctx.device, workers=ctx.cache.get("workers", 0)):
+                loss, (out, y) = adapter.loss_and_output(model, batch)
+                n = batch_size_of(batch)
+                loss_sum += float(loss) * n
                 total += n
-                if y.is_floating_point() or out.shape[:-1] != y.shape:
+                if not classification or not isinstance(y, torch.Tensor) or y.is_floating_point() \
+                        or out is None or out.shape[:-1] != y.shape:
                     classification = False
                 else:
-                    correct += int((out.argmax(-1) == y).sum()) * n // max(1, y.numel())
+                    counted = y >= 0  # ignore_index targets (-100) do not count
+                    hits = ((out.argmax(-1) == y) & counted).sum()
+                    correct += float(hits) / max(1, int(counted.sum())) * n
     finally:
         for m, training in modes:
             m.training = training
@@ -436,6 +539,8 @@ def resolve_plugins(pm: pluggy.PluginManager, reg: Registry, cfg: RunConfig) -> 
             modules.add(name)
             for entry in reg.by_source(name):
                 chosen[entry.name] = entry.obj
+            if not reg.by_source(name) and not pm.get_hookcallers(pm.get_plugin(name)):
+                raise UsageError(f"module '{name}' has no lscape hooks: it is not a plugin (see docs/plugin-guide.md)")
         else:  # prepare() loaded every importable name, so this is a module without hooks
             raise UsageError(f"plugin module '{name}' registers nothing lscape can activate")
     for name in cfg.disable:
@@ -547,15 +652,19 @@ def _check_workload(ctx: RunContext) -> None:
     """One forward pass and loss on a few training samples, so that a model, data and loss
     that do not fit together are bad input (exit 2, nothing written), not a failed run.
     The model's state and the RNG are restored; the training stream is not touched."""
+    from torch.utils.data import IterableDataset
+
     from .data import take, to_device
     from .probe import preserve_state
 
+    if isinstance(ctx.train_set, IterableDataset):  # reading it would consume a stream
+        return
     # as many samples as a training batch (capped), so broadcasting mistakes show as they would
     n = min(ctx.batch_size, 16, len(ctx.train_set))
-    batch = to_device(take(ctx.train_set, torch.arange(n)), ctx.device)
     try:
+        batch = to_device(take(ctx.train_set, torch.arange(n)), ctx.device)
         with preserve_state(ctx.model), torch.no_grad():
-            loss = ctx.loss_fn(ctx.model(batch[0]), batch[1])
+            loss = ctx.adapter.loss(ctx.model, batch)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError(f"the loss returned {type(loss).__name__} of shape "
                                 f"{tuple(getattr(loss, 'shape', ()))}, not a scalar tensor")
@@ -564,6 +673,8 @@ def _check_workload(ctx: RunContext) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"model '{cfg.model}', data '{cfg.data}' and loss '{cfg.loss}' do not fit together: "
                          f"{first}") from None
+    except Exception as e:  # user code failing in its own way (KeyError, OSError, ...)
+        raise UserCodeError(f"model '{ctx.config.model}' or loss '{ctx.config.loss}'", e) from e
 
 
 def load_checkpoint(root: Any, name: str | None = None) -> dict[str, Any] | None:
@@ -637,7 +748,8 @@ def _extension_attrs(engine: "Engine") -> dict[str, Any]:
         return {}
     store = engine.ctx.store
     record = {**change, "at_step": engine.step, "time": _now()}
-    return {"config": engine.config.to_dict(), "extensions": [*store.attrs.get("extensions", []), record]}
+    return {"config": engine.config.to_dict(), "total_steps": engine.ctx.total_steps,
+            "extensions": [*store.attrs.get("extensions", []), record]}
 
 
 def _device(name: str, rank: int = 0, world: int = 1) -> torch.device:
