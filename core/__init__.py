@@ -11,8 +11,9 @@ from .schedule import Schedule  # noqa: E402
 from .context import RunContext, StepState  # noqa: E402
 from .probe import Plugin, Probe, StepOwner, preserve_state  # noqa: E402
 from .api import run, open_run, measure  # noqa: E402
+from .session import attach, Session  # noqa: E402
 
 __all__ = [
     "__version__", "hookimpl", "hookspec", "Option", "Output", "UsageError", "PluginError", "Schedule",
-    "RunContext", "StepState", "Plugin", "Probe", "StepOwner", "preserve_state", "run", "open_run", "measure",
+    "RunContext", "StepState", "Plugin", "Probe", "StepOwner", "preserve_state", "run", "open_run", "measure", "attach", "Session",
 ]

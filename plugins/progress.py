@@ -43,7 +43,8 @@ class Progress(Plugin):
             self._bar.start()
             self._task = self._bar.add_task("train", total=total, info="")
         else:
-            limit = f"{total} steps" if total else f"time limit {ctx.config.time_limit:g}s"
+            limit = f"{total} steps" if total else (f"time limit {ctx.config.time_limit:g}s"
+                                                    if ctx.config.time_limit is not None else "no set length")
             _log(f"training {ctx.config.model} on {ctx.config.data}: {limit} -> {ctx.store.path}")
 
     @hookimpl

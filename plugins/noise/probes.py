@@ -13,7 +13,14 @@ from lscape.curvature import HessianOperator, gradient, lanczos
 from lscape.data import derived_seed, full_batches, take, to_device
 from lscape.params import flatten, select_parameters
 
-from .grad_noise import ResampledHessian, directional_sharpness, gradient_norms, minibatch_noise, sharpness
+from .grad_noise import (
+    ResampledHessian,
+    directional_sharpness,
+    gradient_norms,
+    minibatch_noise,
+    seed_power_method,
+    sharpness,
+)
 from .nonuniformity import nonuniformity, stability_margins
 from .per_sample import per_sample_statistics
 
@@ -65,6 +72,7 @@ class GradNoise(Probe):
     """Gradient noise, gradient norms and sharpness on fresh training batches (Zhang et al. 2022)."""
 
     name = "grad-noise"
+    needs_train_data = True  # fresh batches from the training set (lscape.attach checks it is given)
     help = "imagenet-grad-noise statistics: noise_sq, stograd_*, grad_*, update_size, sharpness, dir_sharpness"
     schedule = "every:100"
     at = "after_backward"
@@ -76,8 +84,8 @@ class GradNoise(Probe):
         Option("dir_pairs", int, 4, "K batch pairs for dir_sharpness (0 skips it)", minimum=0),
         Option("full_grad", bool, False, "ĝ over the whole training set instead of noise_size batches"),
         Option("mode", str, "eval", "module mode of every measurement", choices=("eval", "train")),
-        Option("compat", str, "none", "'original': train mode and fresh batches at every power step, as the seed",
-               choices=("none", "original")),
+        Option("compat", str, "none", "'original': the seed's train.py — train mode, fresh batches everywhere, "
+               "its power method, all but ĝ(θ_t) measured at θ_{t+1}", choices=("none", "original")),
         _PARAMS,
         _SMOOTH,
     )
@@ -118,8 +126,12 @@ class GradNoise(Probe):
         if pending is None or pending["step"] != state.step:
             return
         with preserve_state(ctx.model):
-            g_next = self._mean_grad(ctx, pending["batches"])
-        pending["values"]["change_in_grad_sq"] = float(((g_next - pending["g_hat"]).double() ** 2).sum())
+            if pending.get("original"):
+                # the seed's save_stats on θ_{t+1}: everything but ĝ(θ_t), on fresh batches
+                self._measure_statistics(ctx, state, pending["values"], next_of=pending["g_hat"])
+            else:
+                g_next = self._mean_grad(ctx, pending["batches"])
+                pending["values"]["change_in_grad_sq"] = float(((g_next - pending["g_hat"]).double() ** 2).sum())
         self._flush_pending(ctx)
 
     @hookimpl
@@ -137,43 +149,77 @@ class GradNoise(Probe):
     def measure(self, ctx, state):
         o = self.opts
         original = o.compat == "original"
-        mode = "train" if original else o.mode
-        named = select_parameters(ctx.model, o.params)
         sampler = self._get_sampler(ctx)
-
         ghat_batches = None if o.full_grad else sampler.draw(o.noise_size)
         g_hat = self._mean_grad(ctx, ghat_batches)
-        values: dict[str, Any] = gradient_norms(g_hat)
-        grads = (gradient(ctx.model, ctx.loss_fn, [b], params=named, mode=mode) for b in sampler.draw(o.noise_size))
-        values.update(minibatch_noise(g_hat, grads))
+        values: dict[str, Any] = {}
+        update_size = self._update_size(ctx, state)
+        if update_size is not None:
+            values["update_size"] = update_size
+        if original and not _is_measure_only(ctx):
+            # the seed: ĝ(θ_t) before the update; the rest once θ_{t+1} exists (on_step_end)
+            self._pending = {"step": state.step, "values": values, "g_hat": g_hat, "original": True}
+            return values
+        self._measure_statistics(ctx, state, values, g_hat=g_hat)
+        self._pending = {"step": state.step, "values": values, "g_hat": g_hat, "batches": ghat_batches}
+        return values
 
+    def _update_size(self, ctx, state) -> float | None:
+        """η‖g_B‖ of the training batch's gradient, before weight decay and momentum touch it."""
+        named = select_parameters(ctx.model, self.opts.params)
         params = [p for _, p in named]
         if state.batch is not None and any(p.grad is not None for p in params):
-            # the training step's own gradient, before weight decay and momentum touch it
             g_b = flatten([p.grad for p in params], like=params)
         elif state.batch is not None:
             g_b = gradient(ctx.model, ctx.loss_fn, [state.batch], params=named, mode="train")
         else:
-            g_b = None
+            return None
         lr = state.lr if state.lr is not None else ctx.lr
-        if g_b is not None:
-            values["update_size"] = lr * float(g_b.double().norm())
+        return lr * float(g_b.double().norm())
+
+    def _measure_statistics(self, ctx, state, values, g_hat=None, next_of=None) -> None:
+        """Noise, gradient norms, sharpness and dir_sharpness at the model's current θ, into ``values``.
+
+        Default: ``g_hat`` is ĝ here, the sharpness is lscape's power method on a fixed
+        operator from ĝ. ``compat=original`` (the seed's ``save_stats``, in its order):
+        dir_sharpness, then the seed's power method from ĝ over ``sharpness_batches`` fresh
+        batches on a Hessian re-sampled at every product, then ĝ here on fresh batches and the
+        noise; with ``next_of`` (ĝ(θ_t)) also ``change_in_grad_sq`` = ‖ĝ − ĝ(θ_t)‖².
+        """
+        o = self.opts
+        original = o.compat == "original"
+        mode = "train" if original else o.mode
+        named = select_parameters(ctx.model, o.params)
+        sampler = self._get_sampler(ctx)
+
+        def dir_sharpness():
+            if o.dir_pairs > 0:
+                drawn = sampler.draw(2 * o.dir_pairs)
+                pairs = list(zip(drawn[0::2], drawn[1::2]))
+                values["dir_sharpness"] = directional_sharpness(ctx.model, ctx.loss_fn, pairs, params=named, mode=mode)
 
         if original:
+            dir_sharpness()
+            v0 = self._mean_grad(ctx, sampler.draw(o.sharpness_batches))
             op = ResampledHessian(ctx.model, ctx.loss_fn, sampler.draw, o.sharpness_batches, params=named,
                                   mode="train")
-        else:
+            if float(v0.norm()) > 0:
+                sharp = seed_power_method(op, v0, iters=o.sharpness_iters, tol=o.sharpness_tol)
+                values["sharpness"], values["sharpness_residual"] = sharp.value, sharp.residual
+            if g_hat is None:
+                g_hat = self._mean_grad(ctx, None if o.full_grad else sampler.draw(o.noise_size))
+        values.update(gradient_norms(g_hat))
+        grads = (gradient(ctx.model, ctx.loss_fn, [b], params=named, mode=mode) for b in sampler.draw(o.noise_size))
+        values.update(minibatch_noise(g_hat, grads))
+        if next_of is not None:
+            values["change_in_grad_sq"] = float(((g_hat - next_of).double() ** 2).sum())
+        if not original:
             op = HessianOperator(ctx.model, ctx.loss_fn, sampler.draw(o.sharpness_batches), params=named, mode=mode)
-        if float(g_hat.norm()) > 0:
-            sharp = sharpness(op, g_hat, iters=o.sharpness_iters, tol=o.sharpness_tol)
-            values["sharpness"] = sharp.value
-            values["sharpness_residual"] = sharp.residual
-        if o.dir_pairs > 0:
-            drawn = sampler.draw(2 * o.dir_pairs)
-            pairs = list(zip(drawn[0::2], drawn[1::2]))
-            values["dir_sharpness"] = directional_sharpness(ctx.model, ctx.loss_fn, pairs, params=named, mode=mode)
-        self._pending = {"step": state.step, "values": values, "g_hat": g_hat, "batches": ghat_batches}
-        return values
+            if float(g_hat.norm()) > 0:
+                sharp = sharpness(op, g_hat, iters=o.sharpness_iters, tol=o.sharpness_tol)
+                values["sharpness"] = sharp.value
+                values["sharpness_residual"] = sharp.residual
+            dir_sharpness()
 
     def _mean_grad(self, ctx, batches):
         """ĝ over ``batches``, or over the whole training set when None."""
@@ -294,33 +340,43 @@ def register_plots(register):
     register("grad-stats", plot_grad_stats)
 
 
+#: (title, arrays, y label); a group "train:loss" reads the training group instead
 GRAD_NOISE_PANELS = (
-    ("noise and gradient (squared norms)", ("noise_sq", "stograd_sq", "grad_sq"), True),
-    ("ℓ∞ and ℓ₁ norms", ("stograd_linf", "grad_linf", "grad_l1"), True),
-    ("sharpness", ("sharpness", "dir_sharpness"), False),
-    ("update size and change in ĝ", ("update_size", "change_in_grad_sq"), True),
+    ("noise and gradient (squared norms)", ("noise_sq", "stograd_sq", "grad_sq"), "squared norm"),
+    ("ℓ∞ and ℓ₁ norms", ("stograd_linf", "grad_linf", "grad_l1"), "norm"),
+    ("sharpness", ("sharpness", "dir_sharpness"), "curvature"),
+    ("update size and change in ĝ", ("update_size", "change_in_grad_sq"), "size"),
+    ("training loss", ("train:loss",), "minibatch loss"),
 )
 GRAD_STATS_PANELS = (
-    ("variance and mean gradient", ("trace_cov", "grad_sq"), True),
-    ("gradient noise scale B_simple", ("b_simple",), True),
-    ("GSNR", ("gsnr",), True),
-    ("norm and inner-product tests", ("norm_test", "inner_test"), True),
-    ("stability margins (≤ 1 stable)", ("sharpness_margin", "nonuniformity_margin"), False),
+    ("variance and mean gradient", ("trace_cov", "grad_sq"), "squared norm"),
+    ("gradient noise scale B_simple", ("b_simple",), "samples"),
+    ("GSNR", ("gsnr",), "GSNR"),
+    ("norm and inner-product tests", ("norm_test", "inner_test"), "test statistic"),
+    ("stability margins (≤ 1 stable)", ("sharpness_margin", "nonuniformity_margin"), "margin"),
+    ("training loss", ("train:loss",), "minibatch loss"),
 )
 
 
 def plot_grad_noise(runs, out_dir):
-    """The grad-noise statistics against step, one panel per family, optionally smoothed."""
+    """The grad-noise statistics against step, one panel per family (and the training loss),
+    optionally smoothed."""
     return [_panels(runs, out_dir, "grad-noise", GRAD_NOISE_PANELS, "grad_noise.png")]
 
 
 def plot_grad_stats(runs, out_dir):
-    """The grad-stats statistics against step, one panel per family, optionally smoothed."""
+    """The grad-stats statistics against step, one panel per family (and the training loss),
+    optionally smoothed."""
     return [_panels(runs, out_dir, "grad-stats", GRAD_STATS_PANELS, "grad_stats.png")]
 
 
 def smoothing_window(run, group: str) -> int:
-    """The moving-average window: ``LSCAPE_SMOOTH`` if set, else the probe's ``smooth`` option."""
+    """The moving-average window: ``lscape plot --smooth K``, else ``LSCAPE_SMOOTH`` if set,
+    else the probe's ``smooth`` option."""
+    from lscape.plotting import settings
+
+    if settings()["smooth"] > 1:
+        return int(settings()["smooth"])
     env = os.environ.get("LSCAPE_SMOOTH")
     if env:
         return max(1, int(env))
@@ -331,33 +387,44 @@ def smoothing_window(run, group: str) -> int:
 def _panels(runs, out_dir, group, panels, filename):
     import numpy as np
 
-    from lscape.plotting import figure, moving_average, save
+    from lscape.plotting import figure, line, note, run_colours, run_labels, save
 
-    fig, ax0 = figure(group, "", "", size=(11, 3.2 * math.ceil(len(panels) / 2)))
+    labels, colours = run_labels(runs), run_colours(len(runs))
+    data = [(run.read(group), run.read("train") if run.has("train") else {}) for run in runs]
+    drawn = []  # the panels with data, in order; the others are left out (and said so)
+    for title, keys, ylabel in panels:
+        series = []
+        for label, colour, run, (d, train) in zip(labels, colours, runs, data):
+            for k, key in enumerate(keys):
+                source, _, name = key.rpartition(":")
+                values = (train if source == "train" else d).get(name)
+                steps = (train if source == "train" else d).get("step")
+                if values is None or not np.isfinite(np.asarray(values, dtype=float)).any():
+                    continue
+                name_label = name if len(runs) == 1 else f"{label}: {name}"
+                series.append((steps, values, name_label, colour if len(runs) > 1 else None,
+                               ("-", "--", ":")[k % 3] if len(runs) > 1 else "-", smoothing_window(run, group)))
+        if series:
+            drawn.append((title, ylabel, series))
+        else:
+            note(f"{filename}: panel '{title}' left out: nothing recorded for {', '.join(keys)}")
+    if not drawn:
+        return save(*figure(group, "step", "")[:1], out_dir / filename, empty=f"no {group} measurement is finite")
+    rows = math.ceil(len(drawn) / 2)
+    fig, ax0 = figure(group, "", "", size=(11, 3.2 * rows))
     fig.delaxes(ax0)
-    axes = fig.subplots(math.ceil(len(panels) / 2), 2, squeeze=False).ravel()
-    for ax, (title, keys, log) in zip(axes, panels):
+    axes = fig.subplots(rows, 2, squeeze=False).ravel()
+    for ax, (title, ylabel, series) in zip(axes, drawn):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        for run in runs:
-            data = run.read(group)
-            window = smoothing_window(run, group)
-            for key in keys:
-                if key not in data or not np.isfinite(data[key]).any():
-                    continue
-                label = key if len(runs) == 1 else f"{run.name}: {key}"
-                if window > 1:
-                    line = ax.plot(data["step"], data[key], lw=0.5, alpha=0.3)[0]
-                    ax.plot(data["step"], moving_average(data[key], window), lw=1.2, color=line.get_color(),
-                            label=f"{label} (MA {window})")
-                else:
-                    ax.plot(data["step"], data[key], lw=0.9, label=label)
-        if log and ax.lines and all((np.asarray(l.get_ydata(), float)[np.isfinite(l.get_ydata())] > 0).all()
-                                    for l in ax.lines):
-            ax.set_yscale("log")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    for ax in axes[len(panels):]:
+        for steps, values, label, colour, ls, window in series:
+            line(ax, steps, values, label=label, color=colour, ls=ls, smooth=window)
+    every = np.concatenate([np.asarray(steps, dtype=float) for _, _, series in drawn for steps, *_ in series])
+    if every.size and every.max() > every.min():  # one step axis for all panels, the loss panel's
+        for ax in axes[:len(drawn)]:
+            ax.set_xlim(every.min(), every.max())
+    for ax in axes[len(drawn):]:
         ax.set_visible(False)
-    return save(fig, out_dir / filename)
+    return save(fig, out_dir / filename, legend=list(axes[:len(drawn)]))
