@@ -79,7 +79,7 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
         stem = "fresh" if source is None else os.path.basename(str(source).rstrip("/")).removesuffix(".zarr").removesuffix(".pt")
         out = os.path.join("runs", f"{stem}-measure-{datetime.now().strftime('%Y%m%d-%H%M%S')}.zarr")
     if store_exists(out):
-        raise UsageError(f"{out} already exists; choose another --out")
+        _replace_killed_measure(out)
     cfg.out = out
     engine = Engine(cfg)
     ctx = engine.prepare()
@@ -105,7 +105,29 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
     finally:
         ctx.store.flush()
         ctx.store.update_attrs(status=status, end_time=_now())
+        ctx.store.close()  # releases the writer lock
     return RunResult(out, status, len(states))
+
+
+def _replace_killed_measure(out: str) -> None:
+    """A measurement killed part-way (status still "running", its writer dead) is redone:
+    ``lscape measure`` has no resume, and its partial rows are only a prefix. Anything else
+    at ``out`` is a ``UsageError``."""
+    import shutil
+    import sys
+
+    taken = UsageError(f"{out} already exists; choose another --out")
+    try:
+        reader = RunReader(out)
+    except UsageError:
+        raise taken from None
+    writer = reader.writer()
+    attrs = reader.attrs
+    if attrs.get("kind") != "measure" or attrs.get("status") != "running" or not writer or writer["alive"] is not False:
+        raise taken
+    print(f"[lscape] {out} is a measurement killed before it finished (pid {writer.get('pid')}): measuring again",
+          file=sys.stderr)
+    shutil.rmtree(out.removeprefix("file://"))
 
 
 def _model_states(reader: RunReader | None, source: Any, which: str) -> list[tuple[int, int, Any]]:
