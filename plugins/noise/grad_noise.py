@@ -15,6 +15,7 @@ __all__ = [
     "minibatch_noise",
     "ResampledHessian",
     "sharpness",
+    "seed_power_method",
     "directional_sharpness",
 ]
 
@@ -99,6 +100,39 @@ def sharpness(op: Any, v0: torch.Tensor, iters: int = 5, tol: float = 1e-2) -> S
     res = power_iteration(op, k=1, iters=iters, tol=tol, v0=v0)
     return Sharpness(float(res.eigenvalues[0]), res.eigenvectors[0], float(res.residuals[0]),
                      bool(res.converged[0]), res.num_products)
+
+
+def seed_power_method(op: Any, v0: torch.Tensor, iters: int = 5, tol: float = 1e-2) -> Sharpness:
+    """The seed's own ``utils.power_method`` (imagenet-grad-noise), step for step.
+
+    ``mu = 1e-6; v = v0/‖v0‖``; then at most ``iters`` times: ``Av = op(v)``,
+    ``mu_pre = mu``, ``mu = vᵀAv``, ``v = Av/‖Av‖``, stop when |mu − mu_pre|/|mu| < ``tol``.
+    It returns the Rayleigh quotient of the last product — at most ``iters`` products, no
+    extra one when the tolerance is not met — and its stopping test divides by |μ_new|
+    (lscape's :func:`sharpness` divides by |μ_old| + 1e-6 and, unconverged, makes one more
+    product for the vector it returns). ``vector`` is the v whose quotient ``value`` is,
+    ``residual`` ‖Av − μv‖ of it.
+    """
+    if float(v0.norm()) == 0.0:
+        raise ValueError("the power method cannot start from a zero gradient")
+    mu = 1e-6
+    v = v0 / v0.norm()
+    converged, products, residual, vec = False, 0, float("nan"), v
+    for _ in range(int(iters)):
+        av = op.matvec(v)
+        products += 1
+        mu_pre = mu
+        mu = float(torch.dot(av.double(), v.double()))
+        vec, residual = v, float((av - mu * v).norm())
+        n = av.norm()
+        if float(n) == 0.0:
+            converged = True
+            break
+        v = av / n
+        if mu != 0.0 and abs(mu - mu_pre) / abs(mu) < tol:
+            converged = True
+            break
+    return Sharpness(mu, vec, residual, converged, products)
 
 
 def directional_sharpness(
