@@ -92,6 +92,15 @@ def _regime(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 @click.option("--resume", type=str, metavar="PATH",
               help="continue a run from its last checkpoint; with --steps/--epochs/--time-limit, extend it")
 @click.option("--no-progress", is_flag=True, help="plain log lines instead of a progress bar")
+@click.option("--workers", type=str, help="DataLoader worker processes  [default: 0 on CPU, min(8, cores) on CUDA]")
+@click.option("--micro-batch-size", type=str, metavar="N",
+              help="split each batch (also 'full') into chunks of N samples; gradients accumulate")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="training precision (autocast; fp16 with a GradScaler); probes stay fp32  [default: fp32]")
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the training forward")
+@click.option("--adapter", metavar="MODULE:FN", help="fn(model, batch) -> (output, target) for unusual batches")
+@click.option("--nan-check-every", type=str, metavar="N",
+              help="check the loss for NaN/inf every N steps (one host sync)  [default: 1 on CPU, 50 on CUDA]")
 def run(config_path, model_opt, data_opt, optimizer_opt, plugins, options, no_progress, resume, regime_items, **flat):
     """Train a model and record what the active plugins measure."""
     from lscape.api import make_config
@@ -99,6 +108,8 @@ def run(config_path, model_opt, data_opt, optimizer_opt, plugins, options, no_pr
     from lscape.engine import Engine
     from lscape.options import parse_key_values
 
+    if "compile_" in flat:
+        flat["compile"] = flat.pop("compile_")
     given = {k: v for k, v in flat.items() if v is not None and v != ()}
     if resume:
         length = {k: given.pop(k) for k in ("steps", "epochs", "time_limit") if k in given}
@@ -254,68 +265,129 @@ def _cells(*values: Any) -> list[Any]:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("run_path", metavar="RUN")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (numbers as numbers, null for NaN)")
 def show(run_path, as_json):
-    """What a run store holds: status, config, groups, arrays with shapes and last values."""
+    """What a run store holds: status, steps done/total, groups, arrays with their last finite
+    values, and a summary per series (first, last, min, max, mean over the last 10%)."""
     from rich.table import Table
 
+    from lscape.display import format_value, run_summary, steps_text
     from lscape.store import RunReader
 
     reader = RunReader(run_path)
-    attrs = reader.attrs
-    groups = {}
-    for g in reader.groups():
-        if g == "checkpoints":
-            continue
-        data = reader.read(g)
-        groups[g] = {name: {"shape": list(a.shape), "dtype": str(a.dtype),
-                            "last": _last_value(a)} for name, a in data.items()}
-    ckpts = sorted(reader.root["checkpoints"].array_keys()) if "checkpoints" in reader.root.group_keys() else []
-    summary = {"path": reader.path, "status": attrs.get("status"), "lscape_version": attrs.get("lscape_version"),
-               "start_time": attrs.get("start_time"), "end_time": attrs.get("end_time"),
-               "steps_done": attrs.get("steps_done"), "error": attrs.get("error"), "config": attrs.get("config"),
-               "plugins": attrs.get("plugins"), "groups": groups, "checkpoints": ckpts}
+    summary = run_summary(reader)
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
+        click.echo(json.dumps(summary, indent=2, default=str, allow_nan=False))
         return
     console = _console()
-    cfg = attrs.get("config", {})
-    console.print(f"[bold]{reader.path}[/]  status: [bold]{attrs.get('status')}[/]  "
-                  f"steps: {attrs.get('steps_done')}  lscape {attrs.get('lscape_version')}")
-    if attrs.get("error"):
-        console.print(f"error: {attrs['error']}", markup=False)
+    cfg = summary.get("config") or {}
+    console.print(f"[bold]{reader.path}[/]  status: [bold]{summary['status']}[/]  "
+                  f"steps: {steps_text(summary)}  lscape {summary['lscape_version']}", highlight=False)
+    if summary.get("error"):
+        console.print(f"error: {summary['error']}", markup=False)
     console.print(f"model {cfg.get('model')} {cfg.get('model_opts') or ''}  data {cfg.get('data')}  "
                   f"loss {cfg.get('loss')}  optimizer {cfg.get('optimizer')} lr {cfg.get('lr')}  "
-                  f"batch {cfg.get('batch_size')}  seed {cfg.get('seed')}  plugins {', '.join(cfg.get('plugins') or [])}",
-                  markup=False)
-    table = Table("group", "array", "shape", "dtype", "last value")
-    for g, arrays in groups.items():
+                  f"batch {cfg.get('batch_size')}  seed {cfg.get('seed')}  data seed {cfg.get('data_seed', 0)}  "
+                  f"plugins {', '.join(cfg.get('plugins') or [])}", markup=False)
+    for ext in summary.get("extensions") or []:
+        changed = ", ".join(f"{k} {ext['from'].get(k)} -> {v}" for k, v in ext.items()
+                            if k not in ("from", "at_step", "time"))
+        console.print(f"extended at step {ext.get('at_step')}: {changed}", markup=False)
+    table = Table("group", "array", "shape", "dtype", "last value", "at step")
+    for g, arrays in summary["groups"].items():
         for i, (name, info) in enumerate(arrays.items()):
-            table.add_row(*_cells(g if i == 0 else "", name, "×".join(map(str, info["shape"])), info["dtype"], info["last"]))
+            at = "" if info["last_step"] is None else str(info["last_step"])
+            table.add_row(*_cells(g if i == 0 else "", name, "×".join(map(str, info["shape"])), info["dtype"],
+                                  format_value(info["last"]), at))
     console.print(table)
-    if ckpts:
-        console.print(f"checkpoints: {len(ckpts)} (latest {ckpts[-1]})")
+    lines = []
+    for g, arrays in summary["groups"].items():
+        series = {name: info["summary"] for name, info in arrays.items() if info.get("summary") and name != "lr"}
+        chosen = sorted(series, key=lambda n: (_PRIMARY.index(n) if n in _PRIMARY else len(_PRIMARY), n))[:3]
+        if chosen:
+            lines.append(f"{g}: " + "; ".join(f"{n} {_span(series[n])}" for n in chosen))
+    if lines:
+        console.print("summary: first -> last [min, max], late = mean of the last 10%  (all: --json)", markup=False)
+        for line in lines:
+            console.print("  " + line, markup=False, soft_wrap=True)
+    ckpt = summary.get("latest_checkpoint")
+    if ckpt:
+        console.print(f"checkpoints: {ckpt['count']}; \"latest\" (what `lscape measure RUN` measures) is step "
+                      f"{ckpt['step']} ({ckpt['name']})", markup=False, soft_wrap=True)
+    else:
+        console.print("checkpoints: none", markup=False)
 
 
-def _last_value(a) -> str:
-    import numpy as np
+#: the series a group's one-line summary shows first
+_PRIMARY = ("loss", "eval_loss", "eval_accuracy", "lambda_max", "trace", "grad_norm", "b_simple", "noise_sq",
+            "sharpness", "gsnr")
 
-    if a.shape[0] == 0:
+
+def _span(s: dict[str, Any]) -> str:
+    g = lambda v: f"{v:.4g}"  # noqa: E731
+    if s["n"] == 1:
+        return f"{g(s['last'])} (1 value)"
+    return f"{g(s['first'])} -> {g(s['last'])} [{g(s['min'])}, {g(s['max'])}] late {g(s['late_mean'])}"
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]")
+@click.option("--since", type=str, metavar="STEP", help="late-phase window: rows with step >= STEP  "
+              "[default: the last 10% of each run]")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def compare(runs, since, as_json):
+    """Late-phase statistics of several runs side by side: median λ_max/(2/η) and λ/SAM-edge
+    (eos or sharpness probes), final train loss (mean over the window), last eval loss and
+    accuracy."""
+    from rich.table import Table
+
+    from lscape.display import compare_row
+    from lscape.store import RunReader
+
+    start = None
+    if since is not None:
+        try:
+            start = int(since)
+        except ValueError:
+            raise UsageError(f"--since must be a step number, got '{since}'") from None
+        if start < 0:
+            raise UsageError(f"--since must be a step number >= 0, got {start}")
+    readers = [RunReader(r) for r in runs]
+    rows = [compare_row(r, start) for r in readers]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, allow_nan=False))
+        return
+    columns = [("run", "run"), ("status", "status"), ("steps", "steps"),
+               ("lambda_max", "λ_max"), ("lambda_over_threshold_gd", "λ_max/(2/η)"),
+               ("lambda_over_sam_edge", "λ/SAM-edge"), ("train_loss", "train loss"), ("eval_loss", "eval loss"),
+               ("eval_accuracy", "eval acc")]
+    window = f"step >= {start}" if start is not None else "the last 10% of each quantity's measurements"
+    table = Table(*(title for _, title in columns), title=f"late phase: medians (means for the loss) over {window}")
+    for row in rows:
+        table.add_row(*_cells(*(_fmt(row.get(key)) for key, _ in columns)))
+    from rich.console import Console
+
+    Console(emoji=False, highlight=False, width=max(160, _console().width)).print(table)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
         return "-"
-    v = a[-1]
-    if np.ndim(v) == 0:
-        return f"{v:.6g}" if np.issubdtype(np.asarray(v).dtype, np.floating) else str(v)
-    flat = np.asarray(v).ravel()
-    text = ", ".join(f"{x:.4g}" for x in flat[:4])
-    return f"[{text}{', ...' if flat.size > 4 else ''}]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]")
 @click.option("--out", "out_dir", help="folder for the figures  [default: RUN-plots next to the first run]")
-def plot(runs, out_dir):
-    """Figures for every plugin that recorded data; several runs are overlaid."""
+@click.option("--format", "fmt", type=click.Choice(["png", "pdf", "svg"]), default="png", show_default=True,
+              help="file format of the figures")
+@click.option("--dpi", type=click.IntRange(10, 2400), default=110, show_default=True, help="resolution (png)")
+@click.option("--smooth", type=click.IntRange(1, None), default=None, metavar="K",
+              help="moving average over K measurements on every series (raw data drawn faint)")
+def plot(runs, out_dir, fmt, dpi, smooth):
+    """Figures for every plugin that recorded data; several runs are overlaid, one colour each."""
     from lscape.manager import build_registry, get_plugin_manager
+    from lscape.plotting import configure
     from lscape.store import RunReader
 
     readers = [RunReader(r) for r in runs]
@@ -323,26 +395,40 @@ def plot(runs, out_dir):
         first = readers[0].path.rstrip("/")
         out_dir = first.removesuffix(".zarr") + "-plots"
     out = Path(out_dir)
+    _writable_folder(out)
     reg = build_registry(get_plugin_manager())
     written: list[Path] = []
     groups = {g.split("/")[0] for r in readers for g in r.groups()} | {g for r in readers for g in r.groups()}
-    for group, entries in reg.plots.items():
-        if group not in groups:
-            continue
-        having = [r for r in readers if r.has(group) or any(g.startswith(group + "/") for g in r.groups())]
-        for entry in entries:
-            try:
-                written += list(entry.obj(having, out) or [])
-            except UsageError:
-                raise
-            except Exception as e:  # one broken figure should not hide the others
-                click.echo(f"warning: the '{group}' figure from {entry.source} failed: {type(e).__name__}: {e}",
-                           err=True)
+    with configure(format=fmt, dpi=dpi, smooth=smooth):
+        for group, entries in reg.plots.items():
+            if group not in groups:
+                continue
+            having = [r for r in readers if r.has(group) or any(g.startswith(group + "/") for g in r.groups())]
+            for entry in entries:
+                try:
+                    written += [p for p in (entry.obj(having, out) or []) if p is not None]
+                except UsageError:
+                    raise
+                except Exception as e:  # one broken figure should not hide the others
+                    click.echo(f"warning: the '{group}' figure from {entry.source} failed: {type(e).__name__}: {e}",
+                               err=True)
     if not written:
         click.echo("no figures: the runs hold no data that a plot is registered for")
         return
     for p in written:
         click.echo(str(p))
+
+
+def _writable_folder(out: Path) -> None:
+    """``out`` is (or can be made) a folder this process can write, else a ``UsageError``."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder for the figures")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the figure folder {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"cannot write figures to {out}: the folder is not writable")
 
 
 def _add_plugin_commands() -> None:
@@ -382,6 +468,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except UsageError as e:
         click.echo(_one_line(f"error: {e}"), err=True)
+        if os.environ.get("LSCAPE_DEBUG") and e.__cause__ is not None:  # user code that raised
+            traceback.print_exception(e.__cause__)
         sys.exit(2)
     except PluginError as e:
         click.echo(_one_line(f"error: {e}"), err=True)

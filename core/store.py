@@ -355,6 +355,11 @@ class RunReader:
     def has(self, group: str) -> bool:
         return group in self.groups()
 
+    def _repr_html_(self) -> str:
+        from .display import html
+
+        return html(self)
+
     def group_attrs(self, group: str) -> dict[str, Any]:
         return self.root[group].attrs.asdict()
 

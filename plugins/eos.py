@@ -114,29 +114,34 @@ def register_plots(register):
 def plot_eos(runs, out_dir):
     """The sam_edge seed's four figures: eigenvalues with SAM-edge and 2/η, eigenvalues with
     the SAM-edge only, alignments with the top eigenvector, and the loss, against step."""
-    from lscape.plotting import figure, save
+    import numpy as np
 
-    data = [(run.name, run.read("eos")) for run in runs]
+    from lscape.plotting import eigenvalue_lines, figure, line, note, run_colours, run_labels, save
+
+    data = [(name, colour, run.read("eos")) for run, name, colour in zip(runs, run_labels(runs), run_colours(len(runs)))]
+    has_sam = any(np.isfinite(np.asarray(d["sam_edge"], dtype=float)).any() for _, _, d in data)
     paths = []
     for filename, title, with_gd in (("eos_eigenvalues.png", "Hessian eigenvalues, SAM-edge and 2/η", True),
                                      ("eos_eigenvalues_sam_edge.png", "Hessian eigenvalues and SAM-edge", False)):
-        fig, ax = figure(title, "step", "eigenvalue")
-        for name, d in data:
-            eig = d["top_eigenvalues"].reshape(len(d["step"]), -1)
-            for j in range(eig.shape[1]):
-                ax.plot(d["step"], eig[:, j], lw=0.8, label=f"{name} λ{j + 1}" if j < 3 else None)
-            ax.plot(d["step"], d["sam_edge"], "--", lw=1.0, label=f"{name} SAM-edge")
+        if not with_gd and not has_sam:
+            note(f"{filename} not written: the SAM-edge is undefined (rho = 0)")
+            continue
+        fig, ax = figure(title if has_sam else "Hessian eigenvalues and 2/η", "step", "eigenvalue")
+        for name, colour, d in data:
+            eigenvalue_lines(ax, d["step"], d["top_eigenvalues"], name, colour if len(data) > 1 else None)
+            if has_sam:
+                line(ax, d["step"], d["sam_edge"], label=f"{name} SAM-edge", color=colour, ls="--", lw=1.2)
             if with_gd:
-                ax.plot(d["step"], d["threshold_gd"], ":", lw=1.0, label=f"{name} 2/η")
+                line(ax, d["step"], d["threshold_gd"], label=f"{name} 2/η", color=colour, ls=":", lw=1.2)
         paths.append(save(fig, out_dir / filename, legend=ax))
     fig, ax = figure("alignment with the top eigenvector", "step", "|cos|")
-    for name, d in data:
-        ax.plot(d["step"], d["grad_alignment"], lw=0.8, label=f"{name} gradient")
-        ax.plot(d["step"], d["sam_grad_alignment"], lw=0.8, label=f"{name} SAM gradient")
-    paths.append(save(fig, out_dir / "eos_alignment.png", legend=ax))
+    for name, colour, d in data:
+        line(ax, d["step"], d["grad_alignment"], label=f"{name} gradient", color=colour)
+        line(ax, d["step"], d["sam_grad_alignment"], label=f"{name} SAM gradient", color=colour, ls="--")
+    paths.append(save(fig, out_dir / "eos_alignment.png", legend=ax, auto_log=False))
     fig, ax = figure("training loss (measured batch)", "step", "loss")
-    for name, d in data:
-        ax.plot(d["step"], d["loss"], lw=0.8, label=name)
+    for name, colour, d in data:
+        line(ax, d["step"], d["loss"], label=name, color=colour)
     ax.set_yscale("log")
     paths.append(save(fig, out_dir / "eos_loss.png", legend=ax))
     return paths

@@ -75,14 +75,17 @@ def register_plots(register):
 
 
 def plot_grad_norm(runs, out_dir):
-    """Gradient norm and distance from initialisation against step."""
-    from lscape.plotting import figure, save
+    """Gradient norm and distance from initialisation against step, one colour per run."""
+    from lscape.plotting import figure, line, run_colours, run_labels, save
 
+    labels, colours = run_labels(runs), run_colours(len(runs))
     paths = []
-    for key, title in (("grad_norm", "gradient norm"), ("dist_from_init", "distance from initialisation")):
-        fig, ax = figure(title, "step", key)
-        for run in runs:
+    for key, title, ylabel in (("grad_norm", "gradient norm", "‖∇L‖"),
+                               ("dist_from_init", "distance from initialisation", "‖θ − θ₀‖")):
+        fig, ax = figure(title, "step", ylabel)
+        for label, colour, run in zip(labels, colours, runs):
             d = run.read("grad-norm")
-            ax.plot(d["step"], d[key], label=run.name, lw=0.8)
+            if key in d:
+                line(ax, d["step"], d[key], label=label, color=colour)
         paths.append(save(fig, out_dir / f"grad_norm_{key}.png", legend=ax))
     return paths

@@ -162,23 +162,25 @@ def register_plots(register):
 
 def plot_hessian(runs, out_dir):
     """Top-k eigenvalues over steps, the trace with ±2 standard errors, and the spectral density."""
-    from lscape.plotting import figure, save
+    from lscape.plotting import eigenvalue_lines, figure, run_colours, run_labels, save
 
+    names = dict(zip(map(id, runs), run_labels(runs)))
+    colours = dict(zip(map(id, runs), run_colours(len(runs))))
     paths = []
     with_top = [(run, run.read("hessian")) for run in runs if run.has("hessian")]
     with_top = [(run, d) for run, d in with_top if "top_eigenvalues" in d and len(d["step"])]
     if with_top:
         fig, ax = figure("top Hessian eigenvalues", "step", "eigenvalue")
         for run, d in with_top:
-            eig = d["top_eigenvalues"].reshape(len(d["step"]), -1)
-            for j in range(eig.shape[1]):
-                ax.plot(d["step"], eig[:, j], lw=0.8, label=f"{run.name} λ{j + 1}" if j < 5 else None)
+            eigenvalue_lines(ax, d["step"], d["top_eigenvalues"], names[id(run)],
+                             colours[id(run)] if len(with_top) > 1 else None)
         paths.append(save(fig, out_dir / "hessian_top_eigenvalues.png", legend=ax))
     traced = [(run, run.read("hessian/trace")) for run in runs if run.has("hessian/trace")]
     if traced:
         fig, ax = figure("Hessian trace (±2 standard errors)", "step", "tr H")
         for run, d in traced:
-            ax.errorbar(d["step"], d["trace"], yerr=2 * d["trace_stderr"], lw=0.8, capsize=2, label=run.name)
+            ax.errorbar(d["step"], d["trace"], yerr=2 * d["trace_stderr"], lw=0.8, capsize=3, marker="o", ms=4,
+                        color=colours[id(run)], label=names[id(run)])
         paths.append(save(fig, out_dir / "hessian_trace.png", legend=ax))
     densities = [(run, run.read("hessian/density")) for run in runs if run.has("hessian/density")]
     if densities:
@@ -193,7 +195,7 @@ def plot_hessian(runs, out_dir):
             for n, i in enumerate(chosen):
                 colour = cmap(0.15 + 0.7 * n / max(len(chosen) - 1, 1))
                 ax.plot(d["grid"][i], np.maximum(d["density"][i], 1e-12), lw=0.9, color=colour,
-                        label=f"{run.name} step {int(steps[i])}")
+                        label=f"{names[id(run)]} step {int(steps[i])}")
         ax.set_yscale("log")
         ax.set_ylim(bottom=1e-6)
         paths.append(save(fig, out_dir / "hessian_density.png", legend=ax))

@@ -83,8 +83,10 @@ def register_plots(register):
 
 def plot_hessian_exact(runs, out_dir):
     """The eigenvalue histogram of the last measurement, and the extreme eigenvalues over steps."""
-    from lscape.plotting import figure, save
+    from lscape.plotting import figure, line, run_colours, run_labels, save
 
+    names = dict(zip(map(id, runs), run_labels(runs)))
+    colours = dict(zip(map(id, runs), run_colours(len(runs))))
     data = [(run, run.read("hessian-exact")) for run in runs]
     data = [(run, d) for run, d in data if len(d.get("step", []))]
     if not data:
@@ -92,12 +94,31 @@ def plot_hessian_exact(runs, out_dir):
     fig, ax = figure("exact Hessian spectrum (last measurement)", "eigenvalue", "count")
     for run, d in data:
         values = np.asarray(d["eigenvalues"][-1], dtype=float)
-        ax.hist(values[np.isfinite(values)], bins=100, histtype="step", label=f"{run.name} step {int(d['step'][-1])}")
+        values = values[np.isfinite(values)]
+        step = int(d["step"][-1])
+        counts, edges, _ = ax.hist(values, bins=100, histtype="step", color=colours[id(run)],
+                                   label=f"{names[id(run)]} exact, step {step}")
+        _overlay_slq(ax, run, step, values.size, edges[1] - edges[0], colours[id(run)], names[id(run)])
     ax.set_yscale("log")
     paths = [save(fig, out_dir / "hessian_exact_histogram.png", legend=ax)]
     fig, ax = figure("extreme Hessian eigenvalues", "step", "eigenvalue")
     for run, d in data:
-        ax.plot(d["step"], d["lambda_max"], lw=0.9, label=f"{run.name} λ_max")
-        ax.plot(d["step"], d["lambda_min"], "--", lw=0.9, label=f"{run.name} λ_min")
+        line(ax, d["step"], d["lambda_max"], label=f"{names[id(run)]} λ_max", color=colours[id(run)])
+        line(ax, d["step"], d["lambda_min"], label=f"{names[id(run)]} λ_min", color=colours[id(run)], ls="--")
     paths.append(save(fig, out_dir / "hessian_exact_extremes.png", legend=ax))
     return paths
+
+
+def _overlay_slq(ax, run, step, n, bin_width, colour, name):
+    """The `hessian` probe's SLQ density at the same step, scaled to counts per bin (n·p·Δ),
+    over the exact histogram: the check that the stochastic estimate sees the spectrum."""
+    if not run.has("hessian/density"):
+        return
+    d = run.read("hessian/density")
+    rows = np.flatnonzero(d["step"] == step)
+    if not rows.size:
+        return
+    i = int(rows[-1])
+    counts = np.asarray(d["density"][i], dtype=float) * n * bin_width
+    ax.plot(d["grid"][i], np.maximum(counts, 1e-3), lw=1.0, ls="--", color=colour, alpha=0.8,
+            label=f"{name} SLQ density × n·Δ")

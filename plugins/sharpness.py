@@ -130,12 +130,12 @@ def plot_sharpness(runs, out_dir):
     """λ_max against step, with the gradient-descent stability threshold 2/η where recorded."""
     import numpy as np
 
-    from lscape.plotting import figure, save
+    from lscape.plotting import figure, line, run_colours, run_labels, save
 
     fig, ax = figure("sharpness λ_max", "step", "λ_max")
-    for run in runs:
+    for run, name, colour in zip(runs, run_labels(runs), run_colours(len(runs))):
         d = run.read("sharpness")
-        ax.plot(d["step"], d["lambda_max"], lw=0.9, label=f"{run.name} λ_max")
+        line(ax, d["step"], d["lambda_max"], label=f"{name} λ_max", color=colour)
         if run.has("train"):
             train = run.read("train")
             if "lr" in train and len(train["lr"]) and len(d["lambda_max"]):
@@ -144,5 +144,5 @@ def plot_sharpness(runs, out_dir):
                     threshold = np.where(lr > 0, 2.0 / lr, np.nan)
                 # 2/η far above λ_max would flatten the curve that matters; show it when near.
                 if np.nanmin(threshold) < 5 * np.nanmax(d["lambda_max"]):
-                    ax.plot(train["step"], threshold, ":", lw=1.0, label=f"{run.name} 2/η")
+                    ax.plot(train["step"], threshold, ":", lw=1.0, color=colour, label=f"{name} 2/η")
     return [save(fig, out_dir / "sharpness_lambda_max.png", legend=ax)]

@@ -37,31 +37,32 @@ def register_plots(register):
 
 
 def plot_training(runs, out_dir):
-    """Loss (log scale), learning rate and eval accuracy against step; runs overlaid."""
-    from lscape.plotting import figure, save
+    """Loss (train solid, eval dashed, one colour per run), eval accuracy and the learning
+    rate against step; runs overlaid."""
+    from lscape.plotting import figure, line, run_colours, run_labels, save
 
+    labels, colours = run_labels(runs), run_colours(len(runs))
+    data = [run.read("train") for run in runs]
     paths = []
-    fig, ax = figure("training loss", "step", "minibatch loss")
-    for run in runs:
-        d = run.read("train")
-        ax.plot(d["step"], d["loss"], label=run.name, lw=0.8)
+    fig, ax = figure("training loss", "step", "loss")
+    for label, colour, d in zip(labels, colours, data):
+        line(ax, d["step"], d["loss"], label=f"{label} train", color=colour)
         if "eval_loss" in d:
             mask = ~_isnan(d["eval_loss"])
-            ax.plot(d["step"][mask], d["eval_loss"][mask], "o--", ms=3, label=f"{run.name} (eval)")
-    ax.set_yscale("log")
+            line(ax, d["step"][mask], d["eval_loss"][mask], label=f"{label} eval", color=colour, ls="--",
+                 marker="o", ms=3, smooth=1)
     paths.append(save(fig, out_dir / "train_loss.png", legend=ax))
-    with_acc = [r for r in runs if "eval_accuracy" in r.read("train")]
+    with_acc = [(label, colour, d) for label, colour, d in zip(labels, colours, data) if "eval_accuracy" in d]
     if with_acc:
         fig, ax = figure("held-out accuracy", "step", "accuracy")
-        for run in with_acc:
-            d = run.read("train")
+        for label, colour, d in with_acc:
             mask = ~_isnan(d["eval_accuracy"])
-            ax.plot(d["step"][mask], d["eval_accuracy"][mask], "o-", ms=3, label=run.name)
-        paths.append(save(fig, out_dir / "train_accuracy.png", legend=ax))
+            line(ax, d["step"][mask], d["eval_accuracy"][mask], label=label, color=colour, marker="o", ms=3, smooth=1)
+        paths.append(save(fig, out_dir / "train_accuracy.png", legend=ax, auto_log=False,
+                          empty="no evaluation was recorded"))
     fig, ax = figure("learning rate", "step", "lr")
-    for run in runs:
-        d = run.read("train")
-        ax.plot(d["step"], d["lr"], label=run.name)
+    for label, colour, d in zip(labels, colours, data):
+        line(ax, d["step"], d["lr"], label=label, color=colour, smooth=1)
     paths.append(save(fig, out_dir / "train_lr.png", legend=ax))
     return paths
 

@@ -2,6 +2,7 @@
 progress, and the TensorBoard/W&B forwarders."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,3 +106,101 @@ def test_drop_last_and_regime_from_the_command_line(cli, tmp_path):
     lr = RunReader(out).read("train")["lr"]
     assert len(lr) == 2 * 2 and lr[0] == pytest.approx(0.1) and lr[-1] == pytest.approx(0.01)
     assert cli("run", "--regime", "lr=0.1")[0] == 2
+
+
+# -- show / compare -------------------------------------------------------------------
+
+def test_show_json_has_numbers_last_finite_values_and_the_latest_checkpoint(cli, tmp_path):
+    out = tmp_path / "s.zarr"
+    assert lscape.run(steps=12, eval_schedule="every:5", out=str(out), **TINY).status == "completed"
+    code, text, err = cli("show", out, "--json")
+    assert code == 0, err
+    s = json.loads(text)
+    train = RunReader(out).read("train")
+    rows = np.flatnonzero(np.isfinite(train["eval_loss"]))
+    info = s["groups"]["train"]["eval_loss"]
+    assert info["last"] == pytest.approx(float(train["eval_loss"][rows[-1]])) and info["last_step"] == 10
+    loss = train["loss"]
+    summary = s["groups"]["train"]["loss"]["summary"]
+    assert summary["first"] == loss[0] and summary["last"] == loss[-1] and summary["min"] == loss.min()
+    assert summary["late_mean"] == pytest.approx(loss[-2:].mean())  # 10% of 12 rows, rounded up
+    assert s["steps_done"] == 12 and s["total_steps"] == 12
+    assert s["latest_checkpoint"]["step"] == 12
+    code, text, _ = cli("show", out)
+    assert "steps: 12/12" in text and "is step 12" in text and "train: loss" in text
+
+
+def test_compare_gives_the_late_phase_ratios(cli, tmp_path):
+    out = tmp_path / "c.zarr"
+    lscape.run(steps=20, plugins=["sharpness"], plugin_options={"sharpness": {"every": 4}}, lr=0.2,
+               out=str(out), **TINY)
+    code, text, err = cli("compare", out, "--since", "8", "--json")
+    assert code == 0, err
+    row = json.loads(text)[0]
+    s = RunReader(out).read("sharpness")
+    keep = s["step"] >= 8
+    assert row["lambda_max"] == pytest.approx(np.median(s["lambda_max"][keep]))
+    assert row["lambda_over_threshold_gd"] == pytest.approx(np.median(s["lambda_max"][keep] * 0.2 / 2))
+    assert row["train_loss"] == pytest.approx(RunReader(out).read("train")["loss"][8:].mean())
+    code, text, _ = cli("compare", out, out)
+    assert code == 0 and "λ_max/(2/η)" in text
+    assert cli("compare", out, "--since", "x")[0] == 2
+
+
+def test_run_reader_shows_itself_in_jupyter(tmp_path):
+    out = tmp_path / "j.zarr"
+    lscape.run(steps=3, out=str(out), **TINY)
+    page = lscape.open_run(out)._repr_html_()
+    assert "completed" in page and "<table>" in page and "grad_norm" in page and "latest checkpoint: step 3" in page
+
+
+# -- plots ----------------------------------------------------------------------------
+
+def test_plot_helpers_markers_empty_figures_legends_and_log_scale():
+    pytest.importorskip("matplotlib")
+    from lscape import plotting
+
+    fig, ax = plotting.figure("t", "step", "y")
+    one = plotting.line(ax, [5, 6, 7], [np.nan, 2.0, np.nan])
+    assert one.get_marker() == "o" and list(one.get_xdata()) == [6.0]
+    many = plotting.line(ax, np.arange(100), np.r_[np.logspace(3, 0, 50), [np.nan] * 50], label="diverged")
+    assert many.get_marker() in ("None", None, "")
+    assert any(l.get_marker() == "x" for l in ax.lines)  # where the series stopped being finite
+    for i in range(25):
+        ax.plot([0, 1], [1, 2], label=f"run {i % 15}")
+    plotting._auto_log(ax)
+    assert ax.get_yscale() == "log"  # 1000 down to 1
+    plotting._legend(ax)
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(texts) == plotting.MAX_LEGEND and texts[-1] == "+7 more" and len(set(texts)) == len(texts)
+    plotting._pyplot().close(fig)
+    with plotting.configure(format="svg") as notes:
+        fig, ax = plotting.figure("empty", "x", "y")
+        ax.plot([0, 1], [np.nan, np.nan])
+        assert plotting.save(fig, Path("never.png"), empty="because") is None
+    assert notes == ["never.svg not written: because"] and not Path("never.svg").exists()
+
+
+def test_run_labels_come_from_differing_config_keys():
+    class Run:
+        def __init__(self, name, status, **config):
+            self.name, self.attrs = name, {"status": status, "config": {"lr": 0.1, "seed": 0, **config}}
+
+    runs = [Run("mlp-digits-20261201-104400", "completed", lr=0.1), Run("mlp-digits-20261201-104401", "diverged", lr=2.0)]
+    from lscape.plotting import run_labels
+
+    assert run_labels(runs) == ["lr=0.1", "lr=2.0 (diverged)"]
+    assert run_labels([Run("small-batch", "completed")]) == ["small-batch"]
+
+
+def test_plot_command_format_dpi_smooth(cli, tmp_path):
+    pytest.importorskip("matplotlib")
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    lscape.run(steps=8, out=str(a), plugins=["hessian"], plugin_options={"hessian": {"k": 2, "every": 100}}, **TINY)
+    lscape.run(steps=8, lr=0.5, out=str(b), **TINY)
+    code, text, err = cli("plot", a, b, "--format", "svg", "--dpi", "50", "--smooth", "3", "--out", tmp_path / "f")
+    assert code == 0, err
+    files = sorted(p.name for p in (tmp_path / "f").iterdir())
+    assert "train_loss.svg" in files and "hessian_top_eigenvalues.svg" in files
+    assert all(f.endswith(".svg") for f in files)
+    assert cli("plot", a, "--format", "gif")[0] == 2
