@@ -1,0 +1,139 @@
+"""`lscape.optim`: SAM, SmoothOut and Entropy-SGD as plain torch.optim optimizers, in a loop
+of one's own and through `session.step(closure=...)`, equal to the engine's step owners."""
+
+import numpy as np
+import pytest
+import torch
+
+import lscape
+import lscape.optim
+from lscape.data import BatchStream, derived_seed
+from lscape.store import RunReader
+
+COMMON = dict(data="synthetic", data_opts={"n": 48, "dim": 5, "classes": 3}, model="mlp", model_opts={"widths": 6},
+              batch_size=8, steps=6, lr=0.1, momentum=0.9, progress=False, checkpoint_schedule="never")
+
+
+def _quadratic():
+    torch.manual_seed(0)
+    a = torch.randn(4, 4, dtype=torch.float64)
+    a = a @ a.T + torch.eye(4, dtype=torch.float64)
+    theta = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    return a, theta
+
+
+def _closure(opt, a, theta):
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * theta @ a @ theta
+        loss.backward()
+        return loss
+    return closure
+
+
+def test_sam_step_is_the_closed_form_on_a_quadratic():
+    a, theta = _quadratic()
+    t0 = theta.detach().clone()
+    opt = lscape.optim.SAM([theta], torch.optim.SGD, rho=0.3, lr=0.1)
+    loss = opt.step(_closure(opt, a, theta))
+    g = a @ t0
+    e = 0.3 * g / (g.norm() + 1e-5)
+    expected = t0 - 0.1 * (a @ (t0 + e))
+    assert float(loss.detach()) == pytest.approx(float(0.5 * t0 @ a @ t0), rel=1e-14)
+    torch.testing.assert_close(theta.detach(), expected, rtol=1e-12, atol=1e-14)
+    assert isinstance(opt, torch.optim.Optimizer) and opt.stats["perturbation_norm"] == pytest.approx(float(e.norm()))
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: lscape.optim.SAM(p, torch.optim.SGD, rho=0.0, lr=0.1, momentum=0.9),
+    lambda p: lscape.optim.SmoothOut(p, torch.optim.SGD, ss=0.0, clip=None, lr=0.1, momentum=0.9),
+    lambda p: lscape.optim.EntropySGD(p, torch.optim.SGD, L=0, lr=0.1, momentum=0.9),
+    lambda p: lscape.optim.SAM(p, torch.optim.SGD(p, lr=0.1, momentum=0.9), rho=0.0),
+])
+def test_neutral_settings_are_the_base_optimizer_exactly(make):
+    a, theta = _quadratic()
+    ref = torch.nn.Parameter(theta.detach().clone())
+    opt, base = make([theta]), torch.optim.SGD([ref], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)  # a scheduler takes the variant
+    base_sched = torch.optim.lr_scheduler.StepLR(base, step_size=2, gamma=0.5)
+    for _ in range(5):
+        opt.step(_closure(opt, a, theta))
+        base.step(_closure(base, a, ref))
+        sched.step()
+        base_sched.step()
+    assert torch.equal(theta.detach(), ref.detach())
+    state = opt.state_dict()
+    assert state["variant"]["t"] == 5 and opt.param_groups[0]["lr"] == base.param_groups[0]["lr"]
+
+
+def test_entropy_sgd_draws_a_batch_per_closure_call():
+    a, theta = _quadratic()
+    opt = lscape.optim.EntropySGD([theta], torch.optim.SGD, L=3, lr=0.1, momentum=0.9, nesterov=True,
+                                  generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = 0.5 * theta @ a @ theta
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert len(calls) == 4 and opt.t == 1 and opt.param_groups[0]["momentum"] == 0.9
+
+
+def _built():
+    from lscape.build import build_data, build_loss, build_model
+    from lscape.manager import build_registry, get_plugin_manager
+
+    reg = build_registry(get_plugin_manager())
+    torch.manual_seed(0)
+    train_set, _ = build_data("synthetic", COMMON["data_opts"], reg.datasets, 0)
+    model = build_model("mlp", COMMON["model_opts"], reg.models, train_set)
+    return train_set, model, build_loss("ce", reg.losses)
+
+
+def test_sam_in_a_hand_loop_equals_the_engines_sam_plugin(tmp_path):
+    """The `sam` step owner under `lscape.run`, the same plugin through `session.step(closure=)`,
+    and `lscape.optim.SAM` stepped by the session: the same training, bit for bit."""
+    engine = lscape.run(**COMMON, plugins=["sam"], plugin_options={"sam": {"rho": 0.05, "stats": "every:1"}},
+                        out=str(tmp_path / "engine.zarr"))
+    paths = {}
+    for how in ("plugin", "optimizer"):
+        train_set, model, loss_fn = _built()
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if how == "plugin":
+            opt, plugins = base, ["sam"]
+        else:
+            opt, plugins = lscape.optim.SAM(None, base, rho=0.05, model=model), []
+        stream = BatchStream(train_set, 8, derived_seed(0, "train-stream"))
+        with lscape.attach(model, opt, loss_fn, train_data=train_set, plugins=plugins, progress=False,
+                           plugin_options={"sam": {"rho": 0.05, "stats": "every:1"}} if plugins else None,
+                           out=str(tmp_path / f"{how}.zarr")) as session:
+            for _ in range(6):
+                batch, _, _ = stream.next()
+
+                def closure():
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_fn(model(batch[0]), batch[1])
+                    loss.backward()
+                    return loss
+
+                session.step(batch, closure=closure)
+        paths[how] = session.path
+    ref = RunReader(engine.path)
+    for how, path in paths.items():
+        np.testing.assert_array_equal(RunReader(path).read("train")["loss"], ref.read("train")["loss"], err_msg=how)
+    np.testing.assert_array_equal(RunReader(paths["plugin"]).read("sam")["grad_norm"], ref.read("sam")["grad_norm"])
+
+
+def test_a_step_owner_plugin_needs_a_closure(tmp_path):
+    train_set, model, loss_fn = _built()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = train_set.tensors
+    with pytest.raises(lscape.UsageError, match="closure"):
+        with lscape.attach(model, opt, loss_fn, plugins=["sam"], out=str(tmp_path / "s.zarr"), progress=False) as s:
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            s.step((x, y), loss)
