@@ -154,3 +154,88 @@ def test_bad_choices_are_clear_errors():
         SmoothOut(torch.optim.SGD(p, lr=0.1), shape="row")
     with pytest.raises(ValueError, match="total_steps"):
         SmoothOut(torch.optim.SGD(p, lr=0.1), schedule="tanh")
+
+
+def test_anneal_index_and_tanh_scale_are_the_seeds_options():
+    # main_gbn.py: anneal coef = (1/(1 + t)^ai)^0.5, tanh coef = (tanh(ts(t/T − .5)) + 1)/2
+    assert smoothout_coefficient("anneal", 8, anneal_index=1.0) == pytest.approx((1 / 9**1.0) ** 0.5, rel=1e-15)
+    assert smoothout_coefficient("tanh", 2, 10, tanh_scale=3.0) == pytest.approx((math.tanh(3.0 * (0.2 - 0.5)) + 1) / 2,
+                                                                                 rel=1e-15)
+    from lscape.plugins.optimizers import SmoothOutStep
+
+    step = SmoothOutStep(ss_schedule="anneal", anneal_index="0.3", tanh_scale="4")
+    from types import SimpleNamespace
+
+    p = nn.Parameter(torch.zeros(3))
+    opt = step.build(SimpleNamespace(optimizer=torch.optim.SGD([p], lr=0.1), total_steps=10, model=None))
+    assert (opt.anneal_index, opt.tanh_scale) == (0.3, 4.0)
+    assert opt.amplitude == pytest.approx(0.006)      # t = 0
+    opt.variant_state["t"] = 3
+    assert opt.amplitude == pytest.approx(0.006 * 4 ** (-0.15), rel=1e-15)
+
+
+def test_batch_multiplier_accumulates_ghost_chunks_of_several_minibatches_into_one_update():
+    from types import SimpleNamespace
+
+    from lscape.plugins.optimizers import SmoothOutStep
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    ref = nn.Linear(4, 2)
+    ref.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 4, generator=g), torch.randn(6, 2, generator=g)) for _ in range(3)]
+    stream = iter(batches[1:])
+    loss_fn = nn.functional.mse_loss
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    ctx = SimpleNamespace(optimizer=opt, model=model, loss_fn=loss_fn, total_steps=1, rank=0, world_size=1, store=None,
+                          stream=SimpleNamespace(next=lambda: (next(stream), 0, False)))
+    owner = SmoothOutStep(ss=0.0, clip=0.0, mb=4, batch_multiplier=3)
+    owner.setup(ctx)
+    state = SimpleNamespace(batch=batches[0], step=0, epoch_end=False, time=0.0, lr=None)
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(state.batch[0]), state.batch[1])
+        loss.backward()
+        return loss.detach()
+
+    owner.step(closure, ctx, state)
+    # ss = 0, no clipping: one SGD step on the mean gradient over all 18 samples
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2)
+    loss_fn(ref(x), y).backward()
+    ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert owner.optim.t == 1
+
+
+def test_noisy_relu_draws_a_slope_in_a_b_in_train_mode_only():
+    from lscape.plugins.optim.smoothout import NoisyReLU, noisy_relus
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+    keys = set(model.state_dict())
+    assert noisy_relus(model, 0.5, 1.5) == 2
+    assert set(model.state_dict()) == keys and isinstance(model[2][1], NoisyReLU)
+    act = model[1]
+    x = torch.cat([torch.linspace(0.1, 2.0, 20000), -torch.linspace(0.1, 2.0, 100)])
+    torch.manual_seed(0)
+    out = act(x)
+    ratio = out[:20000] / x[:20000]
+    assert torch.all(out[20000:] == 0)
+    assert ratio.min() >= 0.5 and ratio.max() <= 1.5
+    assert float(ratio.mean()) == pytest.approx(1.0, abs=0.01)
+    assert float(ratio.var()) == pytest.approx(1 / 12, rel=0.05)   # U(0.5, 1.5)
+    act.eval()
+    assert torch.equal(act(x), torch.relu(x))
+    from lscape.errors import UsageError
+    from lscape.plugins.optimizers import SmoothOutStep
+
+    with pytest.raises(UsageError, match="relu_noise"):
+        SmoothOutStep(relu_noise="1.5:0.5")
+    from types import SimpleNamespace
+
+    with pytest.raises(UsageError, match="no nn.ReLU"):
+        SmoothOutStep(relu_noise="0.9:1.1").check(SimpleNamespace(model=nn.Sequential(nn.Linear(2, 2), nn.Tanh())))

@@ -10,7 +10,8 @@ from torch import nn
 
 from lscape.plugins.optim.wrapped import WrappedOptimizer, batchnorm_parameters
 
-__all__ = ["SmoothOut", "smoothout_coefficient", "smoothout_noise", "ghost_closures", "SCHEDULES", "SHAPES", "DISTRIBUTIONS"]
+__all__ = ["SmoothOut", "smoothout_coefficient", "smoothout_noise", "ghost_closures", "NoisyReLU", "noisy_relus",
+           "SCHEDULES", "SHAPES", "DISTRIBUTIONS"]
 
 SCHEDULES = ("constant", "anneal", "tanh")
 SHAPES = ("none", "weight", "filter")
@@ -45,6 +46,8 @@ class SmoothOut(WrappedOptimizer):
         model: nn.Module | None = None,
         exclude_batchnorm: bool = True,
         generator: torch.Generator | None = None,
+        anneal_index: float = 0.55,
+        tanh_scale: float = 10.0,
     ):
         super().__init__(base)
         _check_choice("schedule", schedule, SCHEDULES)
@@ -60,13 +63,16 @@ class SmoothOut(WrappedOptimizer):
         self.denoise = bool(denoise)
         self.clip = clip
         self.generator = generator
+        self.anneal_index = float(anneal_index)
+        self.tanh_scale = float(tanh_scale)
         skip = batchnorm_parameters(model) if exclude_batchnorm else set()
         self.noised = [p for p in self.parameters() if id(p) not in skip]
 
     @property
     def amplitude(self) -> float:
         """The noise amplitude a = ss · coef_t for the next step."""
-        return self.ss * smoothout_coefficient(self.schedule, self.t, self.total_steps)
+        return self.ss * smoothout_coefficient(self.schedule, self.t, self.total_steps, self.anneal_index,
+                                               self.tanh_scale)
 
     def step(self, closure, weights: Sequence[float] | None = None):
         """One update over all ghost chunks; returns the weighted mean loss of the chunks."""
@@ -111,19 +117,21 @@ class SmoothOut(WrappedOptimizer):
         return loss_sum / total
 
 
-def smoothout_coefficient(schedule: str, t: int, total_steps: int | None = None) -> float:
+def smoothout_coefficient(schedule: str, t: int, total_steps: int | None = None, anneal_index: float = 0.55,
+                          tanh_scale: float = 10.0) -> float:
     """coef_t of the noise amplitude at update ``t`` (0-based) of ``total_steps``.
 
-    ``constant``: 1; ``anneal``: (1 + t)^(−0.55/2); ``tanh``: (tanh(10(t/T − ½)) + 1)/2.
+    ``constant``: 1; ``anneal``: (1 + t)^(−ai/2) (the seed: (1/(1 + t)^ai)^½, ``--anneal-index``
+    ai = 0.55); ``tanh``: (tanh(ts(t/T − ½)) + 1)/2 (``--tanh-scale`` ts = 10).
     """
     if schedule == "constant":
         return 1.0
     if schedule == "anneal":
-        return (1.0 + t) ** (-0.55 / 2)
+        return (1.0 + t) ** (-anneal_index / 2)
     if schedule == "tanh":
         if not total_steps:
             raise ValueError("schedule 'tanh' needs total_steps")
-        return (math.tanh(10.0 * (t / total_steps - 0.5)) + 1.0) / 2.0
+        return (math.tanh(tanh_scale * (t / total_steps - 0.5)) + 1.0) / 2.0
     raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
@@ -163,6 +171,46 @@ def smoothout_noise(
             raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
         out.append(tau)
     return out
+
+
+class NoisyReLU(nn.Module):
+    """ReLU with a random slope (the SmoothOut code's ``models/noisy_relu.py``): max(0, x·u),
+    u ~ U(a, b) elementwise, a fresh draw at every forward pass in train mode.
+
+    The original also draws in eval mode; here eval mode is the plain ReLU (``noisy_eval``
+    true for the original's behaviour). No parameters or buffers, so state dicts are
+    unchanged. u comes from the global torch RNG (the training stream's), as the original.
+    """
+
+    def __init__(self, a: float, b: float, noisy_eval: bool = False):
+        super().__init__()
+        if not a <= b:
+            raise ValueError(f"NoisyReLU needs a <= b, got a={a}, b={b}")
+        self.a, self.b, self.noisy_eval = float(a), float(b), bool(noisy_eval)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training or self.noisy_eval):
+            return torch.relu(x)
+        u = torch.rand(x.shape, dtype=x.dtype, device=x.device).mul_(self.b - self.a).add_(self.a)
+        return torch.relu(x * u)
+
+    def extra_repr(self) -> str:
+        return f"a={self.a}, b={self.b}"
+
+
+def noisy_relus(model: nn.Module, a: float, b: float, noisy_eval: bool = False) -> int:
+    """Replace every ``nn.ReLU`` module of ``model`` by a :class:`NoisyReLU` in place; returns how many.
+
+    Functional ``relu`` calls inside ``forward`` cannot be reached; a model without ReLU
+    modules gets none (the caller decides whether that is an error).
+    """
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.ReLU:
+                setattr(parent, name, NoisyReLU(a, b, noisy_eval))
+                count += 1
+    return count
 
 
 def ghost_closures(
