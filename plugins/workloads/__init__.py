@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lscape import hookimpl
 
-from . import datasets, models
+from . import datasets, images, models, resnet_imagenet
 
 #: name -> (factory, help); the names users give to --model.
 MODELS = {
@@ -17,6 +17,8 @@ MODELS = {
     "resnet": (models.resnet, "CIFAR ResNet of any depth 6n+2: depth, shortcut, batchnorm, width"),
     "char-transformer": (models.char_transformer,
                          "sam_edge's causal character Transformer: layers, heads, key_size, d_model, seq_len, mlp_ratio"),
+    **{f"resnet{d}": (getattr(resnet_imagenet, f"resnet{d}"), f"torchvision's ImageNet ResNet-{d} (in-place ReLUs): "
+                      "channels (64), zero_init_residual") for d in (18, 34, 50, 101)},
 }
 
 #: name -> (factory, help); the names users give to --data.
@@ -25,6 +27,8 @@ DATASETS = {
     "fashion-mnist": (datasets.fashion_mnist, "Fashion-MNIST IDX files in root=DIR: subset, eval_subset, normalize"),
     "cifar10": (datasets.cifar10, "CIFAR-10 python batches in root=DIR: subset, eval_subset, normalize"),
     "cifar100": (datasets.cifar100, "CIFAR-100 python files in root=DIR: labels=fine|coarse, subset, normalize"),
+    "imagefolder": (images.imagefolder, "an ImageFolder of JPEGs (root/CLASS or root/train+val) read with Pillow: "
+                    "root, size, augment=imagenet|cifar|none, mean, std, subset"),
     "text": (datasets.text, "a text file as a byte-level LM corpus: path, seq_len, stride, train_fraction, subset"),
 }
 
