@@ -88,6 +88,10 @@ class SamStep(_VariantStep):
         Option("adaptive", bool, False, "ASAM: scale the ascent elementwise by |θ| + eta"),
         Option("eta", float, 0.01, "η of ASAM's T = |θ| + η", minimum=0.0),
         Option("eps", float, 1e-5, "added to ‖g‖ in the normalisation", minimum=0.0),
+        Option("group_rho", str, None, "ρ per optimizer param group, comma-separated in group order "
+               "(default: rho for all; a group's own 'rho' entry is used too)"),
+        Option("asam_bias", str, "scaled", "ASAM's T on non-weights: scaled (|θ| + η, davda54/sam) or unscaled "
+               "(T = 1 for parameters whose name lacks 'weight', Kwon et al.'s code)", choices=("scaled", "unscaled")),
     )
     outputs = (
         Output("grad_norm", long_name="minibatch gradient norm ‖g‖ at θ"),
@@ -97,7 +101,21 @@ class SamStep(_VariantStep):
 
     def build(self, ctx):
         o = self.opts
-        return SAM(ctx.optimizer, rho=o.rho, adaptive=o.adaptive, eta=o.eta, eps=o.eps, model=ctx.model)
+        if o.group_rho is not None:
+            try:
+                values = [float(v) for v in str(o.group_rho).split(",")]
+                if not all(math.isfinite(v) and v >= 0 for v in values):
+                    raise ValueError
+            except ValueError:
+                raise UsageError(f"bad value for sam.group_rho: '{o.group_rho}' (comma-separated numbers >= 0)") from None
+            groups = ctx.optimizer.param_groups
+            if len(values) != len(groups):
+                raise UsageError(f"sam.group_rho gives {len(values)} values but the optimizer has {len(groups)} "
+                                 "param groups")
+            for group, value in zip(groups, values):
+                group["rho"] = value
+        return SAM(ctx.optimizer, rho=o.rho, adaptive=o.adaptive, eta=o.eta, eps=o.eps, model=ctx.model,
+                   asam_bias=o.asam_bias)
 
     def step(self, closure, ctx, state) -> float:
         due = self.before_step(state)

@@ -138,3 +138,76 @@ def test_sam_state_dict_round_trips_base_and_step_count():
     other.load_state_dict(opt.state_dict())
     assert other.t == 1
     assert torch.equal(other.base.state[theta]["momentum_buffer"], opt.base.state[theta]["momentum_buffer"])
+
+
+def test_rho_per_param_group_scales_each_groups_ascent_with_the_global_norm():
+    # davda54/sam: e_p = ρ_group · g_p / ‖g‖ with ‖g‖ over all groups; on ½Σλθ² the gradient
+    # at θ + e is λ(θ + e), so one step with lr gives θ − lr·λ(θ + e)
+    a = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    b = nn.Parameter(torch.tensor([0.5], dtype=torch.float64))
+    la, lb = torch.tensor([3.0, 1.0], dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64)
+    a0, b0 = a.detach().clone(), b.detach().clone()
+
+    def closure():
+        a.grad = b.grad = None
+        loss = 0.5 * (la * a * a).sum() + 0.5 * (lb * b * b).sum()
+        loss.backward()
+        return loss.detach()
+
+    base = torch.optim.SGD([{"params": [a], "rho": 0.1}, {"params": [b], "rho": 0.4}], lr=0.2)
+    SAM(base, rho=0.05).step(closure)
+    ga, gb = la * a0, lb * b0
+    norm = torch.sqrt((ga * ga).sum() + (gb * gb).sum()) + 1e-5
+    torch.testing.assert_close(a.detach(), a0 - 0.2 * la * (a0 + 0.1 * ga / norm), rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(b.detach(), b0 - 0.2 * lb * (b0 + 0.4 * gb / norm), rtol=1e-13, atol=1e-14)
+    with pytest.raises(ValueError, match="rho must be a number"):
+        SAM(torch.optim.SGD([{"params": [a], "rho": -1.0}], lr=0.1))
+
+
+def test_asam_unscaled_bias_rule_is_kwon_et_al():
+    # SamsungLabs/ASAM: T = |w| + η only for parameters named '*weight*', T = 1 for biases
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    gw, gb = torch.autograd.grad(nn.functional.mse_loss(model(x), y), [model.weight, model.bias])
+    rho, eta = 0.3, 0.01
+    Tw = w0.abs() + eta
+    norm = torch.sqrt(((Tw * gw) ** 2).sum() + (gb**2).sum()) + 1e-5
+    ew, eb = rho * Tw * Tw * gw / norm, rho * gb / norm
+    with torch.no_grad():
+        model.weight.add_(ew)
+        model.bias.add_(eb)
+    gw2, gb2 = torch.autograd.grad(nn.functional.mse_loss(model(x), y), [model.weight, model.bias])
+    with torch.no_grad():
+        model.weight.copy_(w0)
+        model.bias.copy_(b0)
+
+    def closure():
+        model.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    SAM(torch.optim.SGD(model.parameters(), lr=0.5), rho=rho, adaptive=True, eta=eta, model=model,
+        asam_bias="unscaled").step(closure)
+    torch.testing.assert_close(model.weight.detach(), w0 - 0.5 * gw2, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(model.bias.detach(), b0 - 0.5 * gb2, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="needs the model"):
+        SAM(torch.optim.SGD(model.parameters(), lr=0.5), adaptive=True, asam_bias="unscaled")
+
+
+def test_sam_plugin_sets_group_rho_and_refuses_a_wrong_count():
+    from types import SimpleNamespace
+
+    from lscape.errors import UsageError
+    from lscape.plugins.optimizers import SamStep
+
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1)
+    SamStep(group_rho="0.1,0.2").build(SimpleNamespace(optimizer=opt, model=None))
+    assert [g["rho"] for g in opt.param_groups] == [0.1, 0.2]
+    with pytest.raises(UsageError, match="2 param groups"):
+        SamStep(group_rho="0.1").build(SimpleNamespace(optimizer=opt, model=None))
+    with pytest.raises(UsageError, match="group_rho"):
+        SamStep(group_rho="0.1,nan").build(SimpleNamespace(optimizer=opt, model=None))

@@ -22,6 +22,15 @@ class SAM(WrappedOptimizer):
         second closure call at θ + e   ->  p.grad = ∇L_B(θ + e)
         θ restored exactly, then base.step()       (momentum, weight decay: the base's)
 
+    ρ per parameter group: a base param group with a ``"rho"`` entry uses it (davda54/sam's
+    per-group ``rho``); ‖g‖ (or ‖Tg‖) stays the norm over all parameters, so
+    e_p = ρ_group(p) · g_p / (‖g‖ + eps).
+
+    ASAM's T for parameters that are not weights: ``asam_bias="scaled"`` (default, davda54/sam)
+    scales every parameter; ``"unscaled"`` is Kwon et al.'s own code (SamsungLabs/ASAM), where
+    only parameters whose name contains ``weight`` get T = |θ| + eta and the others (biases)
+    T = 1; it needs ``model`` for the names.
+
     When ``model`` is given, BatchNorm running statistics are updated by the first pass
     (at θ) only: the pass at the perturbed point θ + e leaves them as they were, so they
     move once per step, as in plain training. ρ = 0 is the base optimizer exactly.
@@ -38,10 +47,21 @@ class SAM(WrappedOptimizer):
         eta: float = 0.01,
         eps: float = 1e-5,
         model: nn.Module | None = None,
+        asam_bias: str = "scaled",
     ):
         super().__init__(base)
         if rho < 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
+        for i, group in enumerate(base.param_groups):
+            if "rho" in group and not (isinstance(group["rho"], (int, float)) and group["rho"] >= 0):
+                raise ValueError(f"param group {i}: rho must be a number >= 0, got {group['rho']!r}")
+        if asam_bias not in ("scaled", "unscaled"):
+            raise ValueError(f"asam_bias must be 'scaled' or 'unscaled', got {asam_bias!r}")
+        if asam_bias == "unscaled" and model is None:
+            raise ValueError("asam_bias='unscaled' needs the model: it picks the weights by parameter name")
+        self.asam_bias = asam_bias
+        self._unscaled = ({id(p) for n, p in model.named_parameters() if "weight" not in n}
+                          if asam_bias == "unscaled" else set())
         self.rho = float(rho)
         self.adaptive = bool(adaptive)
         self.eta = float(eta)
@@ -53,12 +73,19 @@ class SAM(WrappedOptimizer):
         """One SAM update; returns the loss at θ (before the step)."""
         self._require_closure(closure)
         loss = closure()
-        params = [p for p in self.parameters() if p.grad is not None]
+        params, rhos = [], []
+        for group in self.base.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    params.append(p)
+                    rhos.append(float(group.get("rho", self.rho)))
         with torch.no_grad():
             grads = [p.grad for p in params]
             grad_norm = _global_norm(grads)
             if self.adaptive:
                 scale = torch._foreach_add(torch._foreach_abs(params), self.eta)
+                if self._unscaled:  # Kwon et al.: T = 1 for parameters that are not weights
+                    scale = [torch.ones_like(t) if id(p) in self._unscaled else t for p, t in zip(params, scale)]
                 scaled = torch._foreach_mul(grads, scale)
                 denom = _global_norm(scaled)
                 e = torch._foreach_mul(scaled, scale)
@@ -67,7 +94,11 @@ class SAM(WrappedOptimizer):
                 e = self._buffers("e", grads)
                 torch._foreach_copy_(e, grads)
             # a tensor factor keeps the step free of device synchronisation
-            torch._foreach_mul_(e, self.rho / (denom + self.eps))
+            if len(set(rhos)) <= 1:
+                torch._foreach_mul_(e, (rhos[0] if rhos else self.rho) / (denom + self.eps))
+            else:
+                for rho in sorted(set(rhos)):
+                    torch._foreach_mul_([t for t, r in zip(e, rhos) if r == rho], rho / (denom + self.eps))
             # kept as tensors; converted to floats only when someone reads ``stats``
             self._norms = (grad_norm, _global_norm(e))
             # copy back instead of subtracting e: restores θ bit for bit
