@@ -63,7 +63,7 @@ def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | No
     ``session.load_state_dict`` with what ``state_dict`` returned before the first step.
     """
     from .build import build_loss
-    from .engine import _default_out, activate_plugins, make_plugins, plugin_registry, resolve_plugins
+    from .engine import _broadcast, _default_out, activate_plugins, make_plugins, plugin_registry, resolve_plugins
 
     if not isinstance(model, nn.Module):
         raise UsageError(f"attach needs the nn.Module being trained, got {type(model).__name__}")
@@ -90,6 +90,8 @@ def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | No
     plugin_classes, modules = resolve_plugins(pm, reg, cfg)
     if isinstance(loss_fn, str):
         loss_fn = build_loss(loss_fn, reg.losses) if loss_fn != "model" else None
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     try:
         device = next(model.parameters()).device
     except StopIteration:
@@ -97,7 +99,7 @@ def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | No
     ctx = RunContext(config=cfg, model=model, loss_fn=loss_fn, train_set=train_set if train_set is not None else
                      _NoTrainData(), eval_set=eval_data, device=device, optimizer=optimizer, registry=reg,
                      stream=None, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                     adapter=BatchAdapter(loss_fn, adapter))
+                     adapter=BatchAdapter(loss_fn, adapter), rank=rank, world_size=world)
     cfg.device = str(device)
     made = make_plugins(plugin_classes, cfg.plugin_options, ctx)
     for plugin in made:
@@ -118,7 +120,7 @@ def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | No
             raise UsageError(f"resume=True continues a store, but {out} does not exist")
     else:
         if cfg.out is None:
-            cfg.out = _default_out(cfg)
+            cfg.out = _broadcast(_default_out(cfg) if rank == 0 else None)
         if store_exists(cfg.out):
             raise UsageError(f"{cfg.out} already exists; pass resume=True to continue it, or choose another out")
     versions = activate_plugins(pm, reg, ctx, made, modules)
@@ -162,7 +164,9 @@ class Session:
         self._eval: GroupWriter | None = None
         self._call = call_hook
         self._hook = pm.hook
-        if resume:
+        if not ctx.is_main:  # under torchrun every rank measures, rank 0 writes
+            ctx.store = None
+        elif resume:
             ctx.store = RunStore.open(ctx.config.out)
         else:
             attrs = root_attrs(ctx.config, ctx.device, versions)
