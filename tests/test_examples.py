@@ -61,6 +61,8 @@ def test_example_runs_two_steps_on_files_in_the_real_formats(path, tmp_path, reg
     elif config.data == "cifar10":
         write_cifar10(tmp_path / "data", per_batch=8, n_test=8)
         data_opts["root"] = str(tmp_path / "data")
+    elif config.data == "imagefolder":  # the real-scale (CUDA) configs: tests/test_scale_examples.py
+        pytest.skip("runs in tests/test_scale_examples.py on a generated ImageFolder")
     elif config.data == "text":
         corpus = tmp_path / "corpus.txt"
         corpus.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40)
