@@ -91,7 +91,8 @@ def _regime(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 @click.option("--on-nan", type=click.Choice(["stop", "continue"]), help="what a NaN/inf loss does [default: stop]")
 @click.option("--resume", type=str, metavar="PATH",
               help="continue a run from its last checkpoint; with --steps/--epochs/--time-limit, extend it")
-@click.option("--no-progress", is_flag=True, help="plain log lines instead of a progress bar")
+@click.option("--no-progress", is_flag=True,
+              help="print no progress (by default: a bar on a terminal, else log lines with an ETA)")
 @click.option("--workers", type=str, help="DataLoader worker processes  [default: 0 on CPU, min(8, cores) on CUDA]")
 @click.option("--micro-batch-size", type=str, metavar="N",
               help="split each batch (also 'full') into chunks of N samples; gradients accumulate")
@@ -165,7 +166,8 @@ def _echo_result(result) -> None:
 @click.option("--data-seed", type=str, help="data seed (default: the run's)")
 @click.option("--device")
 @click.option("--out", help="store for the measurements  [default: runs/SOURCE-measure-TIME.zarr]")
-def measure(source, plugins, options, checkpoints, model_opt, data_opt, **flat):
+@click.option("--no-progress", is_flag=True, help="print no progress (the probe being measured and its work)")
+def measure(source, plugins, options, checkpoints, model_opt, data_opt, no_progress, **flat):
     """Run probes once on a saved model (a run's checkpoints, a .pt state dict), no training.
 
     SOURCE is a run store or a .pt file; without it a freshly initialised model is measured.
@@ -179,8 +181,13 @@ def measure(source, plugins, options, checkpoints, model_opt, data_opt, **flat):
         overrides["model_opts"] = parse_key_values(model_opt, "--model-opt")
     if data_opt:
         overrides["data_opts"] = parse_key_values(data_opt, "--data-opt")
-    result = do_measure(source, plugins, plugin_options=_plugin_options(options), out=out,
-                        checkpoints=checkpoints, **overrides)
+    from contextlib import nullcontext
+
+    from lscape.plugins.progress import MeasureProgress
+
+    with nullcontext() if no_progress else MeasureProgress():
+        result = do_measure(source, plugins, plugin_options=_plugin_options(options), out=out,
+                            checkpoints=checkpoints, **overrides)
     click.echo(f"measured {result.steps} model state(s) into {result.path}")
     click.echo(f"look at it:  lscape show {result.path}")
 

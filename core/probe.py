@@ -17,6 +17,7 @@ from torch import nn
 from .context import RunContext, StepState
 from .data import derived_seed, fixed_batches, full_batches, shard
 from .errors import UsageError
+from . import activity
 from .hookspecs import hookimpl
 from .manager import first_line
 from .options import Option, Output, resolve_options
@@ -176,7 +177,7 @@ class Probe(Plugin):
 
     def run_measure(self, ctx: RunContext, state: StepState) -> dict[str, Any]:
         """Measure with the model's state preserved, and record the values."""
-        with preserve_state(ctx.model):
+        with activity.doing(self.name), preserve_state(ctx.model):
             values = self.measure(ctx, state) or {}
         if values:
             self.record(ctx, state.step, **values)

@@ -204,3 +204,44 @@ def test_plot_command_format_dpi_smooth(cli, tmp_path):
     assert "train_loss.svg" in files and "hessian_top_eigenvalues.svg" in files
     assert all(f.endswith(".svg") for f in files)
     assert cli("plot", a, "--format", "gif")[0] == 2
+
+
+# -- progress -------------------------------------------------------------------------
+
+def test_progress_false_prints_nothing(tmp_path, capfd):
+    lscape.run(steps=3, out=str(tmp_path / "q.zarr"), **TINY)
+    assert capfd.readouterr().err == ""
+
+
+def test_plain_progress_has_an_eta_and_names_the_probe_measuring(tmp_path, capfd):
+    lscape.run(steps=6, out=str(tmp_path / "p.zarr"), **{**TINY, "progress": True}, plugins=["sharpness"],
+               plugin_options={"sharpness": {"every": 3}, "progress": {"log_every": 0}})
+    err = capfd.readouterr().err
+    assert "step 6/6" in err and "ETA 0:00:00" in err
+    assert "step 1/6  measuring sharpness:" in err and "HVPs" in err
+
+
+def test_activity_reports_nest_and_count():
+    from lscape import activity
+
+    seen = []
+    stop = activity.listen(lambda act: seen.append(None if act is None else (act.name, act.done, act.total)))
+    try:
+        with activity.doing("outer"):
+            activity.tick(2, total=5)
+            with activity.doing("inner"):
+                activity.tick()
+    finally:
+        stop()
+    activity.tick()  # nothing going on: ignored
+    assert seen == [("outer", 0, None), ("outer", 2, 5), ("inner", 0, None), ("inner", 1, None), ("outer", 2, 5),
+                    None]
+
+
+def test_measure_shows_progress(cli, tmp_path):
+    out = tmp_path / "m.zarr"
+    lscape.run(steps=2, out=str(out), **TINY)
+    code, _, err = cli("measure", out, "--plugin", "sharpness", "--out", tmp_path / "mm.zarr")
+    assert code == 0 and "measuring sharpness" in err
+    code, _, err = cli("measure", out, "--plugin", "sharpness", "--out", tmp_path / "m2.zarr", "--no-progress")
+    assert code == 0 and "measuring" not in err

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from lscape import activity
 from lscape import params as lparams
 from lscape.curvature import distributed
 from lscape.errors import UsageError
@@ -105,6 +106,7 @@ class HessianOperator:
         v = v.detach().to(dtype=self.dtype, device=self.device)
         out = self._product(v.unsqueeze(0))[0]
         self.num_products += 1
+        activity.tick(1, unit="HVPs")
         return out
 
     __call__ = matvec
@@ -116,6 +118,7 @@ class HessianOperator:
         vs = vs.detach().to(dtype=self.dtype, device=self.device)
         out = self._product(vs)
         self.num_products += vs.shape[0]
+        activity.tick(vs.shape[0], unit="HVPs")
         return out
 
     def gradient(self) -> torch.Tensor:
