@@ -27,13 +27,15 @@ pid, host and start time in the attributes of the store's ``lock`` group (for me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import zarr
@@ -348,8 +350,9 @@ class RunReader:
             for key in sorted(group.group_keys()):
                 walk(group[key], prefix + key + "/")
 
-        for key in sorted(self.root.group_keys()):
-            walk(self.root[key], key + "/")
+        with _quiet_listing():
+            for key in sorted(self.root.group_keys()):
+                walk(self.root[key], key + "/")
         return out
 
     def has(self, group: str) -> bool:
@@ -371,7 +374,11 @@ class RunReader:
         """Every array of ``group`` as numpy, cut to the group's committed rows: a consistent
         prefix even while a run writes the store."""
         g = self.root[group]
-        arrays = {name: g[name] for name in sorted(g.array_keys())}
+        with _quiet_listing():
+            arrays = {name: g[name] for name in sorted(g.array_keys())}
+        if not arrays or "step" not in arrays and any((a.metadata.dimension_names or ("",))[0] == "step" for a in arrays.values()):
+            # the group's first flush is under way (its step array comes last): no rows yet
+            return {**{name: a[:0] for name, a in arrays.items()}, "step": np.zeros(0, dtype=np.int64)}
         n = committed_rows(g, arrays)
         out = {}
         for name, a in arrays.items():
@@ -393,15 +400,19 @@ class RunReader:
             import xarray as xr
         except ImportError:
             raise UsageError("to_xarray needs xarray: pip install xarray") from None
-        if group not in self.groups():
-            raise UsageError(f"{self.path} has no group '{group}' (groups: {', '.join(self.groups()) or 'none'})")
-        data = self.read(group)
+        try:
+            data = self.read(group)
+        except KeyError:
+            raise UsageError(f"{self.path} has no group '{group}' (groups: {', '.join(self.groups()) or 'none'})") from None
         g = self.root[group]
         variables = {}
+        with _quiet_listing():
+            names = set(g.array_keys())
         for name, value in data.items():
-            a = g[name]
-            dims = a.metadata.dimension_names or tuple(f"{name}_dim{i}" for i in range(np.ndim(value)))
-            variables[name] = xr.Variable(tuple(dims), value, attrs=a.attrs.asdict())
+            a = g[name] if name in names else None  # step may not exist yet
+            dims = (a.metadata.dimension_names if a is not None else ("step",)) or \
+                tuple(f"{name}_dim{i}" for i in range(np.ndim(value)))
+            variables[name] = xr.Variable(tuple(dims), value, attrs=a.attrs.asdict() if a is not None else {})
         coords = {"step": variables.pop("step")} if "step" in variables else {}
         attrs = {k: v for k, v in g.attrs.asdict().items() if k != ROWS_ATTR}
         return xr.Dataset(variables, coords=coords, attrs=attrs)
@@ -480,6 +491,16 @@ class WriterLock:
                 os.close(self._fd)
             except OSError:
                 pass
+
+
+@contextlib.contextmanager
+def _quiet_listing() -> Iterator[None]:
+    """Listing a live store can meet a writer's half-made node (zarr's ``*.partial`` temporary
+    files, a folder whose ``zarr.json`` is being written); zarr warns and skips it, which is
+    right for a reader: keep the warning out of the user's terminal."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        yield
 
 
 def _busy_message(path: str, holder: dict[str, Any] | None, remote: bool = False) -> str:
