@@ -6,6 +6,7 @@ says what is wrong in one line when it cannot. An ``Output`` declares one stored
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -24,7 +25,8 @@ class Option:
 
     ``type`` is ``int``, ``float``, ``bool``, ``str`` or a callable that parses a string
     (raising ``ValueError`` on bad input). ``choices`` restricts the values. ``minimum``
-    bounds numbers from below.
+    bounds numbers from below. A number that is NaN or infinite is bad input unless
+    ``nonfinite`` says the option allows it (e.g. ``inf`` meaning "no limit").
     """
 
     name: str
@@ -33,6 +35,7 @@ class Option:
     help: str = ""
     choices: Sequence[Any] | None = None
     minimum: float | None = None
+    nonfinite: bool = False
 
     def parse(self, value: Any, owner: str = "") -> Any:
         """Convert ``value`` (text or a TOML value) to this option's type."""
@@ -57,9 +60,11 @@ class Option:
                 out = float(value)
             else:
                 out = self.type(value)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:
             kind = getattr(self.type, "__name__", "value")
             raise UsageError(f"bad value for {where}: '{value}' is not a valid {kind}") from e
+        if isinstance(out, float) and not math.isfinite(out) and not self.nonfinite:
+            raise UsageError(f"bad value for {where}: {value!r} is not a finite number")
         if self.choices is not None and out not in self.choices:
             raise UsageError(f"bad value for {where}: '{value}'; choose one of {', '.join(map(str, self.choices))}")
         if self.minimum is not None and out < self.minimum:
