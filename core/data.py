@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 from .batch import batch_size_of, shard, to_device
 from .errors import UsageError
 
-__all__ = ["BatchStream", "Fetcher", "take", "to_device", "fixed_batches", "full_batches", "batch_size_of",
+__all__ = ["BatchStream", "Fetcher", "take", "to_device", "fixed_batches", "fixed_subset", "full_batches", "batch_size_of",
            "derived_seed", "shard", "default_workers", "from_hf"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -325,19 +325,30 @@ def _need_map_style(dataset: Any, what: str) -> None:
         raise UsageError(f"{what} needs a map-style data set (with a length); the data is an IterableDataset")
 
 
-def fixed_batches(dataset: Dataset, batch_size: int, count: int, seed: int,
-                  device: torch.device | str = "cpu", workers: int = 0) -> list[Any]:
-    """``count`` disjoint batches drawn once, without replacement, from a seeded generator."""
+def fixed_subset(dataset: Dataset, samples: int, batch_size: int, seed: int, device: torch.device | str = "cpu",
+                 workers: int = 0) -> list[Any]:
+    """``min(samples, len)`` samples drawn once, without replacement, from a seeded
+    generator, in batches of at most ``batch_size`` (the last may be smaller)."""
     _need_map_style(dataset, "a fixed measurement subset")
     n = len(dataset)  # type: ignore[arg-type]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[: max(1, min(int(samples), n))]
+    size = max(1, min(int(batch_size), perm.numel()))
+    fetcher = Fetcher(dataset, seed=seed, workers=workers)
+    try:
+        return [to_device(b, device) for b in fetcher.iterate([perm[i:i + size] for i in range(0, perm.numel(), size)])]
+    finally:
+        fetcher.close()
+
+
+def fixed_batches(dataset: Dataset, batch_size: int, count: int, seed: int,
+                  device: torch.device | str = "cpu", workers: int = 0) -> list[Any]:
+    """``count`` disjoint batches of ``batch_size`` drawn once, without replacement, from a
+    seeded generator (at least one; never more than the data holds)."""
+    _need_map_style(dataset, "a fixed measurement subset")
+    n = len(dataset)  # type: ignore[arg-type]
     batch_size = min(batch_size, n)
     count = max(1, min(count, n // batch_size))
-    fetcher = Fetcher(dataset, seed=seed, workers=workers)
-    batches = [to_device(b, device) for b in
-               fetcher.iterate([perm[i * batch_size:(i + 1) * batch_size] for i in range(count)])]
-    fetcher.close()
-    return batches
+    return fixed_subset(dataset, count * batch_size, batch_size, seed, device, workers)
 
 
 def full_batches(dataset: Dataset, batch_size: int, device: torch.device | str = "cpu",

@@ -121,8 +121,8 @@ class Probe(Plugin):
     data: ClassVar[str] = "minibatch"
     #: when to measure: ``after_backward`` (θ_step, .grad = ∇L_B) or ``step_end`` (θ_{step+1})
     at: ClassVar[str] = "after_backward"
-    #: default K for ``data = subset``
-    subset_batches: ClassVar[int] = 4
+    #: default number of samples of the fixed subset for ``data = subset``
+    measure_samples: ClassVar[int] = 1024
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -135,6 +135,7 @@ class Probe(Plugin):
         else:
             self.schedule = Schedule.parse(self.opts.schedule)  # type: ignore[assignment]
         self._batches: list[Any] | None = None
+        self._data_attrs: dict[str, Any] = {}
 
     @classmethod
     def all_options(cls) -> tuple[Option, ...]:
@@ -142,9 +143,12 @@ class Probe(Plugin):
             Option("schedule", str, cls.schedule, "when to measure: every:N, at:0,10, log:A:B:N, epoch, time:15m"),
             Option("every", int, None, "shorthand for schedule=every:N"),
             Option("data", str, cls.data, "data to measure on", choices=("minibatch", "subset", "full")),
-            Option("batches", int, cls.subset_batches, "number of fixed batches for data=subset", minimum=1),
-            Option("measure_batch_size", int, None, "batch size for subset/full data (default: the training one)",
-                   minimum=1),
+            Option("measure_samples", int, cls.measure_samples,
+                   "samples in the fixed subset for data=subset, whatever --batch-size is", minimum=1),
+            Option("batches", int, None, "instead of measure_samples: this many fixed batches of "
+                   "measure_batch_size (default: the training batch size) for data=subset", minimum=1),
+            Option("measure_batch_size", int, None, "batch size of subset/full measurement passes (memory per "
+                   "pass; default: --micro-batch-size, else 256)", minimum=1),
         )
         own = tuple(cls.options)
         own_names = {o.name for o in own}
@@ -157,6 +161,7 @@ class Probe(Plugin):
     def store_attrs(self) -> dict[str, Any]:
         attrs = super().store_attrs()
         attrs["schedule"] = str(self.schedule)
+        attrs.update(self._data_attrs)  # what the measurement data actually was
         return attrs
 
     # -- engine side ---------------------------------------------------------------------
@@ -202,16 +207,60 @@ class Probe(Plugin):
             if state.batch is None:
                 raise UsageError(f"{self.name}: no current minibatch here; use -o {self.name}.data=subset or full")
             return [state.batch]
-        size = self.opts.measure_batch_size or ctx.batch_size
         if kind == "subset":
             if self._batches is None:
-                seed = derived_seed(ctx.config.seed, "subset", self.name)
-                batches = fixed_batches(ctx.train_set, size, self.opts.batches, seed, ctx.device)
-                self._batches = [shard(b, ctx.rank, ctx.world_size) for b in batches]
+                self._batches = self.measurement_subset(ctx, purpose=self.name)
             return self._batches
-        key = f"full:{size}"
+        return self.measurement_full(ctx)
+
+    def measure_batch_size(self, ctx: RunContext) -> int:
+        """Samples per measurement batch: ``measure_batch_size``, else ``--micro-batch-size``,
+        else 256 (with ``batches=K``: the training batch size, as K training-sized batches)."""
+        if self.opts.measure_batch_size:
+            return int(self.opts.measure_batch_size)
+        if self.opts.batches is not None:
+            return ctx.batch_size
+        return int(getattr(ctx.config, "micro_batch_size", None) or 256)
+
+    def measurement_subset(self, ctx: RunContext, dataset: Any = None, purpose: str | None = None) -> list[Any]:
+        """The fixed measurement subset of ``dataset`` (default: the training set): ``measure_samples``
+        samples (or ``batches`` batches) drawn once with a seed derived from the run's seed and
+        ``purpose``, so it does not depend on ``--batch-size``; shared through ``ctx.cache`` by
+        probes with the same purpose and sizes, and sharded under torchrun."""
+        from .data import fixed_subset
+
+        dataset = ctx.train_set if dataset is None else dataset
+        split = "train" if dataset is ctx.train_set else "eval" if dataset is ctx.eval_set else str(id(dataset))
+        size = self.measure_batch_size(ctx)
+        samples = size * self.opts.batches if self.opts.batches is not None else int(self.opts.measure_samples)
+        purpose = purpose or self.name
+        key = f"subset:{purpose}:{split}:{samples}:{size}:{self.opts.batches is not None}"
         if key not in ctx.cache:
-            ctx.cache[key] = [shard(b, ctx.rank, ctx.world_size) for b in full_batches(ctx.train_set, size, ctx.device)]
+            if self.opts.batches is not None:
+                batches = fixed_batches(dataset, size, self.opts.batches, derived_seed(ctx.config.seed, "subset", purpose),
+                                        ctx.device, workers=ctx.cache.get("workers", 0))
+            else:
+                batches = fixed_subset(dataset, samples, size, derived_seed(ctx.config.seed, "subset", purpose),
+                                       ctx.device, workers=ctx.cache.get("workers", 0))
+            ctx.cache[key] = [shard(b, ctx.rank, ctx.world_size) for b in batches]
+        batches = ctx.cache[key]
+        from .batch import batch_size_of
+
+        self._data_attrs = {"measure_samples": int(sum(batch_size_of(b) for b in batches)) * ctx.world_size,
+                            "measure_batch_size": size}
+        return batches
+
+    def measurement_full(self, ctx: RunContext, dataset: Any = None) -> list[Any]:
+        """The whole of ``dataset`` (default: the training set) in batches of
+        ``measure_batch_size``, loaded once and kept on the device through ``ctx.cache``."""
+        dataset = ctx.train_set if dataset is None else dataset
+        split = "train" if dataset is ctx.train_set else "eval" if dataset is ctx.eval_set else str(id(dataset))
+        size = self.measure_batch_size(ctx)
+        key = f"full:{split}:{size}"
+        if key not in ctx.cache:
+            ctx.cache[key] = [shard(b, ctx.rank, ctx.world_size)
+                              for b in full_batches(dataset, size, ctx.device, workers=ctx.cache.get("workers", 0))]
+        self._data_attrs = {"measure_samples": len(dataset), "measure_batch_size": size}
         return ctx.cache[key]
 
 

@@ -60,12 +60,7 @@ def curvature_batches(probe: Probe, ctx: Any, state: Any) -> list[Any]:
     """
     if probe.opts.data != "subset":
         return Probe.batches(probe, ctx, state)
-    size = probe.opts.measure_batch_size or ctx.batch_size
-    key = f"curvature-subset:{size}:{probe.opts.batches}"
-    if key not in ctx.cache:
-        seed = derived_seed(ctx.config.seed, "subset", "curvature")
-        ctx.cache[key] = fixed_batches(ctx.train_set, size, probe.opts.batches, seed, ctx.device)
-    return ctx.cache[key]
+    return probe.measurement_subset(ctx, purpose="curvature")
 
 
 class Sharpness(WarmStart, Probe):

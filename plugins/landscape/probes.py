@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from lscape import Option, Output, Probe
-from lscape.data import derived_seed, fixed_batches, full_batches
+from lscape.data import derived_seed, fixed_batches
 from lscape.errors import UsageError
 from lscape.params import select_parameters, unflatten
 
-from .directions import normalize_to, random_direction
+from .directions import normalize_to, random_direction, state_tensors
 from .interpolation import interpolation_curve
 from .sharpness import eps_sharpness_repeated, model_objective
 from .slices import displaced, evaluate, parse_range, slice_1d
@@ -34,17 +34,19 @@ class _TrainEvalProbe(Probe):
     def split_batches(self, ctx, state) -> dict[str, list]:
         out = {"train": list(self.batches(ctx, state))}
         n = self.opts.eval_batches
-        if n is None:
-            n = self.opts.batches if self.opts.data == "subset" else -1
-        if ctx.eval_set is not None and n != 0:
-            size = self.opts.measure_batch_size or ctx.batch_size
+        if ctx.eval_set is None or n == 0:
+            return out
+        if n is None:  # the same kind of data as the training side
+            out["eval"] = self.measurement_full(ctx, ctx.eval_set) if self.opts.data != "subset" \
+                else self.measurement_subset(ctx, ctx.eval_set, purpose=f"{self.name}-eval")
+        elif n < 0:
+            out["eval"] = self.measurement_full(ctx, ctx.eval_set)
+        else:
+            size = self.measure_batch_size(ctx)
             key = f"{self.name}:eval:{n}:{size}"
             if key not in ctx.cache:
-                if n < 0:
-                    ctx.cache[key] = list(full_batches(ctx.eval_set, size, ctx.device))
-                else:
-                    seed = derived_seed(ctx.config.seed, "eval-subset", self.name)
-                    ctx.cache[key] = fixed_batches(ctx.eval_set, size, n, seed, ctx.device)
+                seed = derived_seed(ctx.config.seed, "eval-subset", self.name)
+                ctx.cache[key] = fixed_batches(ctx.eval_set, size, n, seed, ctx.device)
             out["eval"] = ctx.cache[key]
         return out
 
@@ -67,9 +69,17 @@ class Landscape(_TrainEvalProbe):
     schedule = "epoch"
     options = _SPLIT_OPTIONS + (
         Option("dims", int, 1, "1 for a curve, 2 for a surface", choices=(1, 2)),
-        Option("direction", str, "random", "directions", choices=("random", "hessian", "gradient")),
-        Option("normalize", str, "auto", "direction scaling (auto: filter for random, unit otherwise)",
-               choices=("auto", "filter", "unit", "model", "none")),
+        Option("direction", str, "random", "directions (pca: of the run's checkpoints, loss-landscape's plot_trajectory)",
+               choices=("random", "hessian", "gradient", "pca")),
+        Option("normalize", str, "auto", "direction scaling (auto: filter for random, unit otherwise; "
+               "filter/layer/weight/dfilter/dlayer as loss-landscape's --xnorm)",
+               choices=("auto", "filter", "layer", "weight", "dfilter", "dlayer", "unit", "model", "none")),
+        Option("dir_type", str, "weights", "random directions over the parameters (weights) or every floating "
+               "state entry, BatchNorm buffers included (states), as loss-landscape's --dir_type",
+               choices=("weights", "states")),
+        Option("same_dir", bool, False, "dims=2: the second direction is the first (loss-landscape's --same_dir)"),
+        Option("pca_run", str, None, "direction=pca: the run store whose checkpoints make the path "
+               "(default: this run, or the store being measured)"),
         Option("ignore", str, "biasbn", "random/filter directions on dim ≤ 1 tensors: zero (biasbn) or copy θ (none)",
                choices=("biasbn", "none")),
         Option("alpha", str, "-1:1:#51", "coefficients along d₁: start:stop:#num, xmin:xmax:xnum or start:stop:step"),
@@ -95,6 +105,16 @@ class Landscape(_TrainEvalProbe):
             self.betas = parse_range(self.opts.beta or self.opts.alpha)
         except ValueError as e:
             raise UsageError(f"landscape: {e}") from None
+        o = self.opts
+        if o.dir_type == "states" and (o.direction != "random" or o.params):
+            raise UsageError("landscape.dir_type=states is for random directions over the whole state "
+                             "(no direction= or params=)")
+        if o.direction == "pca" and o.dims != 2:
+            raise UsageError("landscape.direction=pca is a 2-D plot: add -o landscape.dims=2")
+        if o.same_dir and o.dims != 2:
+            raise UsageError("landscape.same_dir needs dims=2")
+        if o.pca_run is not None and not os.path.isdir(o.pca_run):
+            raise UsageError(f"landscape.pca_run: no such run store: {o.pca_run}")
 
     def directions(self, ctx, params, train) -> tuple[list[list[torch.Tensor]], dict[str, Any]]:
         """The ``dims`` directions (tensors shaped like ``params``) and extra values to record.
@@ -120,13 +140,68 @@ class Landscape(_TrainEvalProbe):
         how = self.opts.normalize
         dirs = [normalize_to(d, params, "unit" if how == "auto" else how, self.opts.ignore) for d in given]
         while len(dirs) < dims:
+            if self.opts.same_dir and dirs:
+                dirs.append([t.clone() for t in dirs[0]])
+                continue
             raw = random_direction(params, gen)
             dirs.append(normalize_to(raw, params, "filter" if how == "auto" else how, self.opts.ignore))
         return dirs, extra
 
+    def displaced_tensors(self, ctx) -> tuple[list[str] | None, list[torch.Tensor]]:
+        """What a direction moves: the selected parameters, or (``dir_type=states``) every
+        floating-point state entry, BatchNorm running statistics included."""
+        if self.opts.dir_type == "states":
+            names, tensors = state_tensors(ctx.model)
+            return names, tensors
+        return None, self.params(ctx)
+
+    def pca(self, ctx, params) -> tuple[list[list[torch.Tensor]], np.ndarray, np.ndarray, dict[str, Any]] | None:
+        """PCA directions of the checkpoints around θ and the path's coordinates, or None when
+        fewer than three checkpoints exist yet (during a run: measured once there are)."""
+        import zarr
+
+        from .pca import checkpoint_states, pca_directions, trajectory_matrix
+
+        source = self.opts.pca_run
+        if source is None and ctx.store is not None:
+            kind = ctx.store.attrs.get("kind")
+            source = ctx.store.attrs.get("source") if kind == "measure" else None
+            root = ctx.store.root if kind != "measure" else None
+        else:
+            root = None
+        if root is None:
+            if source is None or not os.path.isdir(str(source)):
+                raise UsageError("landscape.direction=pca needs a run store with checkpoints: measure one "
+                                 "(lscape measure RUN.zarr ...) or name it with -o landscape.pca_run=RUN.zarr")
+            root = zarr.open_group(str(source), mode="r")
+        states = checkpoint_states(root)
+        names = [n for n, _ in select_parameters(ctx.model, self.opts.params)]
+        if len(states) < 3:
+            if ctx.store is not None and ctx.store.attrs.get("kind") != "measure" and self.opts.pca_run is None:
+                return None
+            raise UsageError(f"landscape.direction=pca needs at least 3 checkpoints, {source or 'the run'} has "
+                             f"{len(states)}: checkpoint more often (--checkpoint-schedule)")
+        try:
+            matrix = trajectory_matrix([s for _, s in states], names, params, self.opts.ignore)
+            dirs, ratio = pca_directions(matrix)
+        except (KeyError, ValueError) as e:
+            raise UsageError(f"landscape.direction=pca: {e}") from None
+        coords = (matrix @ dirs.T).numpy()
+        tensors = [unflatten(dirs[i].to(params[0].dtype).to(params[0].device), params) for i in range(2)]
+        path = {"path_step": np.array([s for s, _ in states], dtype=np.int64), "path_x": coords[:, 0],
+                "path_y": coords[:, 1], "explained_variance_ratio": ratio.numpy()}
+        return tensors, *_pca_grid(coords, len(self.alphas), len(self.betas)), path
+
     def measure(self, ctx, state):
-        params = self.params(ctx)
+        names, params = self.displaced_tensors(ctx)
         data = self.split_batches(ctx, state)
+        if self.opts.direction == "pca":
+            found = self.pca(ctx, params)
+            if found is None:
+                return {}
+            dirs, alphas, betas, path = found
+            rows = self._surface(ctx, state.step, params, dirs, data, alphas, betas, path)
+            return {"surface_rows": rows}
         dirs, extra = self.directions(ctx, params, data["train"])
         if self.opts.dims == 1:
             row: dict[str, Any] = {"alpha": self.alphas, **extra}
@@ -137,14 +212,34 @@ class Landscape(_TrainEvalProbe):
         rows = self._surface(ctx, state.step, params, dirs, data)
         return {"surface_rows": rows, **extra}
 
-    def _surface(self, ctx, step, params, dirs, data) -> int:
+    def _surface(self, ctx, step, params, dirs, data, alphas=None, betas=None, path=None) -> int:
         group = None
         if ctx.store is not None and ctx.is_main:
             group = ctx.store.root.require_group(f"{self.name}/surface_step{step:09d}")
+        alphas = self.alphas if alphas is None else alphas
+        betas = self.betas if betas is None else betas
         spec = {"alpha": self.opts.alpha, "beta": self.opts.beta or self.opts.alpha,
-                "direction": self.opts.direction, "step": int(step)}
-        return fill_surface(group, ctx.model, ctx.loss_fn, data, params, dirs, self.alphas, self.betas,
-                            self.opts.mode, spec)
+                "direction": self.opts.direction, "step": int(step),
+                "grid": [float(alphas[0]), float(alphas[-1]), float(betas[0]), float(betas[-1])]}
+        rows = fill_surface(group, ctx.model, ctx.loss_fn, data, params, dirs, alphas, betas, self.opts.mode, spec)
+        if group is not None and path is not None:
+            # the checkpoints' path in the (α, β) plane, and how much of its variance the plane holds
+            for key in ("path_step", "path_x", "path_y"):
+                values = path[key]
+                group.create_array(key, shape=values.shape, dtype=values.dtype, dimension_names=["checkpoint"],
+                                   overwrite=True)[:] = values
+            group.attrs["explained_variance_ratio"] = [float(v) for v in path["explained_variance_ratio"]]
+        return rows
+
+
+def _pca_grid(coords: np.ndarray, na: int, nb: int, margin: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """``na`` × ``nb`` grid coefficients covering the path's bounding box (and θ at 0) plus ``margin``."""
+    out = []
+    for col, n in ((coords[:, 0], na), (coords[:, 1], nb)):
+        lo, hi = min(float(col.min()), 0.0), max(float(col.max()), 0.0)
+        pad = margin * max(hi - lo, 1e-12)
+        out.append(np.linspace(lo - pad, hi + pad, n))
+    return out[0], out[1]
 
 
 def fill_surface(group, model, loss_fn, data, params, dirs, alphas, betas, mode="eval", spec=None) -> int:
@@ -304,16 +399,9 @@ class EpsSharpness(Probe):
             return self.batches(ctx, state)
         if ctx.eval_set is None:
             raise UsageError("eps-sharpness.split=eval needs an eval set (the data gives none)")
-        size = self.opts.measure_batch_size or ctx.batch_size
-        n = -1 if self.opts.data == "full" else self.opts.batches
-        key = f"{self.name}:eval:{n}:{size}"
-        if key not in ctx.cache:
-            if n < 0:
-                ctx.cache[key] = list(full_batches(ctx.eval_set, size, ctx.device))
-            else:
-                ctx.cache[key] = fixed_batches(ctx.eval_set, size, n, derived_seed(ctx.config.seed, "eval-subset",
-                                                                                   self.name), ctx.device)
-        return ctx.cache[key]
+        if self.opts.data == "full":
+            return self.measurement_full(ctx, ctx.eval_set)
+        return self.measurement_subset(ctx, ctx.eval_set, purpose=f"{self.name}-eval")
 
 
 def load_model_state(path: str, checkpoint: str = "latest", device: Any = "cpu") -> dict[str, torch.Tensor]:

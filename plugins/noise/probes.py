@@ -231,6 +231,7 @@ class GradNoise(Probe):
                         mode=mode)
 
     def _batch_size(self, ctx) -> int:
+        # the minibatch size B of the noise g_B − ĝ: the training one unless given
         return self.opts.measure_batch_size or ctx.batch_size
 
     def _get_sampler(self, ctx) -> BatchSampler:
