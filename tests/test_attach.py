@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lscape
 from lscape.curvature import dense_spectrum
-from lscape.data import derived_seed, fixed_batches
+from lscape.data import derived_seed
 from lscape.hookspecs import hookimpl
 from lscape.store import RunReader
 
@@ -62,14 +62,14 @@ def train(epochs=2, out=None, snapshots=None):
                 optimizer.step()
     if session is not None:
         session.close()  # lscape
-    return model, losses
+    return model, losses, session
 
 
 def test_seed_style_loop_records_probes_and_leaves_training_bit_identical(tmp_path):
     out = str(tmp_path / "a.zarr")
     snapshots = []
-    model, losses = train(out=out, snapshots=snapshots)
-    bare_model, bare_losses = train()
+    model, losses, session = train(out=out, snapshots=snapshots)
+    bare_model, bare_losses, _ = train()
     # probes leave the user's training bit-identical
     assert losses == bare_losses
     for a, b in zip(model.parameters(), bare_model.parameters()):
@@ -91,10 +91,11 @@ def test_seed_style_loop_records_probes_and_leaves_training_bit_identical(tmp_pa
     assert np.all(noise["noise_sq"] > 0) and np.all(np.isfinite(noise["sharpness"]))
 
     # sharpness/lambda_max at each measured step is the dense Hessian's λ_max of the same weights,
-    # on the probe's fixed subset (4 batches of the loader's batch size, the probe's seed)
+    # on the probe's own fixed measurement subset, drawn from train_data
     s = r.read("sharpness")
     np.testing.assert_array_equal(s["step"], [0, 4, 8])
-    batches = fixed_batches(_data(), 16, 4, derived_seed(0, "subset", "curvature"))
+    probe = session.ctx.plugins["sharpness"]
+    batches = probe.batches(session.ctx, None)
     ref = _model()
     for step, lam in zip(s["step"], s["lambda_max"]):
         ref.load_state_dict(snapshots[step])
@@ -319,3 +320,56 @@ def test_state_dict_resumes_exactly(tmp_path):
         for key in da:
             if key != "time":
                 np.testing.assert_array_equal(da[key], db[key], err_msg=f"{group}/{key}")
+
+
+def _contract_probes():
+    from lscape.manager import build_registry, get_plugin_manager
+    from test_probe_contract import NEEDS_OTHER_MODEL
+
+    return sorted(n for n in build_registry(get_plugin_manager()).probes if n not in NEEDS_OTHER_MODEL)
+
+
+def _contract_loop(tmp_path, name=None):
+    """Six SGD steps of a small MLP in a hand loop (shuffled DataLoader, momentum), with one
+    probe attached every other step, or none."""
+    from test_probe_contract import OPTIONS
+
+    torch.manual_seed(0)
+    x = torch.randn(96, 6)
+    dataset = TensorDataset(x, (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 0.8).long())
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loader = DataLoader(dataset, batch_size=16, shuffle=True)
+    session = None
+    if name is not None:
+        opts = {name: {**OPTIONS.get(name, {}), "schedule": "every:2"}}
+        session = lscape.attach(model, opt, F.cross_entropy, train_data=loader, eval_data=dataset, plugins=[name],
+                                plugin_options=opts, out=str(tmp_path / f"{name}.zarr"), progress=False)
+    losses = []
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        if session is None:
+            opt.step()
+        else:
+            session.step((x, y), loss)
+    if session is not None:
+        session.close()
+    return losses, [p.detach().clone() for p in model.parameters()], session
+
+
+@pytest.fixture(scope="module")
+def bare_contract(tmp_path_factory):
+    return _contract_loop(tmp_path_factory.mktemp("bare"))
+
+
+@pytest.mark.parametrize("name", _contract_probes())
+def test_every_probe_leaves_the_users_training_bit_identical(name, bare_contract, tmp_path):
+    losses, params, session = _contract_loop(tmp_path, name)
+    assert losses == bare_contract[0]
+    assert all(torch.equal(a, b) for a, b in zip(params, bare_contract[1]))
+    r = RunReader(session.path)
+    assert r.attrs["status"] == "completed"
+    assert any(g == name or g.startswith(name) for g in r.groups()), r.groups()
