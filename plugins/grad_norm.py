@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lscape.batch import batch_size_of
 from lscape import Option, Output, Probe, hookimpl
 from lscape.params import flatten, select_parameters
 
@@ -36,9 +37,9 @@ class GradNorm(Probe):
         params = [p for _, p in select_parameters(ctx.model, self.opts.params)]
         if all(p.grad is None for p in params):
             # outside training (lscape measure): compute the minibatch gradient here
-            loss = sum(ctx.loss_fn(ctx.model(x), y) * x.shape[0] for x, y in self.batches(ctx, state))
-            grads = torch.autograd.grad(loss / sum(b[0].shape[0] for b in self.batches(ctx, state)), params,
-                                        allow_unused=True)
+            batches = self.batches(ctx, state)
+            loss = sum(ctx.adapter.loss(ctx.model, b) * batch_size_of(b) for b in batches)
+            grads = torch.autograd.grad(loss / sum(batch_size_of(b) for b in batches), params, allow_unused=True)
         else:
             grads = [p.grad for p in params]
         theta = self._flat(ctx)

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+from torch.utils._pytree import tree_map
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from lscape.params import flatten, unflatten
+from lscape.batch import as_adapter, batch_size_of, chunks
 
-from .per_sample import Batch, LossFn, Params, _frozen, model_mode, named_params
+from .per_sample import Batch, LossFn, Params, _frozen, functional_model, model_mode, named_params
 
 __all__ = ["HessianVarianceOperator", "NonUniformity", "nonuniformity", "stability_margins"]
 
@@ -44,21 +46,23 @@ class HessianVarianceOperator:
         self.params = [p for _, p in self.named]
         self.chunk_size = chunk_size
         self.mode = mode
-        self.n = sum(len(x) for x, _ in self.batches)
+        self.n = sum(batch_size_of(b) for b in self.batches)
         self.dim = sum(p.numel() for p in self.params)
         self.num_products = 0
         p0 = self.params[0]
         self.dtype, self.device = p0.dtype, p0.device
 
-        def sample_loss(theta, frozen, x, y):
-            out = functional_call(model, (theta, frozen), (x.unsqueeze(0),))
-            return loss_fn(out, y.unsqueeze(0))
+        adapter = as_adapter(loss_fn)
 
-        def sample_hvp(theta, frozen, x, y, v):
-            return jvp(lambda t: grad(sample_loss)(t, frozen, x, y), (theta,), (v,))[1]
+        def sample_loss(theta, frozen, sample):
+            one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
+            return adapter.loss(functional_model(model, theta, frozen), one)
 
-        self._hvp_shared = vmap(sample_hvp, in_dims=(None, None, 0, 0, None), randomness="different")
-        self._hvp_own = vmap(sample_hvp, in_dims=(None, None, 0, 0, 0), randomness="different")
+        def sample_hvp(theta, frozen, sample, v):
+            return jvp(lambda t: grad(sample_loss)(t, frozen, sample), (theta,), (v,))[1]
+
+        self._hvp_shared = vmap(sample_hvp, in_dims=(None, None, 0, None), randomness="different")
+        self._hvp_own = vmap(sample_hvp, in_dims=(None, None, 0, 0), randomness="different")
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """(1/n) Σ_i H_i² v − H² v for a flat vector v."""
@@ -71,17 +75,17 @@ class HessianVarianceOperator:
             # pass 1, chunk by chunk: u_i = H_i v, then H_i u_i at once, so that memory
             # stays bounded by the chunk; Hv = mean u_i is complete only after the pass
             own_sum, hv = torch.zeros_like(v), torch.zeros_like(v)
-            for x, y in self._chunks():
-                u = self._hvp_shared(theta, frozen, x, y, vd)
+            for piece in self._chunks():
+                u = self._hvp_shared(theta, frozen, piece, vd)
                 hv += flatten([u[n].sum(0) for n in names])
-                own = self._hvp_own(theta, frozen, x, y, u)
+                own = self._hvp_own(theta, frozen, piece, u)
                 own_sum += flatten([own[n].sum(0) for n in names])
             hv /= self.n
             # pass 2: H(Hv) = mean_i H_i (Hv)
             hvd = dict(zip(names, unflatten(hv, self.params)))
             shared_sum = torch.zeros_like(v)
-            for x, y in self._chunks():
-                shared = self._hvp_shared(theta, frozen, x, y, hvd)
+            for piece in self._chunks():
+                shared = self._hvp_shared(theta, frozen, piece, hvd)
                 shared_sum += flatten([shared[n].sum(0) for n in names])
             out = own_sum - shared_sum
         self.num_products += 1
@@ -89,9 +93,8 @@ class HessianVarianceOperator:
         return out / self.n
 
     def _chunks(self):
-        for x, y in self.batches:
-            for s in range(0, len(x), self.chunk_size):
-                yield x[s : s + self.chunk_size], y[s : s + self.chunk_size]
+        for batch in self.batches:
+            yield from chunks(batch, self.chunk_size)
 
 
 @dataclass

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+from torch.utils._pytree import tree_map
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lscape.params import select_parameters
+from lscape.batch import as_adapter, batch_size_of, chunks, index_batch
 
 __all__ = [
     "GradientStatistics",
@@ -118,9 +120,9 @@ def iter_per_sample_gradients(
     theta = {n: p.detach() for n, p in named}
     frozen = _frozen(model, named)
     with model_mode(model, mode), torch.no_grad():
-        for x, y in batches:
-            for start in range(0, len(x), chunk_size):
-                yield grad_fn(theta, frozen, x[start : start + chunk_size], y[start : start + chunk_size])
+        for batch in batches:
+            for piece in chunks(batch, chunk_size):
+                yield grad_fn(theta, frozen, piece)
 
 
 def per_sample_gradients(
@@ -163,15 +165,15 @@ def per_sample_statistics(
     """
     named = named_params(model, params)
     batches = list(batches)
-    n = sum(len(x) for x, _ in batches)
+    n = sum(batch_size_of(b) for b in batches)
     if n < 2:
         raise ValueError("per-sample statistics need at least two samples")
     acc_dtype = torch.float64
     if n <= chunk_size:
         # one chunk: per-sample gradients of everything, centre on their exact mean
-        xs = torch.cat([x for x, _ in batches])
-        ys = torch.cat([y for _, y in batches])
-        chunk = per_sample_gradients(model, loss_fn, (xs, ys), named, chunk_size=n, mode=mode, method=method)
+        chunk = {}
+        for part in iter_per_sample_gradients(model, loss_fn, batches, named, n, mode, method):
+            chunk = {k: torch.cat([chunk[k], v]) if k in chunk else v for k, v in part.items()}
         centre = {k: (v.sum(0) / n).to(acc_dtype) for k, v in chunk.items()}  # close is enough, see below
         chunks: Iterable[dict[str, torch.Tensor]] = [chunk]
     else:
@@ -261,14 +263,22 @@ def statistics_from_gradients(
 
 
 def _per_sample_grad_fn(model: nn.Module, loss_fn: LossFn, named: list[tuple[str, torch.Tensor]]):
-    """vmap(grad(loss of one sample)) over the leading dimension of x and y."""
+    """vmap(grad(loss of one sample)) over the leading dimension of every tensor of a batch
+    (tuples or dicts, through the batch adapter)."""
+    adapter = as_adapter(loss_fn)
 
-    def sample_loss(theta, frozen, x, y):
-        out = functional_call(model, (theta, frozen), (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0))
+    def sample_loss(theta, frozen, sample):
+        one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
+        return adapter.loss(functional_model(model, theta, frozen), one)
 
     # "different": dropout in train mode draws a fresh mask per sample, as a loop would
-    return vmap(grad(sample_loss), in_dims=(None, None, 0, 0), randomness="different")
+    return vmap(grad(sample_loss), in_dims=(None, None, 0), randomness="different")
+
+
+def functional_model(model: nn.Module, theta: dict, frozen: dict):
+    """A callable that runs ``model`` with parameters ``theta`` (others ``frozen``), as the
+    batch adapter calls a model: positional and keyword inputs."""
+    return lambda *args, **kwargs: functional_call(model, (theta, frozen), args, kwargs)
 
 
 def _frozen(model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -282,27 +292,29 @@ def _frozen(model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> dict[str
 def _mean_gradient(model, loss_fn, batches, named, mode, dtype) -> dict[str, torch.Tensor]:
     """Sample-weighted mean gradient over ``batches`` by ordinary backward passes."""
     tensors = [p for _, p in named]
-    total = sum(len(x) for x, _ in batches)
+    adapter = as_adapter(loss_fn)
+    total = sum(batch_size_of(b) for b in batches)
     acc = [torch.zeros_like(p, dtype=dtype) for p in tensors]
     with model_mode(model, mode), torch.enable_grad():
-        for x, y in batches:
-            loss = loss_fn(model(x), y)
+        for batch in batches:
+            loss = adapter.loss(model, batch)
             gs = torch.autograd.grad(loss, tensors, allow_unused=True)
             for a, g in zip(acc, gs):
                 if g is not None:
-                    a += g.to(dtype) * (len(x) / total)
+                    a += g.to(dtype) * (batch_size_of(batch) / total)
     return {n: a for (n, _), a in zip(named, acc)}
 
 
 def _loop_chunks(model, loss_fn, batches, named, chunk_size, mode):
     """Per-sample gradients by one ordinary backward pass per sample, grouped in chunks."""
     tensors = [p for _, p in named]
+    adapter = as_adapter(loss_fn)
     with model_mode(model, mode), torch.enable_grad():
-        for x, y in batches:
-            for start in range(0, len(x), chunk_size):
+        for batch in batches:
+            for piece in chunks(batch, chunk_size):
                 rows = []
-                for i in range(start, min(start + chunk_size, len(x))):
-                    loss = loss_fn(model(x[i : i + 1]), y[i : i + 1])
+                for i in range(batch_size_of(piece)):
+                    loss = adapter.loss(model, index_batch(piece, slice(i, i + 1)))
                     gs = torch.autograd.grad(loss, tensors, allow_unused=True)
                     rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(gs, tensors)])
                 yield {n: torch.stack([r[j] for r in rows]) for j, (n, _) in enumerate(named)}

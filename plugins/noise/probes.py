@@ -298,7 +298,7 @@ class GradStats(Probe):
         o = self.opts
         named = select_parameters(ctx.model, o.params)
         batches = self.batches(ctx, state)
-        st = per_sample_statistics(ctx.model, ctx.loss_fn, batches, params=named, chunk_size=o.chunk_size,
+        st = per_sample_statistics(ctx.model, ctx.adapter, batches, params=named, chunk_size=o.chunk_size,
                                    mode=o.mode, eps=o.eps, method=o.method)
         writer = self.group(ctx)
         if writer is not None and "param_names" not in writer.group.attrs:
@@ -311,7 +311,7 @@ class GradStats(Probe):
             "trace_cov_param": torch.tensor(list(st.trace_cov_groups.values()), dtype=torch.float64),
         }
         if o.nonuniformity:
-            nu = nonuniformity(ctx.model, ctx.loss_fn, batches, params=named, chunk_size=o.chunk_size, mode=o.mode,
+            nu = nonuniformity(ctx.model, ctx.adapter, batches, params=named, chunk_size=o.chunk_size, mode=o.mode,
                                iters=o.nu_iters, tol=o.nu_tol)
             op = HessianOperator(ctx.model, ctx.loss_fn, batches, params=named, mode=o.mode)
             lam = float(lanczos(op, k=1, which="LA", tol=o.nu_tol, max_iter=o.nu_iters).eigenvalues[0])
