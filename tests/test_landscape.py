@@ -298,3 +298,93 @@ def test_eps_sharpness_probe_measures_on_the_eval_set_with_split_eval():
 
     with pytest.raises(UsageError, match="split=eval needs an eval set"):
         EpsSharpness(split="eval").check(SimpleNamespace(eval_set=None))
+
+
+def test_loss_landscapes_layerwise_normalisations():
+    from lscape.plugins.landscape.directions import normalize_layerwise
+
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(3, 4, generator=g), torch.randn(3, generator=g)]
+    d = [torch.randn(3, 4, generator=g), torch.randn(3, generator=g)]
+    out = {how: normalize_layerwise(d, w, how) for how in ("filter", "layer", "weight", "dfilter", "dlayer")}
+    torch.testing.assert_close(out["filter"][0], d[0] * (w[0].norm(dim=1) / (d[0].norm(dim=1) + 1e-10))[:, None])
+    torch.testing.assert_close(out["layer"][0], d[0] * w[0].norm() / d[0].norm())
+    torch.testing.assert_close(out["weight"][0], d[0] * w[0])
+    torch.testing.assert_close(out["dfilter"][0], d[0] / (d[0].norm(dim=1) + 1e-10)[:, None])
+    torch.testing.assert_close(out["dlayer"][0], d[0] / d[0].norm())
+    for how, res in out.items():
+        assert torch.equal(res[1], torch.zeros(3)), how          # biasbn: 1-D tensors zeroed
+        assert torch.equal(normalize_to(d, w, how, ignore="none")[1], w[1]), how  # or copied from θ
+    assert torch.equal(d[0], d[0].clone())                        # inputs untouched
+
+
+def test_dir_type_states_moves_batchnorm_buffers_along_the_direction():
+    from lscape.plugins.landscape.directions import state_tensors
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model.train()
+    model(torch.randn(16, 3))                                     # non-trivial running statistics
+    model.eval()
+    names, tensors = state_tensors(model)
+    assert "1.running_mean" in names and "1.running_var" in names and "1.num_batches_tracked" not in names
+    direction = normalize_to([torch.randn(t.shape) for t in tensors], tensors, "filter", ignore="none")
+    # ignore=none copies θ into the 1-D entries: the running mean moves to (1 + α)·running_mean
+    torch.testing.assert_close(direction[names.index("1.running_mean")], model[1].running_mean)
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+    batches = [(x, y)]
+    res = slice_1d(model, nn.functional.mse_loss, batches, tensors, direction, [0.5])
+    ref = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    sd = model.state_dict()
+    ref.load_state_dict({k: (v + 0.5 * direction[names.index(k)]) if k in names else v for k, v in sd.items()})
+    with torch.no_grad():
+        assert res["loss"][0] == pytest.approx(float(nn.functional.mse_loss(ref(x), y)), rel=1e-6)
+    assert torch.equal(model.state_dict()["1.running_mean"], sd["1.running_mean"])  # restored
+
+
+def test_same_dir_gives_two_identical_directions():
+    from types import SimpleNamespace
+
+    from lscape.plugins.landscape import Landscape
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    probe = Landscape(dims=2, same_dir=True, seed=1)
+    params = list(model.parameters())
+    dirs, _ = probe.directions(SimpleNamespace(model=model, config=SimpleNamespace(seed=0)), params, [])
+    assert all(torch.equal(a, b) for a, b in zip(dirs[0], dirs[1]))
+    other, _ = Landscape(dims=2, seed=1).directions(SimpleNamespace(model=model, config=SimpleNamespace(seed=0)),
+                                                    params, [])
+    assert not torch.equal(other[0][0], other[1][0])
+    from lscape.errors import UsageError
+
+    with pytest.raises(UsageError, match="dims=2"):
+        Landscape(same_dir=True)
+    with pytest.raises(UsageError, match="dir_type=states"):
+        Landscape(dir_type="states", direction="hessian")
+
+
+def test_pca_directions_are_sklearns_on_a_path_in_a_known_plane():
+    from lscape.plugins.landscape.pca import pca_directions, trajectory_matrix
+
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    u, v = torch.linalg.qr(torch.randn(n, 2, generator=g, dtype=torch.float64))[0].T
+    t = torch.linspace(0, 1, 9, dtype=torch.float64)
+    theta = torch.randn(n, dtype=torch.float64, generator=g)
+    rows = [theta + 3 * ti * u + torch.sin(4 * ti) * v for ti in t]
+    M = trajectory_matrix([{"w": r} for r in rows], ["w"], [theta], ignore="none")
+    torch.testing.assert_close(M, torch.stack(rows) - theta)
+    dirs, ratio = pca_directions(M)
+    # reference: SVD of the centred rows (what sklearn's PCA computes), signs as svd_flip
+    C = (M - M.mean(0)).numpy()
+    _, s, vt = np.linalg.svd(C, full_matrices=False)
+    for i in range(2):
+        ref = vt[i] * np.sign(vt[i][np.argmax(np.abs(vt[i]))])
+        np.testing.assert_allclose(dirs[i].numpy(), ref, atol=1e-12)
+    np.testing.assert_allclose(ratio.numpy(), s[:2] ** 2 / (s**2).sum(), rtol=1e-12)
+    assert float(ratio.sum()) == pytest.approx(1.0, abs=1e-12)   # the path lies in the plane: all of it
+    # the plane is span(u, v): projecting the rows on it loses nothing
+    P = dirs.T @ dirs
+    torch.testing.assert_close((M - M.mean(0)) @ P, M - M.mean(0), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="fewer than 2 directions"):
+        pca_directions(M[:2])

@@ -137,3 +137,45 @@ def test_bad_range_is_a_usage_error(cli, tmp_path):
                        "--out", str(tmp_path / "bad.zarr"))
     assert code == 2 and "bad range" in err
     assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_pca_trajectory_over_the_loss_contour_from_a_runs_checkpoints(cli, tmp_path):
+    from lscape.plugins.landscape.pca import checkpoint_states, pca_directions, trajectory_matrix
+
+    run = tmp_path / "r.zarr"
+    code, _, err = cli("run", *SMALL, "--steps", "24", "--lr", "0.3", "--checkpoint-schedule", "every:4",
+                       "--out", str(run))
+    assert code == 0, err
+    out = tmp_path / "m.zarr"
+    code, _, err = cli("measure", str(run), "--plugin", "landscape", "-o", "landscape.direction=pca",
+                       "-o", "landscape.dims=2", "-o", "landscape.alpha=-1:1:#5", "-o", "landscape.batches=2",
+                       "--out", str(out))
+    assert code == 0, err
+    root = zarr.open_group(str(out), mode="r")
+    (name,) = list(root["landscape"].group_keys())
+    g = root["landscape"][name]
+    states = checkpoint_states(zarr.open_group(str(run), mode="r"))
+    final = states[-1][1]
+    params = list(final)  # the MLP's state is its parameters
+    M = trajectory_matrix([s for _, s in states], params, [final[k] for k in params])
+    dirs, ratio = pca_directions(M)
+    np.testing.assert_allclose(g["path_x"][:], (M @ dirs[0]).numpy(), atol=1e-6)
+    np.testing.assert_allclose(g["path_y"][:], (M @ dirs[1]).numpy(), atol=1e-6)
+    assert list(g["path_step"][:]) == [s for s, _ in states]
+    assert (g["path_x"][-1], g["path_y"][-1]) == (0.0, 0.0)       # the measured model is the last checkpoint
+    np.testing.assert_allclose(g.attrs["explained_variance_ratio"], ratio.numpy(), rtol=1e-9)
+    # the grid covers the path; the centre row/column pass through θ only approximately, the path exactly
+    assert g["alpha"][0] < g["path_x"][:].min() and g["alpha"][-1] > g["path_x"][:].max()
+    assert np.isfinite(g["train_loss"][:]).all() and int(g.attrs["rows_done"]) == 5
+    code, out_text, err = cli("plot", str(out), "--out", str(tmp_path / "figs"))
+    assert code == 0, err
+    assert list((tmp_path / "figs").glob("landscape_trajectory_*.png"))
+    # too few checkpoints: one clear line (exit 2 before any store when the run is named)
+    short = tmp_path / "short.zarr"
+    code, _, err = cli("run", *SMALL, "--steps", "2", "--out", str(short))
+    code, _, err = cli("measure", str(short), "--plugin", "landscape", "-o", "landscape.direction=pca",
+                       "-o", "landscape.dims=2", "-o", "landscape.batches=2", "--out", str(tmp_path / "s.zarr"))
+    assert code != 0 and "at least 3 checkpoints" in err and "Traceback" not in err
+    code, _, err = cli("measure", str(short), "--plugin", "landscape", "-o", "landscape.direction=pca",
+                       "-o", "landscape.dims=2", "-o", f"landscape.pca_run={short}", "--out", str(tmp_path / "t.zarr"))
+    assert code == 2 and "at least 3 checkpoints" in err and not (tmp_path / "t.zarr").exists()

@@ -147,6 +147,17 @@ class Landscape(_TrainEvalProbe):
             dirs.append(normalize_to(raw, params, "filter" if how == "auto" else how, self.opts.ignore))
         return dirs, extra
 
+    def check(self, ctx) -> None:
+        if self.opts.direction == "pca" and self.opts.pca_run is not None:
+            import zarr
+
+            from .pca import checkpoint_states
+
+            n = len(checkpoint_states(zarr.open_group(self.opts.pca_run, mode="r")))
+            if n < 3:
+                raise UsageError(f"landscape.direction=pca needs at least 3 checkpoints, {self.opts.pca_run} has {n}: "
+                                 "checkpoint more often (--checkpoint-schedule)")
+
     def displaced_tensors(self, ctx) -> tuple[list[str] | None, list[torch.Tensor]]:
         """What a direction moves: the selected parameters, or (``dir_type=states``) every
         floating-point state entry, BatchNorm running statistics included."""
