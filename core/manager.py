@@ -33,6 +33,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "lscape.plugins.sharpness", "lscape.plugins.hessian", "lscape.plugins.hessian_exact",
     "lscape.plugins.workloads",
     "lscape.plugins.optimizers", "lscape.plugins.eos", "lscape.plugins.diffusion", "lscape.plugins.landscape",
+    "lscape.plugins.tensorboard", "lscape.plugins.wandb",
 )
 
 ENTRY_POINT_GROUP = "lscape"

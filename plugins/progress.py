@@ -92,7 +92,7 @@ class Progress(Plugin):
 
     @hookimpl
     def on_run_end(self, ctx, status):
-        if not ctx.is_main or self._quiet:
+        if not ctx.is_main or self._quiet or not ctx.config.progress:
             return
         if self._stop_listening is not None:
             self._stop_listening()

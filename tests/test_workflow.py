@@ -245,3 +245,71 @@ def test_measure_shows_progress(cli, tmp_path):
     assert code == 0 and "measuring sharpness" in err
     code, _, err = cli("measure", out, "--plugin", "sharpness", "--out", tmp_path / "m2.zarr", "--no-progress")
     assert code == 0 and "measuring" not in err
+
+
+# -- TensorBoard and W&B --------------------------------------------------------------
+
+def test_tensorboard_gets_every_groups_scalars_once_per_step_even_across_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "runs" / "tb.zarr"
+    opts = dict(plugins=["tensorboard", "sharpness"], plugin_options={"sharpness": {"every": 2}})
+    lscape.run(steps=4, out=str(out), eval_schedule="every:2", **TINY, **opts)
+    lscape.run(resume=str(out), steps=7, progress=False)
+    events = EventAccumulator(str(tmp_path / "runs" / "tensorboard" / "tb"))
+    events.Reload()
+
+    def scalars(tag):
+        return {e.step: e.value for e in events.Scalars(tag)}
+
+    train, sharp = RunReader(out).read("train"), RunReader(out).read("sharpness")
+    loss = scalars("train/loss")
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(7))  # each step once
+    np.testing.assert_allclose([loss[s] for s in range(7)], train["loss"], rtol=1e-6)
+    lam = scalars("sharpness/lambda_max")
+    assert sorted(lam) == sharp["step"].tolist()
+    np.testing.assert_allclose([lam[s] for s in sharp["step"]], sharp["lambda_max"], rtol=1e-6)
+    evals = np.isfinite(train["eval_loss"])
+    assert sorted(scalars("train/eval_loss")) == train["step"][evals].tolist()  # NaN rows are not sent
+
+
+def _wandb_history(path):
+    """The history rows of an offline W&B run file (a LevelDB-style log of Record protobufs)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, rows, parts = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a record header never straddles a block
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        parts += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = pb.Record()
+            record.ParseFromString(parts)
+            parts = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_wandb_offline_logs_every_groups_scalars(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "w.zarr"
+    lscape.run(steps=5, out=str(out), plugins=["wandb", "grad-norm"],
+               plugin_options={"wandb": {"mode": "offline", "project": "test"}}, **TINY)
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    rows = {int(r["_step"]): r for r in _wandb_history(files[0])}
+    train, norms = RunReader(out).read("train"), RunReader(out).read("grad-norm")
+    assert sorted(rows) == list(range(5))
+    np.testing.assert_allclose([rows[s]["train/loss"] for s in range(5)], train["loss"], rtol=1e-6)
+    np.testing.assert_allclose([rows[s]["grad-norm/grad_norm"] for s in range(5)], norms["grad_norm"], rtol=1e-6)
+    assert "grad-norm/update_size" not in rows[0] and "grad-norm/update_size" in rows[1]  # NaN is not sent
