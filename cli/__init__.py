@@ -85,6 +85,10 @@ def _regime(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 @click.option("--data-seed", type=str,
               help="data seed: the train/eval split and synthetic data (--seed leaves it alone)  [default: 0]")
 @click.option("--drop-last", is_flag=True, default=None, help="drop the last incomplete batch of each epoch")
+@click.option("--name", help="run name: figure and table labels, and the store runs/NAME.zarr")
+@click.option("--until-loss", type=str, metavar="X",
+              help="stop once the training loss on a fixed subset of 1024 samples is <= X (loss-matched runs)")
+@click.option("--until-loss-every", type=str, metavar="N", help="steps between those checks  [default: 1]")
 @click.option("--regime", "regime_items", multiple=True, metavar="EPOCH:KEY=V[,KEY=V]",
               help="from EPOCH on set lr/momentum/weight_decay, e.g. 30:lr=0.01 (repeatable)")
 @click.option("--device", help="cpu or cuda  [default: cpu]")

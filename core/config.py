@@ -58,6 +58,12 @@ class RunConfig:
     seed: int = 0
     #: seed of the data factory (the train/eval split, synthetic data), apart from ``seed``
     data_seed: int = 0
+    #: a name for the run: labels in figures and tables, and the default store name
+    name: str | None = None
+    #: stop once the training loss on a fixed subset of 1024 samples is at most this
+    until_loss: float | None = None
+    #: steps between those checks
+    until_loss_every: int = 1
     device: str = "cpu"
     progress: bool = True
     on_nan: str = "stop"
@@ -169,7 +175,7 @@ class RunConfig:
         for name in ("model", "data", "loss", "optimizer", "lr_schedule", "device", "on_nan", "precision"):
             if not isinstance(getattr(self, name), str):
                 raise bad(name, "text", getattr(self, name))
-        for name in ("eval_schedule", "checkpoint_schedule", "out", "resume", "adapter"):
+        for name in ("eval_schedule", "checkpoint_schedule", "out", "resume", "adapter", "name"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 value = os.fspath(value)
@@ -239,6 +245,11 @@ class RunConfig:
         self.seed = _integer("seed", self.seed, "an integer")
         if not -2**63 <= self.seed < 2**63:  # what torch.manual_seed takes
             raise UsageError(f"--seed must be a 64-bit integer (|seed| < 2**63), got {self.seed}")
+        if self.until_loss is not None:
+            self.until_loss = _number("until-loss", self.until_loss)
+        self.until_loss_every = _integer("until-loss-every", self.until_loss_every, "a positive integer")
+        if self.until_loss_every < 1:
+            raise UsageError(f"--until-loss-every must be a positive integer, got {self.until_loss_every}")
         self.data_seed = _integer("data-seed", self.data_seed, "an integer")
         if not 0 <= self.data_seed < 2**32:
             raise UsageError(f"--data-seed must be an integer in [0, 2**32), got {self.data_seed}")

@@ -293,7 +293,42 @@ class Engine:
             if ckpt_schedule.due(self.step - 1, epoch_end=epoch_end, now=time.time() - ctx.start_time) \
                     and ctx.is_main:
                 self.save_checkpoint()
+            if cfg.until_loss is not None and self.step % cfg.until_loss_every == 0 and self._until_loss_reached():
+                return "completed"
         return "interrupted"
+
+    def _until_loss_reached(self) -> bool:
+        """``--until-loss``: the training loss on a fixed subset (``UNTIL_LOSS_SAMPLES`` samples,
+        eval mode, no gradients) after this step, recorded in group ``until-loss``; True once
+        it is at or below the target (the reason goes into the root attributes)."""
+        ctx, cfg = self.ctx, self.config
+        from .data import fixed_subset
+
+        if "until-loss" not in ctx.cache:
+            size = int(cfg.micro_batch_size or max(ctx.batch_size, 256))
+            ctx.cache["until-loss"] = fixed_subset(ctx.train_set, UNTIL_LOSS_SAMPLES, size,
+                                                   derived_seed(cfg.seed, "until-loss"), ctx.device)
+        modes = [(m, m.training) for m in ctx.model.modules()]
+        ctx.model.eval()
+        total, n = 0.0, 0
+        try:
+            with torch.no_grad():
+                for batch in ctx.cache["until-loss"]:
+                    k = batch_size_of(batch)
+                    total += float(ctx.adapter.loss(ctx.model, batch)) * k
+                    n += k
+        finally:
+            for m, training in modes:
+                m.training = training
+        loss = total / max(n, 1)
+        if ctx.store is not None:
+            ctx.store.group("until-loss").append(self.step - 1, loss=loss)
+        if loss > cfg.until_loss:
+            return False
+        if ctx.store is not None:
+            ctx.store.update_attrs(stopped_by={"until_loss": cfg.until_loss, "loss": loss, "step": self.step - 1,
+                                               "samples": n})
+        return True
 
     def _closure(self, ctx: RunContext, state: StepState):
         model, adapter, optimizer = self._forward, ctx.adapter, ctx.optimizer
@@ -704,6 +739,9 @@ def _truncate_after(store: RunStore, step: int) -> None:
     walk(reader_root, "")
 
 
+#: samples of the fixed training subset that ``--until-loss`` evaluates
+UNTIL_LOSS_SAMPLES = 1024
+
 #: what a resumed run may change: its length, and only upwards
 EXTENDABLE = ("steps", "epochs", "time_limit")
 
@@ -785,7 +823,7 @@ def _broadcast(value: Any) -> Any:
 
 def _default_out(cfg: RunConfig) -> str:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = os.path.join("runs", f"{_slug(cfg.model)}-{_slug(cfg.data)}-{stamp}")
+    base = os.path.join("runs", _slug(cfg.name) if cfg.name else f"{_slug(cfg.model)}-{_slug(cfg.data)}-{stamp}")
     path, i = base + ".zarr", 1
     while os.path.exists(path):
         i += 1

@@ -313,3 +313,44 @@ def test_wandb_offline_logs_every_groups_scalars(tmp_path, monkeypatch):
     np.testing.assert_allclose([rows[s]["train/loss"] for s in range(5)], train["loss"], rtol=1e-6)
     np.testing.assert_allclose([rows[s]["grad-norm/grad_norm"] for s in range(5)], norms["grad_norm"], rtol=1e-6)
     assert "grad-norm/update_size" not in rows[0] and "grad-norm/update_size" in rows[1]  # NaN is not sent
+
+
+def test_until_loss_stops_at_the_first_step_whose_subset_loss_reaches_the_target(tmp_path):
+    from lscape.engine import Engine
+
+    ref = lscape.run(steps=40, out=str(tmp_path / "ref.zarr"), **TINY, until_loss=-1.0)  # never reached
+    losses = RunReader(ref.path).read("until-loss")
+    assert losses["step"].tolist() == list(range(40))
+    # the same loss computed independently: the model of each step on the (here: whole) data set
+    engine = Engine(lscape.api.make_config(steps=1, out=str(tmp_path / "x.zarr"), **TINY))
+    ctx = engine.prepare()
+    from lscape.engine import load_checkpoint
+
+    final = load_checkpoint(RunReader(ref.path).root)["model"]
+    ctx.model.load_state_dict(final)
+    x, y = ctx.train_set.tensors
+    with torch_no_grad():
+        exact = float(ctx.loss_fn(ctx.model(x), y))
+    assert losses["loss"][-1] == pytest.approx(exact, rel=1e-6)
+    target = float(losses["loss"][25])
+    stop = int(np.flatnonzero(losses["loss"] <= target)[0])
+    run = lscape.run(steps=40, out=str(tmp_path / "u.zarr"), **TINY, until_loss=target)
+    assert run.status == "completed" and run.steps == stop + 1
+    attrs = RunReader(run.path).attrs
+    assert attrs["stopped_by"]["step"] == stop and attrs["stopped_by"]["loss"] <= target
+    np.testing.assert_array_equal(RunReader(run.path).read("train")["loss"], RunReader(ref.path).read("train")["loss"][:stop + 1])
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()
+
+
+def test_a_named_run_is_stored_and_labelled_by_its_name(cli, tmp_path):
+    code, _, err = cli("run", *SMALL, "--steps", "2", "--name", "small-batch")
+    assert code == 0, err
+    r = RunReader("runs/small-batch.zarr")
+    from lscape.plotting import run_labels
+
+    assert run_labels([r]) == ["small-batch"]
