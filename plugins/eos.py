@@ -65,7 +65,7 @@ class EdgeOfStability(WarmStart, Probe):
     def measure(self, ctx, state) -> dict[str, Any]:
         batches = self.batches(ctx, state)
         mode = self.opts.mode
-        op = HessianOperator(ctx.model, ctx.loss_fn, batches, mode=mode)
+        op = HessianOperator(ctx.model, ctx.adapter, batches, mode=mode)
         g = op.gradient()
         loss = op.loss()
         k = min(self.opts.k, op.dim)
@@ -81,7 +81,7 @@ class EdgeOfStability(WarmStart, Probe):
             theta = flat_parameters(op.params)
             set_flat_parameters(op.params, theta + rho * g / (gn + 1e-5))
             try:
-                s = gradient(ctx.model, ctx.loss_fn, batches, params=op.params, mode=mode)
+                s = gradient(ctx.model, ctx.adapter, batches, params=op.params, mode=mode)
             finally:
                 set_flat_parameters(op.params, theta)
         else:

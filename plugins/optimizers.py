@@ -10,7 +10,7 @@ import torch
 from lscape import Option, Output, StepOwner, hookimpl
 from lscape.errors import UsageError
 from lscape.plugins.optim import SAM, EntropySGD, SmoothOut, ghost_closures, sam_edge
-from lscape.batch import shard
+from lscape.batch import batch_size_of, index_batch, shard
 from lscape.plugins.optim.smoothout import DISTRIBUTIONS, SCHEDULES, SHAPES, noisy_relus
 from lscape.schedule import Schedule
 
@@ -185,7 +185,7 @@ class SmoothOutStep(_VariantStep):
     def step(self, closure, ctx, state) -> float:
         due = self.before_step(state)
         batch = state.batch
-        n = batch[0].shape[0]
+        n = batch_size_of(batch)
         mb = self.opts.mb
         zero = lambda: ctx.optimizer.zero_grad(set_to_none=True)  # noqa: E731
         extra, extra_sizes = [], []
@@ -193,7 +193,7 @@ class SmoothOutStep(_VariantStep):
             # the seed's --batch-multiplier: more minibatches from the training stream, accumulated
             more, _, _ = ctx.stream.next()
             more = shard(more, ctx.rank, ctx.world_size)
-            c, sz = ghost_closures(ctx.model, ctx.loss_fn, (more[0], more[1]), mb or more[0].shape[0], zero_grad=zero)
+            c, sz = ghost_closures(ctx.model, ctx.adapter, more, mb or batch_size_of(more), zero_grad=zero)
             extra += c
             extra_sizes += sz
         if (not mb or mb >= n) and not extra:
@@ -201,14 +201,13 @@ class SmoothOutStep(_VariantStep):
         elif not mb or mb >= n:
             loss = self.optim.step([closure, *extra], [n, *extra_sizes])
         else:
-            x, y = batch[0], batch[1]
-            rest, sizes = ghost_closures(ctx.model, ctx.loss_fn, (x[mb:], y[mb:]), mb, zero_grad=zero)
+            rest, sizes = ghost_closures(ctx.model, ctx.adapter, index_batch(batch, slice(mb, None)), mb, zero_grad=zero)
             rest, sizes = rest + extra, sizes + extra_sizes
 
             # The first chunk goes through the engine's closure, so on_after_backward fires
             # once per step (with state.batch the chunk and the weights noisy).
             def first():
-                state.batch = (x[:mb], y[:mb])
+                state.batch = index_batch(batch, slice(0, mb))
                 try:
                     return closure()
                 finally:

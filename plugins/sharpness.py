@@ -48,7 +48,7 @@ class WarmStart:
 def make_operator(probe: Probe, ctx: Any, batches: list[Any]) -> HessianOperator:
     """The curvature operator a probe's options describe, on ``batches`` at the current θ."""
     opts = probe.opts
-    return HessianOperator(ctx.model, ctx.loss_fn, batches, params=opts.params, mode=opts.mode,
+    return HessianOperator(ctx.model, ctx.adapter, batches, params=opts.params, mode=opts.mode,
                            method=opts.method, kind=opts.kind)
 
 

@@ -188,7 +188,10 @@ def test_batch_multiplier_accumulates_ghost_chunks_of_several_minibatches_into_o
     stream = iter(batches[1:])
     loss_fn = nn.functional.mse_loss
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    ctx = SimpleNamespace(optimizer=opt, model=model, loss_fn=loss_fn, total_steps=1, rank=0, world_size=1, store=None,
+    from lscape.batch import BatchAdapter
+
+    ctx = SimpleNamespace(optimizer=opt, model=model, loss_fn=loss_fn, adapter=BatchAdapter(loss_fn), total_steps=1,
+                          rank=0, world_size=1, store=None,
                           stream=SimpleNamespace(next=lambda: (next(stream), 0, False)))
     owner = SmoothOutStep(ss=0.0, clip=0.0, mb=4, batch_multiplier=3)
     owner.setup(ctx)

@@ -129,14 +129,14 @@ class Landscape(_TrainEvalProbe):
         if self.opts.direction == "hessian":
             from lscape.curvature import HessianOperator, lanczos
 
-            op = HessianOperator(ctx.model, ctx.loss_fn, train, params=params, mode=self.opts.mode)
+            op = HessianOperator(ctx.model, ctx.adapter, train, params=params, mode=self.opts.mode)
             res = lanczos(op, k=dims, which="LA", tol=1e-4, seed=int(seed))
             extra["eigenvalues"] = torch.as_tensor(res.eigenvalues).reshape(-1)[:dims]
             given = [unflatten(res.eigenvectors[i].to(params[0].dtype), params) for i in range(dims)]
         elif self.opts.direction == "gradient":
             from lscape.curvature import gradient
 
-            given = [unflatten(gradient(ctx.model, ctx.loss_fn, train, params=params, mode=self.opts.mode), params)]
+            given = [unflatten(gradient(ctx.model, ctx.adapter, train, params=params, mode=self.opts.mode), params)]
         how = self.opts.normalize
         dirs = [normalize_to(d, params, "unit" if how == "auto" else how, self.opts.ignore) for d in given]
         while len(dirs) < dims:
@@ -217,7 +217,7 @@ class Landscape(_TrainEvalProbe):
         if self.opts.dims == 1:
             row: dict[str, Any] = {"alpha": self.alphas, **extra}
             for split, batches in data.items():
-                res = slice_1d(ctx.model, ctx.loss_fn, batches, params, dirs[0], self.alphas, self.opts.mode)
+                res = slice_1d(ctx.model, ctx.adapter, batches, params, dirs[0], self.alphas, self.opts.mode)
                 row[f"{split}_loss"], row[f"{split}_accuracy"] = res["loss"], res["accuracy"]
             return row
         rows = self._surface(ctx, state.step, params, dirs, data)
@@ -232,7 +232,7 @@ class Landscape(_TrainEvalProbe):
         spec = {"alpha": self.opts.alpha, "beta": self.opts.beta or self.opts.alpha,
                 "direction": self.opts.direction, "step": int(step),
                 "grid": [float(alphas[0]), float(alphas[-1]), float(betas[0]), float(betas[-1])]}
-        rows = fill_surface(group, ctx.model, ctx.loss_fn, data, params, dirs, alphas, betas, self.opts.mode, spec)
+        rows = fill_surface(group, ctx.model, ctx.adapter, data, params, dirs, alphas, betas, self.opts.mode, spec)
         if group is not None and path is not None:
             # the checkpoints' path in the (α, β) plane, and how much of its variance the plane holds
             for key in ("path_step", "path_x", "path_y"):
@@ -336,7 +336,7 @@ class Interpolate(_TrainEvalProbe):
             self._other = load_model_state(self.opts.other, self.opts.checkpoint, ctx.device)
         here = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
         try:
-            curve = interpolation_curve(ctx.model, ctx.loss_fn, self.split_batches(ctx, state), here, self._other,
+            curve = interpolation_curve(ctx.model, ctx.adapter, self.split_batches(ctx, state), here, self._other,
                                         self.alphas)
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"interpolate: the two models do not match: {e}") from None
@@ -390,7 +390,7 @@ class EpsSharpness(Probe):
     def measure(self, ctx, state):
         params = [p for _, p in select_parameters(ctx.model, self.opts.params)]
         ctx.model.train(self.opts.mode == "train")
-        fun, x0, restore = model_objective(ctx.model, ctx.loss_fn, self._measure_batches(ctx, state), params)
+        fun, x0, restore = model_objective(ctx.model, ctx.adapter, self._measure_batches(ctx, state), params)
         seed = self.opts.seed if self.opts.seed is not None else derived_seed(ctx.config.seed, "eps-sharpness")
         try:
             res = eps_sharpness_repeated(

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from lscape.batch import as_adapter, batch_size_of
 from lscape.params import flat_parameters, set_flat_parameters
 
 __all__ = ["SharpnessResult", "eps_sharpness", "eps_sharpness_repeated", "model_objective", "random_subspace"]
@@ -154,16 +155,17 @@ def model_objective(model, loss_fn, batches, params: Sequence[torch.Tensor]) -> 
     params = list(params)
     batches = list(batches)
     x0 = flat_parameters(params)
-    total = sum(b[1].shape[0] for b in batches)
+    adapter = as_adapter(loss_fn)
+    total = sum(batch_size_of(b) for b in batches)
 
     def fun(v: torch.Tensor) -> tuple[float, torch.Tensor]:
         set_flat_parameters(params, v)
         loss = 0.0
         grads = [torch.zeros_like(p) for p in params]
-        for xb, yb in batches:
-            w = yb.shape[0] / total
+        for batch in batches:
+            w = batch_size_of(batch) / total
             with torch.enable_grad():
-                li = loss_fn(model(xb), yb)
+                li = adapter.loss(model, batch)
                 gs = torch.autograd.grad(li, params, allow_unused=True)
             loss += float(li.detach()) * w
             for acc, gi in zip(grads, gs):

@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from lscape.batch import as_adapter, batch_size_of
 from torch import nn
 
 __all__ = ["parse_range", "evaluate", "Displacement", "displaced", "slice_1d", "surface_rows", "surface_2d"]
@@ -74,13 +75,15 @@ def evaluate(model: nn.Module, loss_fn: Callable, batches: Iterable) -> tuple[fl
     Accuracy is argmax over the last output dimension against integer targets, NaN when
     the targets are not class indices (regression).
     """
+    adapter = as_adapter(loss_fn)
     total, loss_sum, correct, counted = 0, 0.0, 0, 0
-    for x, y in batches:
-        out = model(x)
-        n = y.shape[0] if hasattr(y, "shape") and y.dim() > 0 else 1
-        loss_sum += float(loss_fn(out, y)) * n
+    for batch in batches:
+        loss, (out, y) = adapter.loss_and_output(model, batch)
+        n = batch_size_of(batch)
+        loss_sum += float(loss) * n
         total += n
-        if not torch.is_floating_point(y) and out.dim() >= 2 and out.shape[:-1] == y.shape:
+        if isinstance(y, torch.Tensor) and out is not None and not torch.is_floating_point(y) and out.dim() >= 2 \
+                and out.shape[:-1] == y.shape:
             correct += int((out.argmax(-1) == y).sum())
             counted += y.numel()
     if total == 0:

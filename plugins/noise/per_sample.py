@@ -114,14 +114,30 @@ def iter_per_sample_gradients(
     if method == "loop":
         yield from _loop_chunks(model, loss_fn, batches, named, chunk_size, mode)
         return
-    if method != "vmap":
-        raise ValueError(f"method must be 'vmap' or 'loop', not {method!r}")
+    if method not in ("vmap", "auto"):
+        raise ValueError(f"method must be 'auto', 'vmap' or 'loop', not {method!r}")
     grad_fn = _per_sample_grad_fn(model, loss_fn, named)
     theta = {n: p.detach() for n, p in named}
     frozen = _frozen(model, named)
+    batches = list(batches)
+    first = True
     with model_mode(model, mode), torch.no_grad():
-        for batch in batches:
+        for b, batch in enumerate(batches):
             for piece in chunks(batch, chunk_size):
+                if first and method == "auto":
+                    first = False
+                    try:
+                        out = grad_fn(theta, frozen, piece)
+                    except RuntimeError as e:
+                        # models torch.func cannot vmap (data-dependent checks in HF attention
+                        # masks, .item() calls): one ordinary backward per sample instead
+                        if "vmap" not in str(e) and "functorch" not in str(e) and "batch" not in str(e).lower():
+                            raise
+                        FALLBACKS.append(first_line_of(e))
+                        yield from _loop_chunks(model, loss_fn, batches, named, chunk_size, mode)
+                        return
+                    yield out
+                    continue
                 yield grad_fn(theta, frozen, piece)
 
 
@@ -273,6 +289,15 @@ def _per_sample_grad_fn(model: nn.Module, loss_fn: LossFn, named: list[tuple[str
 
     # "different": dropout in train mode draws a fresh mask per sample, as a loop would
     return vmap(grad(sample_loss), in_dims=(None, None, 0), randomness="different")
+
+
+#: why "auto" fell back to the loop, most recent last (probes store it in their attrs)
+FALLBACKS: list[str] = []
+
+
+def first_line_of(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def functional_model(model: nn.Module, theta: dict, frozen: dict):

@@ -22,6 +22,7 @@ from .grad_noise import (
     sharpness,
 )
 from .nonuniformity import nonuniformity, stability_margins
+from . import per_sample
 from .per_sample import per_sample_statistics
 
 __all__ = ["GradNoise", "GradStats", "BatchSampler"]
@@ -171,7 +172,7 @@ class GradNoise(Probe):
         if state.batch is not None and any(p.grad is not None for p in params):
             g_b = flatten([p.grad for p in params], like=params)
         elif state.batch is not None:
-            g_b = gradient(ctx.model, ctx.loss_fn, [state.batch], params=named, mode="train")
+            g_b = gradient(ctx.model, ctx.adapter, [state.batch], params=named, mode="train")
         else:
             return None
         lr = state.lr if state.lr is not None else ctx.lr
@@ -196,12 +197,12 @@ class GradNoise(Probe):
             if o.dir_pairs > 0:
                 drawn = sampler.draw(2 * o.dir_pairs)
                 pairs = list(zip(drawn[0::2], drawn[1::2]))
-                values["dir_sharpness"] = directional_sharpness(ctx.model, ctx.loss_fn, pairs, params=named, mode=mode)
+                values["dir_sharpness"] = directional_sharpness(ctx.model, ctx.adapter, pairs, params=named, mode=mode)
 
         if original:
             dir_sharpness()
             v0 = self._mean_grad(ctx, sampler.draw(o.sharpness_batches))
-            op = ResampledHessian(ctx.model, ctx.loss_fn, sampler.draw, o.sharpness_batches, params=named,
+            op = ResampledHessian(ctx.model, ctx.adapter, sampler.draw, o.sharpness_batches, params=named,
                                   mode="train")
             if float(v0.norm()) > 0:
                 sharp = seed_power_method(op, v0, iters=o.sharpness_iters, tol=o.sharpness_tol)
@@ -209,12 +210,12 @@ class GradNoise(Probe):
             if g_hat is None:
                 g_hat = self._mean_grad(ctx, None if o.full_grad else sampler.draw(o.noise_size))
         values.update(gradient_norms(g_hat))
-        grads = (gradient(ctx.model, ctx.loss_fn, [b], params=named, mode=mode) for b in sampler.draw(o.noise_size))
+        grads = (gradient(ctx.model, ctx.adapter, [b], params=named, mode=mode) for b in sampler.draw(o.noise_size))
         values.update(minibatch_noise(g_hat, grads))
         if next_of is not None:
             values["change_in_grad_sq"] = float(((g_hat - next_of).double() ** 2).sum())
         if not original:
-            op = HessianOperator(ctx.model, ctx.loss_fn, sampler.draw(o.sharpness_batches), params=named, mode=mode)
+            op = HessianOperator(ctx.model, ctx.adapter, sampler.draw(o.sharpness_batches), params=named, mode=mode)
             if float(g_hat.norm()) > 0:
                 sharp = sharpness(op, g_hat, iters=o.sharpness_iters, tol=o.sharpness_tol)
                 values["sharpness"] = sharp.value
@@ -227,7 +228,7 @@ class GradNoise(Probe):
         if batches is None:
             batches = ctx.cache.setdefault(f"full:{self._batch_size(ctx)}",
                                            list(full_batches(ctx.train_set, self._batch_size(ctx), ctx.device)))
-        return gradient(ctx.model, ctx.loss_fn, batches, params=select_parameters(ctx.model, self.opts.params),
+        return gradient(ctx.model, ctx.adapter, batches, params=select_parameters(ctx.model, self.opts.params),
                         mode=mode)
 
     def _batch_size(self, ctx) -> int:
@@ -269,7 +270,8 @@ class GradStats(Probe):
     options = (
         Option("chunk_size", int, 32, "per-sample gradients held at once (bounds memory)", minimum=1),
         Option("mode", str, "eval", "module mode: eval (BatchNorm needs it) or train", choices=("eval", "train")),
-        Option("method", str, "vmap", "per-sample gradients by torch.func vmap, or a loop", choices=("vmap", "loop")),
+        Option("method", str, "auto", "per-sample gradients by torch.func vmap, a loop of backward passes, or "
+               "auto (vmap, the loop where the model cannot be vmapped)", choices=("auto", "vmap", "loop")),
         Option("eps", float, 0.0, "added to each variance in GSNR", minimum=0),
         Option("nonuniformity", bool, False, "also non-uniformity, λ_max and the stability margins (costly)"),
         Option("nu_iters", int, 20, "Lanczos products at most for non-uniformity and λ_max", minimum=1),
@@ -303,6 +305,12 @@ class GradStats(Probe):
         writer = self.group(ctx)
         if writer is not None and "param_names" not in writer.group.attrs:
             writer.group.attrs["param_names"] = list(st.gsnr_groups)
+        if writer is not None and o.method == "auto" and "method_used" not in writer.group.attrs:
+            fell_back = bool(per_sample.FALLBACKS)
+            writer.group.attrs["method_used"] = "loop" if fell_back else "vmap"
+            if fell_back:
+                writer.group.attrs["method_fallback_reason"] = per_sample.FALLBACKS[-1]
+        per_sample.FALLBACKS.clear()
         values: dict[str, Any] = {
             "num_samples": st.n, "trace_cov": st.trace_cov, "grad_sq": st.grad_sq,
             "grad_sq_unbiased": st.grad_sq_unbiased, "b_simple": st.b_simple, "gsnr": st.gsnr,
@@ -313,7 +321,7 @@ class GradStats(Probe):
         if o.nonuniformity:
             nu = nonuniformity(ctx.model, ctx.adapter, batches, params=named, chunk_size=o.chunk_size, mode=o.mode,
                                iters=o.nu_iters, tol=o.nu_tol)
-            op = HessianOperator(ctx.model, ctx.loss_fn, batches, params=named, mode=o.mode)
+            op = HessianOperator(ctx.model, ctx.adapter, batches, params=named, mode=o.mode)
             lam = float(lanczos(op, k=1, which="LA", tol=o.nu_tol, max_iter=o.nu_iters).eigenvalues[0])
             lr = state.lr if state.lr is not None else ctx.lr
             values.update(nonuniformity=nu.value, sharpness=lam,

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from lscape.batch import as_adapter, batch_size_of, chunks
 from lscape.plugins.optim.wrapped import WrappedOptimizer, batchnorm_parameters
 
 __all__ = ["SmoothOut", "smoothout_coefficient", "smoothout_noise", "ghost_closures", "NoisyReLU", "noisy_relus",
@@ -225,21 +226,20 @@ def ghost_closures(
     Each closure zeroes the gradients (``zero_grad``, default ``model.zero_grad``), runs
     forward and backward on its chunk and returns the detached mean loss.
     """
-    x, y = batch
+    adapter = as_adapter(loss_fn)  # a loss_fn(output, target) or the run's batch adapter
     zero = zero_grad or (lambda: model.zero_grad(set_to_none=True))
     closures, sizes = [], []
-    for start in range(0, x.shape[0], mb):
-        xc, yc = x[start : start + mb], y[start : start + mb]
+    for piece in chunks(batch, mb):
 
-        def closure(xc=xc, yc=yc):
+        def closure(piece=piece):
             zero()
             with torch.enable_grad():
-                loss = loss_fn(model(xc), yc)
+                loss = adapter.loss(model, piece)
                 loss.backward()
             return loss.detach()
 
         closures.append(closure)
-        sizes.append(int(xc.shape[0]))
+        sizes.append(batch_size_of(piece))
     return closures, sizes
 
 
