@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .config import RunConfig, load_toml
-from .errors import UsageError
+from .errors import UsageError, did_you_mean, message_line
 from .store import RunReader, RunStore, store_exists
 
 __all__ = ["run", "open_run", "measure", "make_config"]
@@ -26,7 +26,8 @@ def make_config(config: RunConfig | str | os.PathLike | None = None, **overrides
         base = load_toml(config)
     unknown = set(overrides) - {f.name for f in dataclasses.fields(RunConfig)}
     if unknown:
-        raise UsageError(f"unknown run option '{sorted(unknown)[0]}'")
+        name = sorted(unknown)[0]
+        raise UsageError(f"unknown run option '{name}'{did_you_mean(name, [f.name for f in dataclasses.fields(RunConfig)])}")
     return base.merged(overrides)
 
 
@@ -87,6 +88,8 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
     if not probes:
         raise UsageError("lscape measure runs probes; none of the named plugins is a probe")
     states = _model_states(reader, source, checkpoints)
+    for _, _, model_state in states:  # before the store exists: a state of another model is bad input
+        _check_fits(ctx.model, model_state, source, cfg.model)
     attrs = engine._root_attrs()
     attrs.update({"kind": "measure", "source": None if source is None else str(source)})
     ctx.store = RunStore.create(out, attrs)
@@ -107,6 +110,28 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
         ctx.store.update_attrs(status=status, end_time=_now())
         ctx.store.close()  # releases the writer lock
     return RunResult(out, status, len(states))
+
+
+def _check_fits(model: torch.nn.Module, state: Any, source: Any, name: str) -> None:
+    """A state dict of another architecture is one line saying what differs (torch's own
+    error lists every key)."""
+    if state is None:
+        return
+    if not isinstance(state, Mapping):
+        raise UsageError(f"{source} holds a {type(state).__name__}, not a state dict")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+        if items:
+            parts.append(f"{len(items)} {label} ({', '.join(items[:2])}{', ...' if len(items) > 2 else ''})")
+    raise UsageError(f"{source} does not fit model '{name}': entries {'; '.join(parts)}; "
+                     "give the --model (and --model-opt) it was trained with")
 
 
 def _replace_killed_measure(out: str) -> None:
@@ -139,7 +164,11 @@ def _model_states(reader: RunReader | None, source: Any, which: str) -> list[tup
         try:
             state = torch.load(source, weights_only=True, map_location="cpu")
         except Exception as e:
-            raise UsageError(f"cannot load {source} as a state dict: {e}") from e
+            if "weights only load failed" in str(e).lower() or "unsupported global" in str(e).lower():
+                raise UsageError(f"{source} holds pickled Python objects (a whole model?), not a state dict of "
+                                 "tensors; lscape never runs pickled code: save model.state_dict() and measure that"
+                                 ) from None
+            raise UsageError(f"cannot load {source} as a state dict: {message_line(e, 160)}") from e
         return [(0, 0, state.get("model", state) if isinstance(state, dict) else state)]
     root = reader.root
     names = sorted(root["checkpoints"].array_keys()) if "checkpoints" in root.group_keys() else []

@@ -8,10 +8,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from .batch import MODEL_LOSS, BatchAdapter
-from .errors import UsageError
+from .errors import UsageError, UserCodeError, did_you_mean, message_line
 from .manager import Entry
 
 __all__ = ["resolve", "build_model", "build_data", "build_loss", "build_adapter", "build_optimizer",
@@ -27,7 +27,9 @@ def resolve(spec: str, table: Mapping[str, Entry], kind: str) -> Any:
         try:
             module = importlib.import_module(module_name)
         except (ImportError, ValueError, TypeError) as e:  # "" and ".relative" are Value/TypeErrors
-            raise UsageError(f"cannot import '{module_name}' for --{kind} {spec}: {e}") from e
+            raise UsageError(f"cannot import '{module_name}' for --{kind} {spec}: {message_line(e)}") from e
+        except Exception as e:  # the module's own code raised while importing
+            raise UserCodeError(f"module '{module_name}' (imported for --{kind} {spec})", e) from e
         obj = module
         for part in attr.split("."):
             if not hasattr(obj, part):
@@ -35,7 +37,7 @@ def resolve(spec: str, table: Mapping[str, Entry], kind: str) -> Any:
             obj = getattr(obj, part)
         return obj
     known = ", ".join(sorted(table)) or "none"
-    raise UsageError(f"unknown {kind} '{spec}' (known: {known}; or give module:factory)")
+    raise UsageError(f"unknown {kind} '{spec}'{did_you_mean(spec, table)} (known: {known}; or give module:factory)")
 
 
 def call_with_accepted(fn: Callable, options: Mapping[str, Any], extra: Mapping[str, Any], what: str) -> Any:
@@ -66,8 +68,10 @@ def call_with_accepted(fn: Callable, options: Mapping[str, Any], extra: Mapping[
         return fn(**kwargs)
     except UsageError:
         raise
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{what}: {e}") from e
+    except (TypeError, ValueError) as e:  # most often a bad option value
+        raise UsageError(f"{what}: {message_line(e)}") from e
+    except Exception as e:  # RuntimeError, KeyError, OSError, ...: the user's code failed
+        raise UserCodeError(f"factory {what}", e) from e
 
 
 def build_data(spec: str, options: Mapping[str, Any], table: Mapping[str, Entry], seed: int) -> tuple[Dataset, Dataset | None]:
@@ -80,10 +84,21 @@ def build_data(spec: str, options: Mapping[str, Any], table: Mapping[str, Entry]
         train, evaluation = out["train"], out.get("eval", out.get("test"))
     else:
         train, evaluation = out, None
+    if train is None:
+        raise UsageError(f"data '{spec}' returned None, not a Dataset (does the factory end with a return?)")
     for name, ds in (("train", train), ("eval", evaluation)):
-        if ds is not None and not hasattr(ds, "__getitem__"):
-            raise UsageError(f"data '{spec}' gave a {name} set that is not a Dataset")
-    if len(train) == 0:
+        if ds is not None and not hasattr(ds, "__getitem__") and not isinstance(ds, IterableDataset):
+            raise UsageError(f"data '{spec}' gave a {name} set that is not a Dataset ({type(ds).__name__})")
+    if isinstance(train, IterableDataset):
+        return train, evaluation
+    try:
+        n = len(train)
+    except TypeError:
+        raise UsageError(f"data '{spec}' gave a training set without __len__ ({type(train).__name__}); "
+                         "map-style datasets need one") from None
+    except Exception as e:
+        raise UserCodeError(f"data '{spec}' (its __len__)", e) from e
+    if n == 0:
         raise UsageError(f"data '{spec}' has an empty training set")
     return train, evaluation
 

@@ -348,12 +348,30 @@ class RunReader:
             if any(True for _ in group.array_keys()):
                 out.append(prefix.rstrip("/"))
             for key in sorted(group.group_keys()):
-                walk(group[key], prefix + key + "/")
+                with self._reading(prefix + key):
+                    child = group[key]
+                walk(child, prefix + key + "/")
 
-        with _quiet_listing():
+        with _quiet_listing(), self._reading(""):
             for key in sorted(self.root.group_keys()):
-                walk(self.root[key], key + "/")
+                with self._reading(key):
+                    child = self.root[key]
+                walk(child, key + "/")
         return out
+
+    @contextlib.contextmanager
+    def _reading(self, where: str) -> Iterator[None]:
+        """A store damaged on disk (truncated metadata, a corrupt chunk) is one line naming
+        the part, not a decoder's traceback."""
+        try:
+            yield
+        except (KeyError, UsageError):
+            raise
+        except Exception as e:
+            part = f"{self.path.rstrip('/')}/{where}" if where else self.path
+            if isinstance(e, ValueError):  # JSON: name the metadata file itself
+                part = _bad_metadata_file(self.path) or part
+            raise UsageError(f"{part} is damaged and cannot be read ({type(e).__name__}: {message_line(e, 160)})") from e
 
     def has(self, group: str) -> bool:
         return group in self.groups()
@@ -364,28 +382,32 @@ class RunReader:
         return html(self)
 
     def group_attrs(self, group: str) -> dict[str, Any]:
-        return self.root[group].attrs.asdict()
+        with self._reading(group):
+            return self.root[group].attrs.asdict()
 
     def arrays(self, group: str) -> dict[str, zarr.Array]:
-        g = self.root[group]
-        return {name: g[name] for name in sorted(g.array_keys())}
+        with self._reading(group):
+            g = self.root[group]
+            return {name: g[name] for name in sorted(g.array_keys())}
 
     def read(self, group: str) -> dict[str, np.ndarray]:
         """Every array of ``group`` as numpy, cut to the group's committed rows: a consistent
         prefix even while a run writes the store."""
-        g = self.root[group]
-        with _quiet_listing():
+        with self._reading(group), _quiet_listing():
+            g = self.root[group]
             arrays = {name: g[name] for name in sorted(g.array_keys())}
         if not arrays or "step" not in arrays and any((a.metadata.dimension_names or ("",))[0] == "step" for a in arrays.values()):
             # the group's first flush is under way (its step array comes last): no rows yet
             return {**{name: a[:0] for name, a in arrays.items()}, "step": np.zeros(0, dtype=np.int64)}
-        n = committed_rows(g, arrays)
+        with self._reading(f"{group}/step"):
+            n = committed_rows(g, arrays)
         out = {}
         for name, a in arrays.items():
             if not a.ndim:
                 out[name] = a[...]
                 continue
-            value = a[:n]
+            with self._reading(f"{group}/{name}"):
+                value = a[:n]
             if value.shape[0] < n and name != "step":  # an array the writer is creating: not yet filled
                 pad = np.full((n - value.shape[0],) + value.shape[1:], _fill_value(value.dtype), dtype=value.dtype)
                 value = np.concatenate([value, pad])
@@ -501,6 +523,22 @@ def _quiet_listing() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
         yield
+
+
+def _bad_metadata_file(path: str) -> str | None:
+    """The first ``zarr.json`` under a local store that is not valid JSON."""
+    local = _local_path(path)
+    if local is None:
+        return None
+    for folder, _, files in sorted(os.walk(local)):
+        if "zarr.json" in files:
+            name = os.path.join(folder, "zarr.json")
+            try:
+                with open(name) as f:
+                    json.load(f)
+            except (OSError, ValueError):
+                return name
+    return None
 
 
 def _busy_message(path: str, holder: dict[str, Any] | None, remote: bool = False) -> str:
