@@ -32,6 +32,17 @@ def cli() -> None:
     """
 
 
+def _complete_plugins(incomplete: str) -> list[str]:
+    """Plugin names for shell completion (see the README: `eval "$(_LSCAPE_COMPLETE=bash_source lscape)"`)."""
+    from lscape.manager import build_registry, get_plugin_manager
+
+    try:
+        names = build_registry(get_plugin_manager()).activatable()
+    except LscapeError:
+        return []
+    return sorted(n for n in names if n.startswith(incomplete))
+
+
 def _plugin_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for item in items:
@@ -77,7 +88,8 @@ def _regime(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 @click.option("--lr-schedule", help="constant, step:30,60:0.1 or cosine")
 @click.option("--eval-schedule", help="when to evaluate on held-out data  [default: epoch; every:10 for full batch]")
 @click.option("--checkpoint-schedule", help="when to checkpoint  [default: epoch; every:100 for full batch]")
-@click.option("--plugin", "plugins", multiple=True, metavar="NAME", help="activate a plugin (repeatable)")
+@click.option("--plugin", "plugins", multiple=True, metavar="NAME", help="activate a plugin (repeatable)",
+              shell_complete=lambda ctx, param, incomplete: _complete_plugins(incomplete))
 @click.option("--disable", multiple=True, metavar="NAME", help="switch off an always-on plugin")
 @click.option("-o", "options", multiple=True, metavar="PLUGIN.KEY=VALUE", help="plugin option (repeatable)")
 @click.option("--out", help="run store path  [default: runs/MODEL-DATA-TIME.zarr]")
@@ -157,7 +169,8 @@ def _echo_result(result) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("source", required=False)
-@click.option("--plugin", "plugins", multiple=True, required=True, metavar="NAME", help="probe to run (repeatable)")
+@click.option("--plugin", "plugins", multiple=True, required=True, metavar="NAME", help="probe to run (repeatable)",
+              shell_complete=lambda ctx, param, incomplete: _complete_plugins(incomplete))
 @click.option("-o", "options", multiple=True, metavar="PLUGIN.KEY=VALUE", help="plugin option (repeatable)")
 @click.option("--checkpoints", default="latest", show_default=True, help="latest, all, or steps like 100,200")
 @click.option("--model", help="model for a .pt state dict or a fresh model")

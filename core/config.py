@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 from .schedule import Schedule, parse_duration
 
 __all__ = ["RunConfig", "load_toml", "LR_SCHEDULES", "PRECISIONS"]
@@ -113,7 +113,8 @@ class RunConfig:
                 kwargs.setdefault("plugin_options", {}).update({k: dict(v) for k, v in value.items()})
                 continue
             if name not in known:
-                raise UsageError(f"{source}: unknown key '{key}' (see `lscape run --help` for the options)")
+                raise UsageError(f"{source}: unknown key '{key}'{did_you_mean(name, known)} "
+                                 "(see `lscape run --help` for the options)")
             kwargs[name] = value
         if "plugin_options" in kwargs:
             # tables for plugins not listed in `plugins` activate them too

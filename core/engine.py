@@ -31,7 +31,7 @@ from .build import build_adapter, build_data, build_loss, build_model, build_opt
 from .config import RunConfig, parse_step_schedule
 from .context import RunContext, StepState
 from .data import BatchStream, default_workers, derived_seed, full_batches
-from .errors import DivergedError, PluginError, UsageError, UserCodeError
+from .errors import DivergedError, PluginError, UsageError, UserCodeError, message_line
 from .manager import Registry, build_registry, get_plugin_manager, load_module, source_version
 from .probe import Plugin, StepOwner
 from .schedule import Schedule
@@ -616,6 +616,7 @@ def activate_plugins(pm: pluggy.PluginManager, reg: Registry, ctx: RunContext, p
     up; returns the plugins' versions."""
     for plugin in plugins:
         plugin.check(ctx)
+        _check_params_option(plugin, ctx)
     owners = [p for p in plugins if isinstance(p, StepOwner)]
     if len(owners) > 1:
         names = " and ".join(f"'{p.name}'" for p in owners)
@@ -683,6 +684,19 @@ def root_attrs(cfg: RunConfig, device: Any, versions: dict[str, str]) -> dict[st
     }
 
 
+def _check_params_option(plugin: Plugin, ctx: RunContext) -> None:
+    """A ``params`` option (glob patterns on parameter names, shared by many plugins) that
+    matches nothing is bad input before the store exists, not a failure at the first step."""
+    from .params import select_parameters
+
+    pattern = getattr(plugin.opts, "params", None)
+    if isinstance(pattern, str) and pattern:
+        try:
+            select_parameters(ctx.model, pattern)  # as the plugins themselves call it
+        except ValueError as e:
+            raise UsageError(f"bad value for {plugin.name}.params: {e}") from None
+
+
 def _check_workload(ctx: RunContext) -> None:
     """One forward pass and loss on a few training samples, so that a model, data and loss
     that do not fit together are bad input (exit 2, nothing written), not a failed run.
@@ -720,8 +734,12 @@ def load_checkpoint(root: Any, name: str | None = None) -> dict[str, Any] | None
     name = name or group.attrs.get("latest")
     if not name or name not in group.array_keys():
         return None
-    data = group[name][:]
-    return torch.load(io.BytesIO(data.tobytes()), weights_only=True, map_location="cpu")
+    try:
+        data = group[name][:]
+        return torch.load(io.BytesIO(data.tobytes()), weights_only=True, map_location="cpu")
+    except Exception as e:  # a corrupt chunk, a truncated write: name the checkpoint
+        raise UsageError(f"checkpoint checkpoints/{name} of {getattr(root.store, 'root', root.store)} is damaged "
+                         f"({type(e).__name__}: {message_line(e, 120)})") from e
 
 
 def _truncate_after(store: RunStore, step: int) -> None:

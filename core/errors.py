@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 
 class LscapeError(Exception):
     """Base class of lscape's own errors."""
@@ -41,6 +43,14 @@ class UserCodeError(UsageError):
         self.error = error
         super().__init__(f"your {what} raised {type(error).__name__}: {message_line(error)}"
                          " (LSCAPE_DEBUG=1 shows the traceback)")
+
+
+def did_you_mean(name: str, choices: "Iterable[str]") -> str:
+    """``"; did you mean 'sharpness'?"`` for the choice closest to a misspelt ``name``, or ""."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def message_line(error: BaseException, limit: int = 300) -> str:

@@ -11,7 +11,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 
 __all__ = ["Option", "Output", "resolve_options", "parse_value", "parse_key_values"]
 
@@ -90,7 +90,8 @@ def resolve_options(options: Iterable[Option], given: dict[str, Any], owner: str
     unknown = sorted(set(given) - set(table))
     if unknown:
         known = ", ".join(sorted(table)) or "none"
-        raise UsageError(f"unknown option '{owner}.{unknown[0]}' (options of {owner}: {known})")
+        raise UsageError(f"unknown option '{owner}.{unknown[0]}'{did_you_mean(unknown[0], table)} "
+                         f"(options of {owner}: {known})")
     values = {name: opt.default for name, opt in table.items()}
     for key, value in given.items():
         values[key] = table[key].parse(value, owner)
