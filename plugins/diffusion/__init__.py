@@ -7,13 +7,17 @@ from .msd import (
     BrokenPowerLaw,
     Roughness,
     contour_length,
+    ensemble_msd,
+    epoch_gradient_noise,
     fit_broken_power_law,
     fit_power_law,
     local_exponent,
     log_lags,
     msd,
+    msd_from,
     roughness,
     transverse_excursion,
+    two_point_exponent,
     window_starts,
     windowed_msd,
 )
@@ -29,13 +33,17 @@ __all__ = [
     "analyse_run",
     "analyse_window",
     "contour_length",
+    "ensemble_msd",
+    "epoch_gradient_noise",
     "fit_broken_power_law",
     "fit_power_law",
     "local_exponent",
     "log_lags",
     "msd",
+    "msd_from",
     "roughness",
     "transverse_excursion",
+    "two_point_exponent",
     "window_starts",
     "windowed_msd",
 ]
@@ -53,8 +61,10 @@ def register_plugins(register):
 
 @hookimpl
 def register_plots(register):
-    from .plots import plot_beta, plot_msd, plot_roughness
+    from .plots import plot_beta, plot_contour_msl, plot_grad_noise, plot_msd, plot_roughness
 
     register("diffusion", plot_msd)
     register("diffusion", plot_beta)
     register("diffusion", plot_roughness)
+    register("diffusion", plot_contour_msl)
+    register("diffusion", plot_grad_noise)

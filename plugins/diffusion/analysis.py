@@ -9,9 +9,22 @@ import numpy as np
 from lscape import Option, Output, Plugin, hookimpl
 from lscape.errors import UsageError
 
-from .msd import contour_length, fit_broken_power_law, fit_power_law, local_exponent, log_lags, msd, roughness, transverse_excursion
+from .msd import (
+    contour_length,
+    epoch_gradient_noise,
+    fit_broken_power_law,
+    fit_power_law,
+    local_exponent,
+    log_lags,
+    msd,
+    msd_from,
+    roughness,
+    transverse_excursion,
+    two_point_exponent,
+)
 
-__all__ = ["Diffusion", "DIFFUSION_OPTIONS", "DIFFUSION_OUTPUTS", "analyse_window", "analyse_run"]
+__all__ = ["Diffusion", "DIFFUSION_OPTIONS", "DIFFUSION_OUTPUTS", "EPOCH_OUTPUTS", "NOISE_OUTPUTS", "analyse_window",
+           "analyse_run", "analyse_epochs"]
 
 DIFFUSION_OPTIONS = (
     Option("window", int, 1000, "rows of the trajectory per window (the waiting times t_w are its starts)", minimum=4),
@@ -22,7 +35,22 @@ DIFFUSION_OPTIONS = (
     Option("bins", int, 50, "Δr bins of the roughness", minimum=2),
     Option("fragment", int, 50, "steps per fragment of the transverse excursion", minimum=2),
     Option("max_pairs", int, None, "subsample rows so that the roughness visits at most this many pairs", minimum=1),
+    Option("roughness_bins", str, "log", "Δr bins of the roughness: log-spaced, or linear as the original code",
+           choices=("log", "linear")),
+    Option("beta_method", str, "fit", "local exponent: least-squares slope over the span, or the original's "
+           "two-point slope between its ends", choices=("fit", "two_point")),
 )
+
+#: per epoch (group ``diffusion/epoch``): the epoch-mean gradient of the recorded steps
+EPOCH_OUTPUTS = (
+    Output("epoch", dtype="int64", long_name="epoch"),
+    Output("grad_epoch", dims=("coord",), long_name="ĝ_epoch, mean minibatch gradient of the epoch (projected like θ)"),
+    Output("grad_epoch_norm", long_name="‖ĝ_epoch‖"),
+    Output("noise_mean", long_name="mean over the epoch's steps of ‖g_B − ĝ_epoch‖"),
+    Output("steps_used", dtype="int64", long_name="recorded steps averaged"),
+)
+#: per recorded step (group ``diffusion/grad_noise``)
+NOISE_OUTPUTS = (Output("noise_norm", long_name="‖g_B − ĝ_epoch‖ of the step's minibatch gradient"),)
 
 
 #: the arrays one analysed window writes (their lengths follow from the options)
@@ -42,6 +70,10 @@ DIFFUSION_OUTPUTS = (
     Output("roughness_msl", dims=("bin",), long_name="mean squared loss increment ⟨ΔL²⟩ per Δr bin"),
     Output("roughness_count", dims=("bin",), dtype="int64", long_name="pairs per Δr bin"),
     Output("roughness_exponent", long_name="2H of ⟨ΔL²⟩ ∝ Δr^{2H}"),
+    Output("msd_tw", dims=("lag",), long_name="‖θ(t_w+τ) − θ(t_w)‖², no time average (mean over rows: the ensemble MSD)"),
+    Output("contour_msl_s", dims=("bin",), long_name="contour-length bin centre s"),
+    Output("contour_msl", dims=("bin",), long_name="⟨ΔL²⟩ per contour-length bin (MSL against contour length)"),
+    Output("contour_msl_exponent", long_name="exponent of ⟨ΔL²⟩ ∝ s^γ against contour length"),
     Output("excursion_mean", long_name="mean transverse excursion of fragments from their chords"),
     Output("excursion_max", long_name="mean over fragments of the largest transverse excursion"),
     Output("excursion_ratio", long_name="mean over fragments of largest excursion / chord length"),
@@ -62,7 +94,8 @@ def analyse_window(theta: np.ndarray, steps: np.ndarray, loss: np.ndarray | None
     m = msd(theta, max_lag)
     s = contour_length(theta, max_lag)
     lags = np.arange(1, max_lag + 1)
-    centres, beta = local_exponent(m, span=min(opts.span, max_lag))
+    slope = two_point_exponent if getattr(opts, "beta_method", "fit") == "two_point" else local_exponent
+    centres, beta = slope(m, span=min(opts.span, max_lag))
     fit_lags = log_lags(max_lag, opts.fit_points)
     broken = fit_broken_power_law(fit_lags * dt, m[fit_lags])
     one, _ = fit_power_law(fit_lags, m[fit_lags])
@@ -79,11 +112,16 @@ def analyse_window(theta: np.ndarray, steps: np.ndarray, loss: np.ndarray | None
         "beta_long": broken.beta_long,
         "tau0": broken.tau0,
         "contour_exponent": contour_exp,
+        "msd_tw": msd_from(theta, max_lag)[1:],
     }
     if loss is not None and np.isfinite(loss).sum() >= 2:
         ok = np.isfinite(loss)
-        r = roughness(theta[ok], loss[ok], bins=opts.bins, max_pairs=opts.max_pairs)
+        spacing = getattr(opts, "roughness_bins", "log")
+        r = roughness(theta[ok], loss[ok], bins=opts.bins, max_pairs=opts.max_pairs, spacing=spacing)
         row.update(roughness_dr=r.centers, roughness_msl=r.msl, roughness_count=r.counts, roughness_exponent=r.exponent)
+        c = roughness(theta[ok], loss[ok], bins=opts.bins, max_pairs=opts.max_pairs, spacing=spacing,
+                      distance="contour")
+        row.update(contour_msl_s=c.centers, contour_msl=c.msl, contour_msl_exponent=c.exponent)
     frag = min(opts.fragment, W - 1)
     ex = transverse_excursion(theta, fragment=frag)
     if len(ex["start"]):
@@ -108,6 +146,8 @@ class Diffusion(Plugin):
     def __init__(self, **options):
         super().__init__(**options)
         self._next = 0  # row index of the next window start
+        self._epoch_row = 0  # first trajectory row of the epoch being collected
+        self._epoch_end: tuple[int, int] | None = None  # (last step, epoch) of an epoch not yet analysed
 
     @hookimpl
     def on_step_end(self, ctx, state):
@@ -115,6 +155,11 @@ class Diffusion(Plugin):
         writer = ctx.plugins["trajectory"].group(ctx)
         if writer is None:
             return
+        # ĝ_epoch once the epoch's last row is surely recorded: at the step after its end
+        if self._epoch_end is not None and state.step > self._epoch_end[0]:
+            self._finish_epoch(ctx, writer)
+        if state.epoch_end:
+            self._epoch_end = (int(state.step), int(state.epoch))
         while len(writer) >= self._next + self.opts.window:
             writer.flush()  # the window must be on disk before it is read back
             g = writer.group
@@ -125,11 +170,49 @@ class Diffusion(Plugin):
             self.record(ctx, int(steps[0]), **row)
             self._next += self.opts.stride or self.opts.window
 
+    @hookimpl
+    def on_run_end(self, ctx):
+        writer = ctx.plugins["trajectory"].group(ctx) if "trajectory" in ctx.plugins else None
+        if writer is not None and self._epoch_end is not None:
+            self._finish_epoch(ctx, writer)
+
+    def _finish_epoch(self, ctx, writer) -> None:
+        """ĝ_epoch and ‖g_B − ĝ_epoch‖ over the trajectory rows of the epoch that ended."""
+        last, epoch = self._epoch_end
+        self._epoch_end = None
+        writer.flush()
+        g = writer.group
+        if "grad" not in g.array_keys():
+            return  # the trajectory records no gradients (trajectory.gradient=false)
+        steps = g["step"][self._epoch_row:]
+        n = int(np.searchsorted(steps, last, side="right"))
+        if n == 0:
+            return
+        lo, hi = self._epoch_row, self._epoch_row + n
+        grads = np.asarray(g["grad"][lo:hi], dtype=np.float64)
+        ok = np.isfinite(grads).all(axis=1)
+        self._epoch_row = hi
+        if not ok.any():
+            return
+        _, g_epoch, noise = epoch_gradient_noise(grads[ok], np.zeros(int(ok.sum())))
+        store = ctx.store
+        attrs = {"plugin": self.name, "source": "trajectory rows of each epoch"}
+        store.group(f"{self.name}/epoch", EPOCH_OUTPUTS, attrs=attrs).append(
+            last, epoch=epoch, grad_epoch=g_epoch[0], grad_epoch_norm=float(np.linalg.norm(g_epoch[0])),
+            noise_mean=float(noise.mean()), steps_used=int(ok.sum()))
+        noise_writer = store.group(f"{self.name}/grad_noise", NOISE_OUTPUTS, attrs=attrs)
+        for step, value in zip(steps[:n][ok], noise):
+            noise_writer.append(int(step), noise_norm=float(value))
+
     def state_dict(self):
-        return {"next": self._next}
+        return {"next": self._next, "epoch_row": self._epoch_row,
+                "epoch_end": None if self._epoch_end is None else list(self._epoch_end)}
 
     def load_state_dict(self, state):
         self._next = int(state.get("next", 0))
+        self._epoch_row = int(state.get("epoch_row", 0))
+        end = state.get("epoch_end")
+        self._epoch_end = None if end is None else (int(end[0]), int(end[1]))
 
 
 def analyse_run(path: str, overwrite: bool = False, **options: Any) -> list[dict[str, Any]]:
@@ -170,7 +253,42 @@ def analyse_run(path: str, overwrite: bool = False, **options: Any) -> list[dict
         writer.append(int(steps[0]), **row)
         rows.append({"t_w": int(steps[0]), **row})
     writer.flush()
+    analyse_epochs(reader, store)
     return rows
+
+
+def analyse_epochs(reader, store) -> int:
+    """Offline ĝ_epoch and ‖g_B − ĝ_epoch‖ from a stored trajectory with gradients, the epochs
+    read from the ``train`` group; written to ``diffusion/epoch`` and ``diffusion/grad_noise``.
+    Returns the number of epochs (0 without gradients or epochs)."""
+    arrays = reader.arrays("trajectory")
+    if "grad" not in arrays or not reader.has("train"):
+        return 0
+    train = reader.read("train")
+    if "epoch" not in train:
+        return 0
+    steps = np.asarray(arrays["step"][:])
+    grads = np.asarray(arrays["grad"][:], dtype=np.float64)
+    epoch_of = dict(zip(np.asarray(train["step"]).tolist(), np.asarray(train["epoch"]).tolist()))
+    epochs = np.array([epoch_of.get(int(t), -1) for t in steps])
+    ok = (epochs >= 0) & np.isfinite(grads).all(axis=1)
+    if not ok.any():
+        return 0
+    ids, g_epoch, noise = epoch_gradient_noise(grads[ok], epochs[ok])
+    attrs = {"plugin": "diffusion", "source": "lscape diffusion"}
+    ew = store.group("diffusion/epoch", EPOCH_OUTPUTS, attrs=attrs)
+    nw = store.group("diffusion/grad_noise", NOISE_OUTPUTS, attrs=attrs)
+    kept_steps, kept_epochs = steps[ok], epochs[ok]
+    for i, e in enumerate(ids):
+        mine = kept_epochs == e
+        ew.append(int(kept_steps[mine].max()), epoch=int(e), grad_epoch=g_epoch[i],
+                  grad_epoch_norm=float(np.linalg.norm(g_epoch[i])), noise_mean=float(noise[mine].mean()),
+                  steps_used=int(mine.sum()))
+    for step, value in zip(kept_steps, noise):
+        nw.append(int(step), noise_norm=float(value))
+    ew.flush()
+    nw.flush()
+    return len(ids)
 
 
 @hookimpl
@@ -186,6 +304,10 @@ def register_commands(cli):
     @click.option("--bins", type=int, default=50, show_default=True, help="Δr bins of the roughness")
     @click.option("--fragment", type=int, default=50, show_default=True, help="steps per excursion fragment")
     @click.option("--max-pairs", type=int, default=None, help="cap on the pairs the roughness visits")
+    @click.option("--roughness-bins", type=click.Choice(["log", "linear"]), default="log", show_default=True,
+                  help="Δr bins of the roughness (linear: the original code's)")
+    @click.option("--beta-method", type=click.Choice(["fit", "two_point"]), default="fit", show_default=True,
+                  help="local exponent: fit over the span, or the original's two-point slope")
     @click.option("--overwrite", is_flag=True, help="replace an existing diffusion analysis")
     def diffusion_command(run, overwrite, **options):
         """Analyse the stored trajectory of RUN: windowed MSD, β(τ), τ₀, roughness, excursion."""

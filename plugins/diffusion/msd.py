@@ -25,6 +25,10 @@ __all__ = [
     "roughness",
     "Roughness",
     "transverse_excursion",
+    "msd_from",
+    "ensemble_msd",
+    "two_point_exponent",
+    "epoch_gradient_noise",
 ]
 
 # columns are processed in blocks so that the FFT workspace stays a few MB whatever D is
@@ -61,6 +65,57 @@ def msd(x: np.ndarray, max_lag: int | None = None) -> np.ndarray:
     out[0] = 0.0
     # rounding in the FFT can give tiny negative values at short lags of near-static paths
     return np.maximum(out, 0.0)
+
+
+def msd_from(x: np.ndarray, max_lag: int | None = None) -> np.ndarray:
+    """Displacement from the first row, without time averaging: ``d[τ] = ‖x[τ] − x[0]‖²``.
+
+    For a window starting at waiting time t_w this is ‖θ(t_w + τ) − θ(t_w)‖²; its mean over
+    windows (:func:`ensemble_msd`) is the MSD as an ensemble average over waiting times.
+    """
+    x = _as_2d(x)
+    max_lag = x.shape[0] - 1 if max_lag is None else int(min(max_lag, x.shape[0] - 1))
+    d = x[: max_lag + 1] - x[0]
+    return np.einsum("td,td->t", d, d)
+
+
+def ensemble_msd(x: np.ndarray, starts, max_lag: int) -> np.ndarray:
+    """⟨‖x[t_w + τ] − x[t_w]‖²⟩ over the waiting times ``starts`` that leave ``max_lag`` rows
+    (no time average within a window): the MSD as an ensemble over t_w."""
+    starts = [int(t) for t in starts if int(t) + max_lag < x.shape[0]]
+    if not starts:
+        raise ValueError(f"no waiting time leaves {max_lag} rows")
+    return np.mean([msd_from(np.asarray(x[t : t + max_lag + 1], dtype=np.float64), max_lag) for t in starts], axis=0)
+
+
+def two_point_exponent(m: np.ndarray, span: int = 20, lags: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Local exponent as the anomalous-diffusion code's two-point slope: over each run of
+    ``span`` consecutive lags (those of :func:`local_exponent`), β = ln(m_last/m_first) /
+    ln(τ_last/τ_first), at the geometric centre of the two end lags."""
+    m = np.asarray(m, float)
+    lags = np.arange(len(m)) if lags is None else np.asarray(lags, float)
+    ok = (lags > 0) & (m > 0) & np.isfinite(m)
+    lx, ly = np.log(lags[ok]), np.log(m[ok])
+    n = len(lx) - span + 1
+    if span < 2 or n < 1:
+        return np.empty(0), np.empty(0)
+    a, b = slice(0, n), slice(span - 1, span - 1 + n)
+    return np.exp((lx[a] + lx[b]) / 2), (ly[b] - ly[a]) / (lx[b] - lx[a])
+
+
+def epoch_gradient_noise(grads: np.ndarray, epochs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-epoch mean gradient ĝ_epoch and each step's ‖g_B − ĝ_epoch‖ (ALGORITHMS §5).
+
+    ``grads`` (T, D) are the minibatch gradients of the steps (or their projections),
+    ``epochs`` (T,) the epoch of each. Returns ``(epoch_ids, g_epoch (E, D), noise (T,))``.
+    """
+    grads = _as_2d(grads)
+    epochs = np.asarray(epochs)
+    ids = np.unique(epochs)
+    g_epoch = np.stack([grads[epochs == e].mean(axis=0) for e in ids])
+    index = np.searchsorted(ids, epochs)
+    noise = np.linalg.norm(grads - g_epoch[index], axis=1)
+    return ids, g_epoch, noise
 
 
 def window_starts(n_steps: int, window: int, starts=None, stride: int | None = None) -> np.ndarray:
@@ -233,6 +288,8 @@ def roughness(
     max_pairs: int | None = None,
     seed: int = 0,
     fit_range: tuple[float, float] | None = None,
+    spacing: str = "log",
+    distance: str = "euclidean",
 ) -> Roughness:
     """Loss-increment roughness over all pairs i < j of a window.
 
@@ -241,7 +298,17 @@ def roughness(
     pairs and, if given, centres within ``fit_range`` = (lo, hi) in units of Δr (long
     separations have few independent pairs and a noisy MSL). Pairs are visited in row blocks (memory O(block · T)); ``max_pairs`` subsamples
     rows (seeded) for very long windows.
+
+    ``spacing="linear"`` uses ``bins`` equal-width bins from 0 to the largest Δr, as the
+    anomalous-diffusion code does (the fit then leans on the long separations, where the
+    bins hold most pairs). ``distance="contour"`` bins against the contour length
+    s_ij = Σ_{i≤k<j} ‖x[k+1] − x[k]‖ (the path walked between the two points) instead of
+    the chord ‖x_j − x_i‖: the MSL against contour length.
     """
+    if spacing not in ("log", "linear"):
+        raise ValueError(f"spacing must be 'log' or 'linear', got {spacing!r}")
+    if distance not in ("euclidean", "contour"):
+        raise ValueError(f"distance must be 'euclidean' or 'contour', got {distance!r}")
     x = _as_2d(x)
     loss = np.asarray(loss, float)
     T = x.shape[0]
@@ -250,15 +317,20 @@ def roughness(
         idx = np.sort(np.random.default_rng(seed).choice(T, size=min(keep, T), replace=False))
         x, loss, T = x[idx], loss[idx], len(idx)
     sq = np.einsum("td,td->t", x, x)
+    walked = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(x, axis=0), axis=1))])
 
     def pair_blocks():
         for s in range(0, T - 1, block):
             rows = slice(s, min(s + block, T - 1))
-            d2 = sq[rows, None] + sq[None, :] - 2.0 * x[rows] @ x.T
             dl = loss[None, :] - loss[rows, None]
             i = np.arange(rows.start, rows.stop)[:, None]
             upper = np.arange(T)[None, :] > i
-            yield np.sqrt(np.maximum(d2[upper], 0.0)), dl[upper] ** 2
+            if distance == "contour":
+                dist = (walked[None, :] - walked[rows, None])[upper]
+            else:
+                d2 = sq[rows, None] + sq[None, :] - 2.0 * x[rows] @ x.T
+                dist = np.sqrt(np.maximum(d2[upper], 0.0))
+            yield dist, dl[upper] ** 2
 
     # two passes: the first finds the range of Δr so that the bins are fixed up front
     lo, hi = np.inf, 0.0
@@ -268,6 +340,8 @@ def roughness(
             lo, hi = min(lo, pos.min()), max(hi, pos.max())
     if not np.isfinite(lo) or hi <= lo:
         edges = np.linspace(0, 1, bins + 1)
+    elif spacing == "linear":
+        edges = np.linspace(0.0, hi * (1 + 1e-12), bins + 1)
     else:
         edges = np.geomspace(lo, hi * (1 + 1e-12), bins + 1)
     sums = np.zeros(bins)
@@ -279,7 +353,7 @@ def roughness(
         counts += np.bincount(k[ok], minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         msl = np.where(counts > 0, sums / counts, np.nan)
-    centers = np.sqrt(edges[:-1] * edges[1:])
+    centers = np.sqrt(edges[:-1] * edges[1:]) if spacing == "log" else 0.5 * (edges[:-1] + edges[1:])
     use = counts >= min_count
     if fit_range is not None:
         use &= (centers >= fit_range[0]) & (centers <= fit_range[1])

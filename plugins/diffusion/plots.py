@@ -6,7 +6,7 @@ import numpy as np
 
 from .msd import BrokenPowerLaw
 
-__all__ = ["plot_msd", "plot_beta", "plot_roughness"]
+__all__ = ["plot_msd", "plot_beta", "plot_roughness", "plot_contour_msl", "plot_grad_noise"]
 
 
 def plot_msd(runs, out_dir):
@@ -30,7 +30,52 @@ def plot_msd(runs, out_dir):
                 scale = m[ok][0] / fit(tau[ok][0]) if ok.any() else 1.0
                 ax.plot(tau[ok], scale * fit(tau[ok]), color=colors[i], ls="--", lw=0.8,
                         label=f"β={d['beta_short'][i]:.2f}→{d['beta_long'][i]:.2f}, τ₀={d['tau0'][i]:.0f}")
+        if "msd_tw" in d and len(d["step"]) > 1:
+            # no time average: ‖θ(t_w+τ) − θ(t_w)‖² averaged over the waiting times (the ensemble MSD)
+            ens = np.nanmean(d["msd_tw"], axis=0)
+            tau = d["tau"][0]
+            ok = (tau > 0) & (ens > 0)
+            ax.plot(tau[ok], ens[ok], color="k", lw=1.4, ls=":", label="ensemble over t_w (no time average)")
         paths.append(save(fig, out_dir / f"diffusion_msd_{run.name}.png", legend=ax))
+    return paths
+
+
+def plot_contour_msl(runs, out_dir):
+    """⟨ΔL²⟩ against the contour length walked between the two points, log-log, per window."""
+    from lscape.plotting import figure, save
+
+    paths = []
+    for run in runs:
+        d = run.read("diffusion")
+        if "contour_msl" not in d or not np.isfinite(d["contour_msl"]).any():
+            continue
+        fig, ax = figure(f"MSL against contour length — {run.name}", "contour length s", "⟨ΔL²⟩")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        colors = _colors(len(d["step"]))
+        for i, tw in enumerate(d["step"]):
+            ax.plot(d["contour_msl_s"][i], d["contour_msl"][i], ".", color=colors[i], ms=3,
+                    label=f"t_w={tw}, γ={d['contour_msl_exponent'][i]:.2f}")
+        paths.append(save(fig, out_dir / f"diffusion_contour_msl_{run.name}.png", legend=ax))
+    return paths
+
+
+def plot_grad_noise(runs, out_dir):
+    """‖g_B − ĝ_epoch‖ per recorded step and ‖ĝ_epoch‖ per epoch."""
+    from lscape.plotting import figure, save
+
+    paths = []
+    for run in runs:
+        if not run.has("diffusion/grad_noise"):
+            continue
+        noise = run.read("diffusion/grad_noise")
+        fig, ax = figure(f"minibatch gradient noise about the epoch mean — {run.name}", "step", "norm")
+        ax.plot(noise["step"], noise["noise_norm"], lw=0.6, alpha=0.7, label="‖g_B − ĝ_epoch‖")
+        if run.has("diffusion/epoch"):
+            ep = run.read("diffusion/epoch")
+            ax.plot(ep["step"], ep["grad_epoch_norm"], "o-", ms=3, label="‖ĝ_epoch‖ (at the epoch's last step)")
+            ax.plot(ep["step"], ep["noise_mean"], "s--", ms=3, label="epoch mean of ‖g_B − ĝ_epoch‖")
+        paths.append(save(fig, out_dir / f"diffusion_grad_noise_{run.name}.png", legend=ax))
     return paths
 
 
