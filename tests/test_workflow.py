@@ -354,3 +354,25 @@ def test_a_named_run_is_stored_and_labelled_by_its_name(cli, tmp_path):
     from lscape.plotting import run_labels
 
     assert run_labels([r]) == ["small-batch"]
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["run", "--plugin", "sharpnes"], "did you mean 'sharpness'?"),
+    (["run", "--model", "mpl"], "did you mean 'mlp'?"),
+    (["run", "--plugin", "sharpness", "-o", "sharpness.evry=3"], "did you mean 'every'?"),
+    (["plugins", "hesian"], "did you mean 'hessian'?"),
+])
+def test_unknown_names_get_a_suggestion(cli, args, hint):
+    code, _, err = cli(*args)
+    assert code == 2 and hint in err and len(err.strip().splitlines()) == 1
+
+
+def test_toml_keys_get_a_suggestion_and_plugin_names_complete(cli, tmp_path):
+    (tmp_path / "e.toml").write_text("batchsize = 3\n")
+    code, _, err = cli("run", "--config", tmp_path / "e.toml")
+    assert code == 2 and "did you mean 'batch_size'?" in err
+    from lscape.cli import _complete_plugins
+
+    assert "sharpness" in _complete_plugins("sharp") and "grad-norm" not in _complete_plugins("sharp")
+    code, out, _ = cli("plugins")
+    assert "┃ loss " in out and "┃ losse " not in out
