@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from lscape import __version__
-from lscape.errors import LscapeError, PluginError, UsageError
+from lscape.errors import LscapeError, PluginError, UsageError, did_you_mean
 
 __all__ = ["cli", "main"]
 
@@ -224,7 +224,7 @@ def plugins(name, as_json):
     if name:
         entry = reg.activatable().get(name)
         if entry is None:
-            raise UsageError(f"unknown plugin '{name}' (see `lscape plugins`)")
+            raise UsageError(f"unknown plugin '{name}'{did_you_mean(name, reg.activatable())} (see `lscape plugins`)")
         info = entry.obj.describe()
         info["source"] = entry.source
         if as_json:
@@ -268,7 +268,7 @@ def plugins(name, as_json):
         table.add_row(*_cells(n, m["version"], ", ".join(m["hooks"])))
     console.print(table)
     for kind in ("models", "datasets", "losses", "optimizers"):
-        table = Table(kind[:-1], "what it is", title=kind)
+        table = Table({"losses": "loss"}.get(kind, kind[:-1]), "what it is", title=kind)
         for n, h in listing[kind].items():
             table.add_row(*_cells(n, h))
         console.print(table)

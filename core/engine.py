@@ -31,7 +31,7 @@ from .build import build_adapter, build_data, build_loss, build_model, build_opt
 from .config import RunConfig, parse_step_schedule
 from .context import RunContext, StepState
 from .data import BatchStream, default_workers, derived_seed, full_batches
-from .errors import DivergedError, PluginError, UsageError, UserCodeError, message_line
+from .errors import DivergedError, PluginError, UsageError, UserCodeError, did_you_mean, message_line
 from .manager import Registry, build_registry, get_plugin_manager, load_module, source_version
 from .probe import Plugin, StepOwner
 from .schedule import Schedule
@@ -554,7 +554,8 @@ def plugin_registry(pm: pluggy.PluginManager, names: Any) -> Registry:
             load_module(pm, name)
         except UsageError:
             known = ", ".join(sorted(reg.activatable()))
-            raise UsageError(f"unknown plugin '{name}' (available: {known}; or an importable module)") from None
+            raise UsageError(f"unknown plugin '{name}'{did_you_mean(name, reg.activatable())} "
+                             f"(available: {known}; or an importable module)") from None
     return build_registry(pm) if missing else reg
 
 
@@ -580,12 +581,12 @@ def resolve_plugins(pm: pluggy.PluginManager, reg: Registry, cfg: RunConfig) -> 
             raise UsageError(f"plugin module '{name}' registers nothing lscape can activate")
     for name in cfg.disable:
         if name not in available:
-            raise UsageError(f"cannot disable unknown plugin '{name}'")
+            raise UsageError(f"cannot disable unknown plugin '{name}'{did_you_mean(name, available)}")
     for name in cfg.plugin_options:
         if name not in chosen:
             if name in available:
                 raise UsageError(f"options given for plugin '{name}', which is not active; add --plugin {name}")
-            raise UsageError(f"options given for unknown plugin '{name}'")
+            raise UsageError(f"options given for unknown plugin '{name}'{did_you_mean(name, available)}")
     return list(chosen.items()), modules
 
 
