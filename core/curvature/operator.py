@@ -512,6 +512,14 @@ def _count_rows(out: torch.Tensor, target: Any, ce: dict | None) -> float:
 # -- module state -------------------------------------------------------------------------
 
 
+def _math_attention():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch without the selector: nothing to choose
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 @contextlib.contextmanager
 def _model_state(model: nn.Module, mode: str):
     """Set ``mode`` for the duration, then restore every module's flag and any buffer a forward wrote.
@@ -533,7 +541,11 @@ def _model_state(model: nn.Module, mode: str):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
                     tracking.append(m)
                     m.track_running_stats = False
-        yield
+        # scaled-dot-product attention (HF models, nn.MultiheadAttention): the fused flash and
+        # memory-efficient kernels have no double backward, the math kernel is plain
+        # differentiable ops, so second-order products go through it (exact, O(T²) memory)
+        with _math_attention():
+            yield
     finally:
         for m in tracking:
             m.track_running_stats = True
