@@ -376,3 +376,16 @@ def test_toml_keys_get_a_suggestion_and_plugin_names_complete(cli, tmp_path):
     assert "sharpness" in _complete_plugins("sharp") and "grad-norm" not in _complete_plugins("sharp")
     code, out, _ = cli("plugins")
     assert "┃ loss " in out and "┃ losse " not in out
+
+
+def test_every_config_key_is_reachable_from_the_command_line():
+    import dataclasses
+
+    from lscape.cli import run as run_command
+    from lscape.config import RunConfig
+
+    flags = {opt.lstrip("-").replace("-", "_") for p in run_command.params for opt in getattr(p, "opts", [])}
+    covered = {"model_opts": "model_opt", "data_opts": "data_opt", "optimizer_opts": "optimizer_opt",
+               "plugins": "plugin", "plugin_options": "o", "progress": "no_progress", "regime": "regime"}
+    missing = [f.name for f in dataclasses.fields(RunConfig) if covered.get(f.name, f.name) not in flags]
+    assert not missing, f"config keys without a command-line option: {missing}"
