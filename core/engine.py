@@ -27,7 +27,7 @@ import torch
 
 from . import __version__
 from .batch import batch_size_of, chunks, shard
-from .build import build_adapter, build_data, build_loss, build_model, build_optimizer
+from .build import build_adapter, build_data, build_loss, build_model, build_optimizer, require_trust, store_imports
 from .config import RunConfig, parse_step_schedule
 from .context import RunContext, StepState
 from .data import BatchStream, default_workers, derived_seed, full_batches
@@ -57,9 +57,11 @@ class RunResult:
 class Engine:
     """One training run. ``prepare()`` validates and builds, ``run()`` trains."""
 
-    def __init__(self, config: RunConfig, pm: pluggy.PluginManager | None = None):
+    def __init__(self, config: RunConfig, pm: pluggy.PluginManager | None = None, trust_store: bool = False):
         self.config = config
         self.pm = pm
+        #: import the module:factory names a resumed store's config holds (see require_trust)
+        self.trust_store = trust_store
         self.registry: Registry | None = None
         self.ctx: RunContext | None = None
         self.plugins: list[Plugin] = []
@@ -84,6 +86,8 @@ class Engine:
         rank, world = _init_distributed(cfg.device)
         if self.pm is None:
             self.pm = get_plugin_manager()
+        if cfg.resume:  # a store can come from anyone: import only what the user trusts
+            require_trust(cfg.resume, store_imports(cfg, build_registry(self.pm).activatable()), self.trust_store)
         self.registry = reg = plugin_registry(self.pm, cfg.plugins)
         if cfg.out is None and not cfg.resume:
             cfg.out = _broadcast(_default_out(cfg) if rank == 0 else None)
@@ -129,6 +133,10 @@ class Engine:
         if cfg.lr_schedule.startswith("cosine") and ctx.total_steps is None:
             raise UsageError("--lr-schedule cosine needs --steps or --epochs to know its length")
         self.plugins = make_plugins(plugin_classes, cfg.plugin_options, ctx)
+        per_step = max([p.batches_per_step() for p in self.plugins if isinstance(p, StepOwner)] or [1])
+        if cfg.steps is None and cfg.total_epochs is not None and per_step > 1:
+            # --epochs are passes over the data whatever the step owner draws per step
+            ctx.total_steps = max(1, -(-cfg.total_epochs * stream.steps_per_epoch // per_step))
         _check_workload(ctx)
         self._versions = activate_plugins(self.pm, reg, ctx, self.plugins, modules)
         if self._precision.scaler is not None and ctx.step_owner is not None:
@@ -265,6 +273,10 @@ class Engine:
             else:
                 loss = owner.step(closure, ctx, state)
                 state.loss = loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+                if not epoch_end and stream.epoch > epoch:
+                    # a step owner drawing fresh batches (Entropy-SGD) crossed an epoch boundary
+                    # inside its step: this step ends that epoch for evaluation and checkpoints
+                    epoch_end = state.epoch_end = True
             # NaN/inf checks cost a host sync: every step on CPU, every `every` steps on CUDA
             # (the window's losses are kept on the device and the first bad one is named)
             if every == 1:

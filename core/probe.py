@@ -281,6 +281,11 @@ class StepOwner(Plugin):
     def kind(cls) -> str:
         return "step owner"
 
+    def batches_per_step(self) -> int:
+        """Minibatches one step consumes from the training stream (1 unless ``fresh_batches``):
+        ``--epochs`` counts passes over the data, so a run lasts epochs·steps_per_epoch/this steps."""
+        return 1
+
     def setup(self, ctx: RunContext) -> None:
         """Build whatever the variant needs around ``ctx.optimizer``."""
 

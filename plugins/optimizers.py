@@ -250,6 +250,9 @@ class EntropySgdStep(_VariantStep):
         Output("gamma", long_name="γ_t"),
     )
 
+    def batches_per_step(self) -> int:
+        return 1 + self.opts.L  # the step's batch, then one fresh minibatch per Langevin step
+
     def build(self, ctx):
         o = self.opts
         if o.compat == "original" and not isinstance(ctx.optimizer, torch.optim.SGD):
@@ -263,6 +266,13 @@ class EntropySgdStep(_VariantStep):
         loss = self.optim.step(closure)
         self.after_step(ctx, state, due)
         return float(loss)
+
+
+@hookimpl
+def register_plots(register):
+    from lscape.plugins.optim.entropy_sgd import plot_entropy_sgd
+
+    register("entropy-sgd", plot_entropy_sgd)
 
 
 @hookimpl

@@ -1,0 +1,82 @@
+"""The engine at scale: deferred NaN checks, epochs as passes for step owners, iterable data,
+precision and compile wiring, objects in the Python API."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import IterableDataset
+
+import lscape
+from lscape.errors import UsageError
+from lscape.store import RunReader
+
+SYNTH = dict(data="synthetic", data_opts={"n": 64, "dim": 8, "classes": 3}, batch_size=16, progress=False)
+
+
+def test_deferred_nan_check_stops_within_the_window_and_names_the_first_bad_step(tmp_path):
+    # the fifth forward pass (step 3: one pass is the set-up check) gives inf
+    res = lscape.run(model="helpers_workloads:exploding", model_opts={"after": 4}, steps=40, nan_check_every=8,
+                     out=str(tmp_path / "n.zarr"), **SYNTH)
+    assert res.status == "diverged"
+    r = RunReader(res.path)
+    assert "at step 3 (noticed at step 7" in r.attrs["error"]
+    loss = r.read("train")["loss"]
+    assert len(loss) == 8 and np.isfinite(loss[:3]).all() and not np.isfinite(loss[3])
+
+
+def test_epochs_are_passes_over_the_data_for_a_step_owner_drawing_fresh_batches(tmp_path):
+    # digits: 1437 training samples, batch 256 -> 6 batches an epoch; L=8 -> 9 batches a step,
+    # so every step crosses an epoch boundary: evaluation must still happen
+    res = lscape.run(plugins=["entropy-sgd"], plugin_options={"entropy-sgd": {"L": 8}}, epochs=3, batch_size=256,
+                     progress=False, out=str(tmp_path / "e.zarr"))
+    train = RunReader(res.path).read("train")
+    assert len(train["step"]) == 2  # ceil(3 epochs * 6 batches / 9 batches a step)
+    assert np.isfinite(train["eval_loss"]).sum() == 2  # each step ended an epoch
+    assert train["epoch"][-1] >= 1
+
+
+class Stream(IterableDataset):
+    """An iterable data set: the same 40 samples in the same order on every pass."""
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(40, 8, generator=g)
+        y = torch.randint(0, 3, (40,), generator=g)
+        return iter(zip(x, y))
+
+
+def stream_data():
+    return Stream()
+
+
+def test_iterable_dataset_trains_with_steps_and_refuses_epochs(tmp_path):
+    with pytest.raises(UsageError, match="IterableDataset"):
+        lscape.run(data="test_engine_scale:stream_data", model="test_engine_scale:small_mlp", batch_size=16,
+                   progress=False, out=str(tmp_path / "a.zarr"), plugins=[])
+    res = lscape.run(data="test_engine_scale:stream_data", model="test_engine_scale:small_mlp", batch_size=16,
+                     steps=7, progress=False, out=str(tmp_path / "b.zarr"), plugins=[])
+    train = RunReader(res.path).read("train")
+    # 40 samples in batches of 16: 3 steps a pass, epochs counted as the stream runs dry
+    assert list(train["epoch"]) == [0, 0, 0, 1, 1, 1, 2]
+
+
+def small_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def test_fp16_with_a_step_owner_is_refused_and_bf16_trains(tmp_path):
+    with pytest.raises(UsageError, match="GradScaler"):
+        lscape.run(precision="fp16", plugins=["sam"], steps=2, out=str(tmp_path / "a.zarr"), **SYNTH)
+    res = lscape.run(precision="bf16", plugins=["sam"], steps=3, out=str(tmp_path / "b.zarr"), **SYNTH)
+    assert res.status == "completed" and np.isfinite(RunReader(res.path).read("train")["loss"]).all()
+    res = lscape.run(precision="fp16", steps=3, out=str(tmp_path / "c.zarr"), **SYNTH)
+    assert res.status == "completed"
+
+
+def test_compile_wraps_the_training_forward_and_trains_the_same(tmp_path):
+    plain = lscape.run(steps=4, out=str(tmp_path / "p.zarr"), plugins=[], **SYNTH)
+    compiled = lscape.run(steps=4, compile="eager", out=str(tmp_path / "c.zarr"), plugins=[], **SYNTH)
+    a = RunReader(plain.path).read("train")["loss"]
+    b = RunReader(compiled.path).read("train")["loss"]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
