@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .config import RunConfig, load_toml
+from .build import require_trust, store_imports
 from .errors import UsageError, did_you_mean, message_line
 from .store import RunReader, RunStore, store_exists
 
@@ -38,7 +39,8 @@ def run(config: RunConfig | str | os.PathLike | None = None, **overrides: Any):
     """
     from .engine import Engine
 
-    return Engine(make_config(config, **overrides)).run()
+    trust_store = bool(overrides.pop("trust_store", False))
+    return Engine(make_config(config, **overrides), trust_store=trust_store).run()
 
 
 def open_run(path: str | os.PathLike) -> RunReader:
@@ -48,13 +50,15 @@ def open_run(path: str | os.PathLike) -> RunReader:
 
 def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
             plugin_options: Mapping[str, Mapping[str, Any]] | None = None, out: str | None = None,
-            checkpoints: str = "latest", progress: bool = False, **overrides: Any):
+            checkpoints: str = "latest", progress: bool = False, trust_store: bool = False, **overrides: Any):
     """Run probes once on a saved model, with no training.
 
     ``source`` is a run store (its config rebuilds model and data; ``checkpoints`` is
     ``latest``, ``all`` or a comma-separated list of steps), a ``.pt`` state dict (with
     ``model=``/``data=`` overrides), or ``None`` for a freshly initialised model.
-    Results go to a new store at ``out``; returns its ``RunResult``.
+    Results go to a new store at ``out``; returns its ``RunResult``. A store whose config
+    names ``module:factory`` code is imported only with ``trust_store=True`` (or the same
+    names given as overrides).
     """
     from .engine import Engine, RunResult, _now
     from .context import StepState
@@ -70,7 +74,9 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
         base = make_config(None, **overrides)
     elif source is not None:
         reader = RunReader(source)
-        base = RunConfig.stored(reader).merged(overrides)
+        stored = RunConfig.stored(reader)
+        require_trust(source, store_imports(stored, given=overrides), trust_store)
+        base = stored.merged(overrides)
     else:
         base = make_config(None, **overrides)
     cfg = base.merged({"plugins": plugins, "progress": progress})

@@ -15,7 +15,7 @@ from .errors import UsageError, UserCodeError, did_you_mean, message_line
 from .manager import Entry
 
 __all__ = ["resolve", "build_model", "build_data", "build_loss", "build_adapter", "build_optimizer",
-           "call_with_accepted"]
+           "call_with_accepted", "store_imports", "require_trust"]
 
 
 def resolve(spec: str, table: Mapping[str, Entry], kind: str) -> Any:
@@ -187,3 +187,31 @@ def _bound(signature_of: Callable, skip: int, call: Callable) -> Callable:
     except (TypeError, ValueError):
         pass
     return call
+
+
+#: RunConfig fields whose ``module:attribute`` values are imported when a run is built
+IMPORT_FIELDS = ("model", "data", "loss", "optimizer", "adapter")
+
+
+def store_imports(cfg: Any, known_plugins: Any = None, given: Mapping[str, Any] | None = None) -> list[str]:
+    """What building ``cfg`` (a config read from a store) would import: its ``module:attr``
+    specs and plugins named by import path (``known_plugins``: the installed plugin names;
+    None skips plugins), except what the user named the same way (``given``)."""
+    given = given or {}
+    out = []
+    for name in IMPORT_FIELDS:
+        spec = getattr(cfg, name, None)
+        if isinstance(spec, str) and ":" in spec and given.get(name) != spec:
+            out.append(f"--{name} {spec}")
+    if known_plugins is not None:
+        named = set(given.get("plugins") or ())
+        out += [f"--plugin {p}" for p in cfg.plugins or () if p not in known_plugins and p not in named]
+    return out
+
+
+def require_trust(path: Any, imports: list[str], trusted: bool) -> None:
+    """Refuse, in one line, to import code that only a store names, unless ``trusted``."""
+    if imports and not trusted:
+        raise UsageError(f"{path} asks to import {', '.join(imports)}; a store can come from anyone, so lscape "
+                         "imports only code you name: add --trust-store if you trust this store "
+                         "(or give the same names on the command line)")
