@@ -107,6 +107,7 @@ def _regime(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 @click.option("--on-nan", type=click.Choice(["stop", "continue"]), help="what a NaN/inf loss does [default: stop]")
 @click.option("--resume", type=str, metavar="PATH",
               help="continue a run from its last checkpoint; with --steps/--epochs/--time-limit, extend it")
+@click.option("--trust-store", is_flag=True, help="with --resume: import the module:factory code the store names")
 @click.option("--no-progress", is_flag=True,
               help="print no progress (by default: a bar on a terminal, else log lines with an ETA)")
 @click.option("--workers", type=str, help="DataLoader worker processes  [default: 0 on CPU, min(8, cores) on CUDA]")
@@ -118,7 +119,8 @@ def _regime(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 @click.option("--adapter", metavar="MODULE:FN", help="fn(model, batch) -> (output, target) for unusual batches")
 @click.option("--nan-check-every", type=str, metavar="N",
               help="check the loss for NaN/inf every N steps (one host sync)  [default: 1 on CPU, 50 on CUDA]")
-def run(config_path, model_opt, data_opt, optimizer_opt, plugins, options, no_progress, resume, regime_items, **flat):
+def run(config_path, model_opt, data_opt, optimizer_opt, plugins, options, no_progress, resume, regime_items,
+        trust_store, **flat):
     """Train a model and record what the active plugins measure."""
     from lscape.api import make_config
     from lscape.config import RunConfig, load_toml
@@ -153,7 +155,7 @@ def run(config_path, model_opt, data_opt, optimizer_opt, plugins, options, no_pr
         if no_progress:
             overrides["progress"] = False
         cfg = make_config(base, **overrides)
-    result = Engine(cfg).run()
+    result = Engine(cfg, trust_store=trust_store).run()
     _echo_result(result)
     if result.status != "completed":
         sys.exit(130 if result.status == "interrupted" else 1)
@@ -184,7 +186,8 @@ def _echo_result(result) -> None:
 @click.option("--device")
 @click.option("--out", help="store for the measurements  [default: runs/SOURCE-measure-TIME.zarr]")
 @click.option("--no-progress", is_flag=True, help="print no progress (the probe being measured and its work)")
-def measure(source, plugins, options, checkpoints, model_opt, data_opt, no_progress, **flat):
+@click.option("--trust-store", is_flag=True, help="import the module:factory code a SOURCE store names")
+def measure(source, plugins, options, checkpoints, model_opt, data_opt, no_progress, trust_store, **flat):
     """Run probes once on a saved model (a run's checkpoints, a .pt state dict), no training.
 
     SOURCE is a run store or a .pt file; without it a freshly initialised model is measured.
@@ -204,7 +207,7 @@ def measure(source, plugins, options, checkpoints, model_opt, data_opt, no_progr
 
     with nullcontext() if no_progress else MeasureProgress():
         result = do_measure(source, plugins, plugin_options=_plugin_options(options), out=out,
-                            checkpoints=checkpoints, **overrides)
+                            checkpoints=checkpoints, trust_store=trust_store, **overrides)
     click.echo(f"measured {result.steps} model state(s) into {result.path}")
     click.echo(f"look at it:  lscape show {result.path}")
 
