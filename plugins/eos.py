@@ -119,7 +119,9 @@ def plot_eos(runs, out_dir):
     from lscape.plotting import eigenvalue_lines, figure, line, note, run_colours, run_labels, save
 
     data = [(name, colour, run.read("eos")) for run, name, colour in zip(runs, run_labels(runs), run_colours(len(runs)))]
-    has_sam = any(np.isfinite(np.asarray(d["sam_edge"], dtype=float)).any() for _, _, d in data)
+    # with ρ = 0 the probe stores the SAM-edge's limit 2/η: there is no SAM-edge to draw
+    has_sam = any(np.isfinite(np.asarray(d["sam_edge"], dtype=float)).any()
+                  and not np.allclose(d["sam_edge"], d["threshold_gd"], equal_nan=True) for _, _, d in data)
     paths = []
     for filename, title, with_gd in (("eos_eigenvalues.png", "Hessian eigenvalues, SAM-edge and 2/η", True),
                                      ("eos_eigenvalues_sam_edge.png", "Hessian eigenvalues and SAM-edge", False)):
