@@ -322,6 +322,7 @@ def test_resnet_with_inplace_relus_sharpness_equals_dense_hessian(tmp_path):
                          checkpoint_schedule="every:1", progress=False, out=str(tmp_path / "train.zarr"))
     assert trained.status == "completed"
     measured = lscape.measure(trained.path, ["sharpness"], checkpoints="2", out=str(tmp_path / "m.zarr"),
+                              data="test_scale_data:tiny_images",  # names the store's module:factory
                               plugin_options={"sharpness": {"data": "full", "params": params, "tol": 1e-7,
                                                             "max_iter": 150}})
     sharp = RunReader(measured.path).read("sharpness")
