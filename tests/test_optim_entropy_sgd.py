@@ -225,3 +225,22 @@ def test_original_mode_needs_an_sgd_base_and_the_plugin_passes_its_options():
 
     opt = step.build(SimpleNamespace(optimizer=torch.optim.SGD([p], lr=0.1, momentum=0.9)))
     assert (opt.nesterov, opt.dampening, opt.weight_decay, opt.compat) == (False, 0.1, 0.01, "original")
+
+
+def test_entropy_sgd_statistics_through_the_engine_and_its_figure(cli, tmp_path):
+    out = tmp_path / "e.zarr"
+    code, _, err = cli("run", "--data", "synthetic", "--data-opt", "n=64", "--model-opt", "widths=8", "--batch-size", "16",
+                       "--steps", "5", "--optimizer", "sgd", "--lr", "0.1", "--momentum", "0.9", "--nesterov",
+                       "--plugin", "entropy-sgd", "-o", "entropy-sgd.L=2", "-o", "entropy-sgd.gamma=0.03",
+                       "-o", "entropy-sgd.scoping=0.5", "-o", "entropy-sgd.stats=every:1", "-o", "entropy-sgd.nesterov=false",
+                       "--no-progress", "--out", str(out))
+    assert code == 0, err
+    from lscape.store import RunReader
+
+    d = RunReader(out).read("entropy-sgd")
+    assert list(d["step"]) == [0, 1, 2, 3, 4]
+    assert d["gamma"] == pytest.approx([0.03 * 1.5**t for t in range(5)], rel=1e-12)
+    assert (d["dist_mu"] > 0).all() and (abs(d["cos"]) <= 1).all()
+    code, _, err = cli("plot", str(out), "--out", str(tmp_path / "figs"))
+    assert code == 0, err
+    assert (tmp_path / "figs" / "entropy_sgd.png").exists()

@@ -229,3 +229,42 @@ def _sq(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _norm(tensors: list[torch.Tensor]) -> float:
     return math.sqrt(float(_sq(tensors)))
+
+
+#: the panels of the Entropy-SGD figure: title, arrays, log scale
+ENTROPY_SGD_PANELS = (
+    ("gradient and local-entropy gradient", ("grad_norm", "dist_mu"), True),
+    ("cos(∇f, x − μ)", ("cos",), False),
+    ("Langevin excursion and noise", ("mean_dist", "noise_norm"), True),
+    ("scope γ_t", ("gamma",), True),
+)
+
+
+def plot_entropy_sgd(runs, out_dir):
+    """The Entropy-SGD statistics against step (the original's verbose output as a figure)."""
+    import numpy as np
+
+    from lscape.plotting import figure, save
+
+    fig, ax0 = figure("entropy-sgd", "", "", size=(11, 6.4))
+    fig.delaxes(ax0)
+    axes = fig.subplots(2, 2, squeeze=False).ravel()
+    for ax, (title, keys, log) in zip(axes, ENTROPY_SGD_PANELS):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        for run in runs:
+            if not run.has("entropy-sgd"):
+                continue
+            data = run.read("entropy-sgd")
+            for key in keys:
+                if key not in data or not np.isfinite(data[key]).any():
+                    continue
+                label = key if len(runs) == 1 else f"{run.name}: {key}"
+                ax.plot(data["step"], data[key], lw=0.9, marker="." if len(data["step"]) < 50 else None, label=label)
+        values = [np.asarray(line.get_ydata(), float) for line in ax.lines]
+        if log and values and all((v[np.isfinite(v)] > 0).all() for v in values):
+            ax.set_yscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return [save(fig, out_dir / "entropy_sgd.png")]
