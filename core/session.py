@@ -21,6 +21,7 @@ are the engine's own functions.
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -161,6 +162,7 @@ class Session:
         self._state: StepState | None = None  # the step between after_backward and step_end
         self._last: StepState | None = None
         self._closed = False
+        self._frozen = False
         self._eval: GroupWriter | None = None
         self._call = call_hook
         self._hook = pm.hook
@@ -174,6 +176,10 @@ class Session:
             ctx.store = RunStore.create(ctx.config.out, attrs)
         self.path = str(ctx.config.out)
         ctx.start_time = time.time()
+        # As in the engine: what is alive now (torch, the model, the data) lives for the whole
+        # run, so it is kept out of the garbage collector's full passes until close()
+        gc.freeze()
+        self._frozen = True
         self._call(self._hook.on_run_start, ctx=ctx)
 
     # -- the step ------------------------------------------------------------------------
@@ -289,8 +295,13 @@ class Session:
             self._call(self._hook.on_run_end, ctx=ctx, status=status)
         except Exception as e:  # the store must still be flushed and marked
             status, error = "failed", error or str(e)
-        if ctx.store is not None:
-            mark_ended(ctx.store, status, error, self.step_count)
+        try:
+            if ctx.store is not None:
+                mark_ended(ctx.store, status, error, self.step_count)
+        finally:
+            if self._frozen:
+                gc.unfreeze()
+                self._frozen = False
 
     def __enter__(self) -> "Session":
         return self
