@@ -389,3 +389,35 @@ def test_every_config_key_is_reachable_from_the_command_line():
                "plugins": "plugin", "plugin_options": "o", "progress": "no_progress", "regime": "regime"}
     missing = [f.name for f in dataclasses.fields(RunConfig) if covered.get(f.name, f.name) not in flags]
     assert not missing, f"config keys without a command-line option: {missing}"
+
+
+def test_eos_figures_without_sam_skip_the_sam_edge_figure(cli, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "e.zarr"
+    lscape.run(steps=4, out=str(out), plugins=["eos"], plugin_options={"eos": {"every": 2}}, **TINY)
+    code, text, err = cli("plot", out, "--out", tmp_path / "f")
+    assert code == 0
+    assert "eos_eigenvalues.png" in text and "eos_eigenvalues_sam_edge" not in text
+    assert "eos_eigenvalues_sam_edge.png not written: the SAM-edge is undefined (rho = 0)" in err
+
+
+def test_show_while_running_counts_the_rows_written(tmp_path):
+    from lscape.display import run_summary
+    from lscape.engine import Engine
+
+    seen = {}
+
+    class Peek(lscape.Plugin):
+        name = "peek"
+
+        @lscape.hookimpl
+        def on_step_start(self, ctx, state):
+            if state.step == 6:
+                ctx.store.flush()
+                seen.update(run_summary(RunReader(ctx.store.path)))
+
+    engine = Engine(lscape.api.make_config(steps=10, out=str(tmp_path / "r.zarr"), **TINY))
+    engine.prepare()
+    engine.pm.register(Peek(), name="peek")
+    engine.run()
+    assert seen["status"] == "running" and seen["steps_done"] == 6 and seen["total_steps"] == 10
