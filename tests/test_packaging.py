@@ -36,6 +36,7 @@ def test_wheel_installs_and_imports_every_builtin_plugin(tmp_path):
         "import importlib, lscape, lscape.manager as m\n"
         f"assert lscape.__file__.startswith({str(env_dir)!r}), lscape.__file__\n"
         "for name in m.BUILTIN_PLUGINS: importlib.import_module(name)\n"
+        "import lscape.optim, lscape.session, lscape.integrations._common  # the attach API's subpackage\n"
         "reg = m.build_registry(m.get_plugin_manager(entry_points=False))\n"
         "print(len(reg.activatable()), 'plugins')\n"
     )
