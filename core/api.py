@@ -40,7 +40,38 @@ def run(config: RunConfig | str | os.PathLike | None = None, **overrides: Any):
     from .engine import Engine
 
     trust_store = bool(overrides.pop("trust_store", False))
-    return Engine(make_config(config, **overrides), trust_store=trust_store).run()
+    objects = split_objects(overrides)
+    return Engine(make_config(config, **overrides), trust_store=trust_store, objects=objects).run()
+
+
+#: run options that may be Python objects instead of names
+OBJECT_FIELDS = ("model", "data", "loss", "optimizer", "adapter")
+
+
+def split_objects(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Take the objects (a module, a data set or loader, a loss, an optimizer or factory, an
+    adapter) out of ``overrides``, leaving in their place the description the stored config
+    keeps (``<object CLASS: repr>``); a DataLoader given as data also gives its batch size
+    and workers unless those are given."""
+    from torch.utils.data import DataLoader
+
+    from .build import describe_object
+
+    objects: dict[str, Any] = {}
+    for key in OBJECT_FIELDS:
+        value = overrides.get(key)
+        if value is None or isinstance(value, (str, os.PathLike)):
+            continue
+        objects[key] = value
+        overrides[key] = describe_object(value)
+    loader = objects.get("data")
+    loader = loader.get("train") if isinstance(loader, Mapping) else loader
+    if isinstance(loader, DataLoader):
+        if overrides.get("batch_size") is None and loader.batch_size is not None:
+            overrides["batch_size"] = loader.batch_size
+        if overrides.get("workers") is None:
+            overrides["workers"] = loader.num_workers
+    return objects
 
 
 def open_run(path: str | os.PathLike) -> RunReader:

@@ -75,9 +75,13 @@ def call_with_accepted(fn: Callable, options: Mapping[str, Any], extra: Mapping[
 
 
 def build_data(spec: str, options: Mapping[str, Any], table: Mapping[str, Entry], seed: int) -> tuple[Dataset, Dataset | None]:
-    """``(train, eval)`` from a data factory (a Dataset, or ``{"train": ..., "eval": ...}``)."""
-    factory = resolve(spec, table, "data")
-    out = call_with_accepted(factory, options, {"seed": seed}, f"data '{spec}'")
+    """``(train, eval)`` from a data factory (a Dataset, or ``{"train": ..., "eval": ...}``),
+    or from the objects themselves (``lscape.run(data=...)``: a Dataset, a DataLoader or such a dict)."""
+    if not isinstance(spec, str):
+        out, spec = _data_objects(spec), f"<{type(spec).__name__} object>"
+    else:
+        factory = resolve(spec, table, "data")
+        out = call_with_accepted(factory, options, {"seed": seed}, f"data '{spec}'")
     if isinstance(out, Mapping):
         if "train" not in out:
             raise UsageError(f"data '{spec}' returned a dict without a 'train' entry")
@@ -104,10 +108,14 @@ def build_data(spec: str, options: Mapping[str, Any], table: Mapping[str, Entry]
 
 
 def build_model(spec: str, options: Mapping[str, Any], table: Mapping[str, Entry], train_set: Any) -> nn.Module:
-    """An ``nn.Module`` from a factory, told the data's ``num_classes``/``input_shape``."""
-    factory = resolve(spec, table, "model")
-    extra = {k: getattr(train_set, k, None) for k in ("num_classes", "input_shape", "output_dim")}
-    model = call_with_accepted(factory, options, extra, f"model '{spec}'")
+    """An ``nn.Module`` from a factory, told the data's ``num_classes``/``input_shape``
+    (or the module itself, given as an object)."""
+    if isinstance(spec, nn.Module):
+        model, spec = spec, f"<{type(spec).__name__} object>"
+    else:
+        factory = resolve(spec, table, "model")
+        extra = {k: getattr(train_set, k, None) for k in ("num_classes", "input_shape", "output_dim")}
+        model = call_with_accepted(factory, options, extra, f"model '{spec}'")
     if not isinstance(model, nn.Module):
         raise UsageError(f"model '{spec}' returned {type(model).__name__}, not an nn.Module")
     if not any(p.requires_grad for p in model.parameters()):
@@ -118,9 +126,9 @@ def build_model(spec: str, options: Mapping[str, Any], table: Mapping[str, Entry
 def build_loss(spec: str, table: Mapping[str, Entry]) -> Callable | None:
     """A loss callable; a class given as ``module:Class`` is instantiated. ``model`` (the
     model's own loss, ``output.loss``) gives None."""
-    if spec == MODEL_LOSS:
+    if spec == MODEL_LOSS or spec is None:
         return None
-    obj = resolve(spec, table, "loss")
+    obj = resolve(spec, table, "loss") if isinstance(spec, str) else spec
     if inspect.isclass(obj):
         try:
             obj = obj()
@@ -158,8 +166,19 @@ def build_optimizer(spec: str, params: Any, lr: float, momentum: float, weight_d
     A class gets ``lr`` and, when its constructor takes them and they are non-zero,
     ``momentum`` and ``weight_decay``; ``options`` are passed as keyword arguments.
     """
-    obj = resolve(spec, table, "optimizer")
-    what = f"optimizer '{spec}'"
+    if isinstance(spec, torch.optim.Optimizer):  # an optimizer object over the model's parameters
+        return spec
+    obj = resolve(spec, table, "optimizer") if isinstance(spec, str) else spec
+    what = f"optimizer '{spec}'" if isinstance(spec, str) else f"optimizer <{getattr(spec, '__name__', type(spec).__name__)}>"
+    if not isinstance(spec, str) and not inspect.isclass(obj) and callable(obj):
+        # a factory given as an object: factory(params) -> Optimizer
+        try:
+            optimizer = obj(params)
+        except Exception as e:
+            raise UserCodeError(what, e) from e
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UsageError(f"{what} returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        return optimizer
     if inspect.isclass(obj):
         if not issubclass(obj, torch.optim.Optimizer):
             raise UsageError(f"{what} is not a torch.optim.Optimizer subclass")
@@ -201,7 +220,7 @@ def store_imports(cfg: Any, known_plugins: Any = None, given: Mapping[str, Any] 
     out = []
     for name in IMPORT_FIELDS:
         spec = getattr(cfg, name, None)
-        if isinstance(spec, str) and ":" in spec and given.get(name) != spec:
+        if isinstance(spec, str) and ":" in spec and given.get(name) != spec and not spec.startswith("<object "):
             out.append(f"--{name} {spec}")
     if known_plugins is not None:
         named = set(given.get("plugins") or ())
@@ -215,3 +234,44 @@ def require_trust(path: Any, imports: list[str], trusted: bool) -> None:
         raise UsageError(f"{path} asks to import {', '.join(imports)}; a store can come from anyone, so lscape "
                          "imports only code you name: add --trust-store if you trust this store "
                          "(or give the same names on the command line)")
+
+
+class CollatedDataset(Dataset):
+    """A data set that carries the collate function of the DataLoader it came from (a
+    HuggingFace data collator that pads, say); lscape's loader uses it."""
+
+    def __init__(self, dataset: Any, collate_fn: Callable):
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getattr__(self, name: str) -> Any:  # num_classes, input_shape, ... of the data set
+        if name in ("dataset", "collate_fn"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _data_objects(obj: Any) -> Any:
+    """Datasets from objects: a DataLoader gives its dataset (with its collate function;
+    lscape draws the order itself, seeded and checkpointed), a dict maps train/eval."""
+    from torch.utils.data import DataLoader, default_collate
+
+    if isinstance(obj, Mapping):
+        return {k: _data_objects(v) for k, v in obj.items()}
+    if isinstance(obj, DataLoader):
+        if obj.collate_fn is not None and obj.collate_fn is not default_collate and \
+                getattr(obj.collate_fn, "__name__", "") != "default_collate":
+            return CollatedDataset(obj.dataset, obj.collate_fn)
+        return obj.dataset
+    return obj
+
+
+def describe_object(obj: Any) -> str:
+    """What the stored config says of an object given to ``lscape.run`` (class and repr)."""
+    text = " ".join(repr(obj).split())
+    return f"<object {type(obj).__module__}.{type(obj).__qualname__}: {text[:300]}>"

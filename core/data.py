@@ -128,7 +128,9 @@ class Fetcher:
         self.workers = int(workers)
         self.pin_memory = bool(pin_memory)
         self.prefetch = int(prefetch)
-        self.tensor = _tensor_base(dataset)
+        # a data set from a DataLoader with its own collate function (lscape.build.CollatedDataset)
+        self.collate_fn = getattr(dataset, "collate_fn", None) or default_collate
+        self.tensor = _tensor_base(dataset) if self.collate_fn is default_collate else None
         self._sampler = _IndexBatches()
         self._loader: DataLoader | None = None
 
@@ -138,7 +140,7 @@ class Fetcher:
             w = self.workers
             self._loader = DataLoader(
                 _Seeded(self.dataset, self.seed), batch_sampler=self._sampler, num_workers=w,
-                collate_fn=default_collate, pin_memory=self.pin_memory, persistent_workers=w > 0,
+                collate_fn=self.collate_fn, pin_memory=self.pin_memory, persistent_workers=w > 0,
                 prefetch_factor=self.prefetch if w > 0 else None,
                 # the loader's own base seed comes from this generator, never the global RNG
                 generator=torch.Generator().manual_seed(self.seed),

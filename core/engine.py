@@ -57,9 +57,12 @@ class RunResult:
 class Engine:
     """One training run. ``prepare()`` validates and builds, ``run()`` trains."""
 
-    def __init__(self, config: RunConfig, pm: pluggy.PluginManager | None = None, trust_store: bool = False):
+    def __init__(self, config: RunConfig, pm: pluggy.PluginManager | None = None, trust_store: bool = False,
+                 objects: dict[str, Any] | None = None):
         self.config = config
         self.pm = pm
+        #: Python objects given for model/data/loss/optimizer/adapter (``lscape.run(model=module)``)
+        self.objects = dict(objects or {})
         #: import the module:factory names a resumed store's config holds (see require_trust)
         self.trust_store = trust_store
         self.registry: Registry | None = None
@@ -97,11 +100,12 @@ class Engine:
         plugin_classes, modules = self._resolve_plugins(reg)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
-        train, evaluation = build_data(cfg.data, cfg.data_opts, reg.datasets, cfg.data_seed)
-        model = build_model(cfg.model, cfg.model_opts, reg.models, train).to(device)
-        loss_fn = build_loss(cfg.loss, reg.losses)
-        adapter = build_adapter(cfg.adapter, loss_fn)
-        optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr,
+        built = _objects_for(cfg, self.objects)
+        train, evaluation = build_data(built["data"], cfg.data_opts, reg.datasets, cfg.data_seed)
+        model = build_model(built["model"], cfg.model_opts, reg.models, train).to(device)
+        loss_fn = build_loss(built["loss"], reg.losses)
+        adapter = build_adapter(built["adapter"], loss_fn)
+        optimizer = build_optimizer(built["optimizer"], [p for p in model.parameters() if p.requires_grad], cfg.lr,
                                     cfg.momentum, cfg.weight_decay,
                                     {**({"nesterov": True} if cfg.nesterov else {}), **cfg.optimizer_opts},
                                     reg.optimizers)
@@ -775,6 +779,23 @@ UNTIL_LOSS_SAMPLES = 1024
 
 #: what a resumed run may change: its length, and only upwards
 EXTENDABLE = ("steps", "epochs", "time_limit")
+
+
+def _objects_for(cfg: RunConfig, objects: dict[str, Any]) -> dict[str, Any]:
+    """What to build each piece from: the object given, or the name in the config; a config
+    that records an object (a resumed or measured run built from Python objects) needs it again."""
+    out = {}
+    for key in ("model", "data", "loss", "optimizer", "adapter"):
+        name = getattr(cfg, key)
+        if key in objects:
+            out[key] = objects[key]
+        elif isinstance(name, str) and name.startswith("<object "):
+            where = cfg.resume or "this run"
+            raise UsageError(f"{where} was built from Python objects: pass the same {key} again "
+                             f"(lscape.run(resume=..., {key}=...)); its config records {name[:80]}")
+        else:
+            out[key] = name
+    return out
 
 
 def _config_for_resume(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:

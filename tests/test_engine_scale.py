@@ -80,3 +80,39 @@ def test_compile_wraps_the_training_forward_and_trains_the_same(tmp_path):
     a = RunReader(plain.path).read("train")["loss"]
     b = RunReader(compiled.path).read("train")["loss"]
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def _objects():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(48, 5, generator=g), torch.randint(0, 3, (48,), generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    loader = DataLoader(TensorDataset(x[:40], y[:40]), batch_size=8, shuffle=True)
+    return model, {"train": loader, "eval": TensorDataset(x[40:], y[40:])}
+
+
+def test_objects_in_the_python_api_train_like_names_and_resume_with_the_same_objects(tmp_path):
+    model, data = _objects()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    res = lscape.run(model=model, data=data, loss=torch.nn.functional.cross_entropy, optimizer=opt, steps=10,
+                     checkpoint_schedule="every:4", plugins=["grad-norm"], progress=False, out=str(tmp_path / "o.zarr"))
+    assert res.status == "completed"
+    r = RunReader(res.path)
+    cfg = r.attrs["config"]
+    assert cfg["model"].startswith("<object torch.nn.modules.container.Sequential") and cfg["batch_size"] == 8
+    assert cfg["optimizer"].startswith("<object torch.optim.sgd.SGD")
+    # the same run from a factory for the optimizer: identical numbers
+    model2, data2 = _objects()
+    res2 = lscape.run(model=model2, data=data2, loss=torch.nn.functional.cross_entropy,
+                      optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9), steps=10,
+                      plugins=["grad-norm"], progress=False, out=str(tmp_path / "f.zarr"))
+    np.testing.assert_array_equal(r.read("train")["loss"], RunReader(res2.path).read("train")["loss"])
+    # resuming needs the objects again, and says so in one line
+    with pytest.raises(UsageError, match="built from Python objects"):
+        lscape.run(resume=res.path, steps=12, progress=False)
+    model3, data3 = _objects()
+    again = lscape.run(resume=res.path, steps=12, model=model3, data=data3, loss=torch.nn.functional.cross_entropy,
+                       optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9), progress=False)
+    assert again.status == "completed" and len(RunReader(res.path).read("train")["loss"]) == 12
