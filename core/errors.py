@@ -23,7 +23,8 @@ class PluginError(LscapeError):
     def __init__(self, plugin: str, error: BaseException):
         self.plugin = plugin
         self.error = error
-        super().__init__(f"plugin '{plugin}' failed: {type(error).__name__}: {error}")
+        # one line: torch's errors run over several, and stored/printed whole they showed "\n"
+        super().__init__(f"plugin '{plugin}' failed: {type(error).__name__}: {message_line(error)}")
 
 
 class DivergedError(LscapeError):
