@@ -71,7 +71,7 @@ def test_bf16_cuda_training_with_fp32_sharpness(tmp_path, exact_cuda):
     common = dict(model="mlp", model_opts={"widths": "12"}, data="synthetic",
                   data_opts={"n": 80, "dim": 6, "classes": 3}, batch_size=16, steps=3, lr=0.2, device="cuda",
                   plugins=["sharpness"], plugin_options={"sharpness": {"schedule": "at:1", "data": "full",
-                                                                       "tol": 1e-7, "max_iter": 120}},
+                                                                       "tol": 1e-5, "max_iter": 120}},
                   checkpoint_schedule="every:1", eval_schedule="never", progress=False)
     run = lscape.run(precision="bf16", out=str(tmp_path / "bf16.zarr"), **common)
     assert run.status == "completed"
@@ -92,7 +92,7 @@ def test_resnet_inplace_relus_sharpness_on_cuda_equals_dense_hessian(tmp_path, e
                          checkpoint_schedule="every:1", progress=False, device="cuda", out=str(tmp_path / "t.zarr"))
     measured = lscape.measure(trained.path, ["sharpness"], checkpoints="2", out=str(tmp_path / "m.zarr"),
                               data="test_scale_data:tiny_images",  # names the store's module:factory
-                              plugin_options={"sharpness": {"data": "full", "params": "layer2.0.*", "tol": 1e-7,
+                              plugin_options={"sharpness": {"data": "full", "params": "layer2.0.*", "tol": 1e-5,
                                                             "max_iter": 150}})
     sharp = RunReader(measured.path).read("sharpness")
     model = resnet18(num_classes=3, channels=2)
