@@ -20,6 +20,7 @@ class EdgeOfStability(WarmStart, Probe):
 
     On the step's minibatch (the full batch under ``--batch-size full``), at θ_step with
     exact Hessian-vector products and Lanczos: ``top_eigenvalues`` and ``lambda_max``,
+    ``hessian_norm`` ‖H‖ = largest |λ| (what the sam_edge seed reports; option ``norm``),
     ``threshold_gd`` = 2/η, ``grad_norm`` ‖g‖, ``sam_edge`` from ‖g‖ (2/η when ρ = 0), the
     alignments |⟨s, v₁⟩|/‖s‖ of the gradient s = g and of the SAM gradient s = ∇L(θ + ρ
     g/(‖g‖ + 1e-5)) with the top eigenvector v₁, the loss, and the wall-clock ``time``.
@@ -38,9 +39,18 @@ class EdgeOfStability(WarmStart, Probe):
         Option("max_iter", int, 100, "Lanczos Hessian-vector products at most", minimum=1),
         Option("mode", str, "train", "module mode for gradients and products", choices=("train", "eval")),
         Option("warm_start", bool, True, "start Lanczos from the previous measurement's eigenvectors"),
+        Option("norm", bool, True, "also measure ‖H‖ = largest |λ| (the sam_edge seed's number) by Lanczos LM"),
+        Option("method", str, "auto", "Hessian-vector products: exact (auto) or central finite differences "
+               "of exact gradients (the seed's)", choices=("auto", "double-backward", "forward-over-reverse",
+                                                           "finite-difference")),
+        Option("fd_eps", float, 1e-3, "finite-difference step ε (method=finite-difference)", minimum=0.0),
+        Option("compat", str, "default", "original: the sam_edge seed's finite-difference HVP, divided by "
+               "2ε + 1e-5 (biases every eigenvalue by about −0.5% at ε = 1e-3)", choices=("default", "original")),
     )
     outputs = (
         Output("lambda_max", long_name="largest Hessian eigenvalue λ₁"),
+        Output("hessian_norm", long_name="‖H‖ = largest |λ| (what the sam_edge seed reports)"),
+        Output("norm_products", dtype="int64", long_name="Hessian-vector products for ‖H‖"),
         Output("top_eigenvalues", dims=("k",), long_name="top-k Hessian eigenvalues"),
         Output("residuals", dims=("k",), long_name="Lanczos residuals ‖Hv − λv‖"),
         Output("threshold_gd", units="1/lr", long_name="gradient-descent stability threshold 2/η"),
@@ -65,12 +75,24 @@ class EdgeOfStability(WarmStart, Probe):
     def measure(self, ctx, state) -> dict[str, Any]:
         batches = self.batches(ctx, state)
         mode = self.opts.mode
-        op = HessianOperator(ctx.model, ctx.adapter, batches, mode=mode)
+        original = self.opts.compat == "original"
+        method = "finite-difference" if original else self.opts.method
+        op = HessianOperator(ctx.model, getattr(ctx, "adapter", None) or ctx.loss_fn, batches, mode=mode,
+                             method=method, fd_eps=self.opts.fd_eps or 1e-3, fd_offset=1e-5 if original else 0.0)
         g = op.gradient()
         loss = op.loss()
         k = min(self.opts.k, op.dim)
         res = lanczos(op, k=k, which="LA", tol=self.opts.tol, max_iter=max(self.opts.max_iter, k),
                       v0=self.warm_vectors(op))
+        norm, norm_products = float("nan"), 0
+        if self.opts.norm:
+            # ‖H‖ = max(λ_max, |λ_min|): the largest-magnitude end, warm-started on its own.
+            before = op.num_products
+            lm = lanczos(op, k=1, which="LM", tol=self.opts.tol, max_iter=self.opts.max_iter,
+                         v0=self.warm_vectors(op, "LM"))
+            self.keep_vectors(lm, "LM")
+            norm = max(abs(float(lm.eigenvalues[0])), float(res.eigenvalues[0]))
+            norm_products = op.num_products - before
         op.release()
         v1 = res.eigenvectors[0].to(g.dtype)
         self.keep_vectors(res)
@@ -81,13 +103,16 @@ class EdgeOfStability(WarmStart, Probe):
             theta = flat_parameters(op.params)
             set_flat_parameters(op.params, theta + rho * g / (gn + 1e-5))
             try:
-                s = gradient(ctx.model, ctx.adapter, batches, params=op.params, mode=mode)
+                s = gradient(ctx.model, getattr(ctx, "adapter", None) or ctx.loss_fn, batches, params=op.params,
+                             mode=mode)
             finally:
                 set_flat_parameters(op.params, theta)
         else:
             s = g
         return {
             "lambda_max": float(res.eigenvalues[0]),
+            "hessian_norm": norm,
+            "norm_products": int(norm_products),
             "top_eigenvalues": res.eigenvalues.detach().cpu(),
             "residuals": res.residuals.detach().cpu(),
             "threshold_gd": 2.0 / lr,
@@ -146,6 +171,23 @@ def plot_eos(runs, out_dir):
         line(ax, d["step"], d["loss"], label=name, color=colour)
     ax.set_yscale("log")
     paths.append(save(fig, out_dir / "eos_loss.png", legend=ax))
+    # The seed's x-axis is wall-clock time: the same eigenvalue and loss figures against it.
+    timed = [(name, colour, d) for name, colour, d in data if "time" in d and np.isfinite(np.asarray(d["time"], dtype=float)).any()]
+    if timed:
+        fig, ax = figure("Hessian eigenvalues and thresholds against wall-clock time", "time (s)", "eigenvalue")
+        for name, colour, d in timed:
+            eigenvalue_lines(ax, d["time"], d["top_eigenvalues"], name, colour if len(timed) > 1 else None)
+            if "hessian_norm" in d and np.isfinite(np.asarray(d["hessian_norm"], dtype=float)).any():
+                line(ax, d["time"], d["hessian_norm"], label=f"{name} ‖H‖", color=colour, ls="-.", lw=1.0)
+            if has_sam:
+                line(ax, d["time"], d["sam_edge"], label=f"{name} SAM-edge", color=colour, ls="--", lw=1.2)
+            line(ax, d["time"], d["threshold_gd"], label=f"{name} 2/η", color=colour, ls=":", lw=1.2)
+        paths.append(save(fig, out_dir / "eos_eigenvalues_time.png", legend=ax))
+        fig, ax = figure("training loss (measured batch) against wall-clock time", "time (s)", "loss")
+        for name, colour, d in timed:
+            line(ax, d["time"], d["loss"], label=name, color=colour)
+        ax.set_yscale("log")
+        paths.append(save(fig, out_dir / "eos_loss_time.png", legend=ax))
     return paths
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from lscape import Option, Output, Probe, hookimpl
 from lscape.curvature import hutchinson, hutchpp, lanczos, slq_density
-from lscape.plugins.sharpness import CURVATURE_OPTIONS, WarmStart, curvature_batches, make_operator
+from lscape.plugins.sharpness import CURVATURE_OPTIONS, WarmStart, check_curvature, curvature_batches, groups_of, make_operator
 from lscape.schedule import Schedule
 
 __all__ = ["Hessian", "plot_hessian"]
@@ -26,6 +26,12 @@ class Hessian(WarmStart, Probe):
       quadrature ``nodes``/``weights`` for re-smoothing later.
 
     A sub-schedule left empty follows ``schedule``; ``never`` switches that part off.
+    ``which`` selects the end of the spectrum (LA top, SA bottom, LM largest magnitude);
+    ``kind`` the matrix (Hessian, GGN, Monte-Carlo or empirical Fisher). With ``groups``
+    (e.g. ``groups=blocks=layer*``) every due part is also measured per parameter group in
+    the subgroup ``hessian/groups``: ``group_top_eigenvalues`` (step, group, k),
+    ``group_trace``/``group_trace_stderr`` (step, group), ``group_grid``/``group_density``
+    (step, group, point); the group names are the attribute ``groups``.
     ``lscape measure`` computes every part that is switched on.
     """
 
@@ -37,7 +43,7 @@ class Hessian(WarmStart, Probe):
     options = CURVATURE_OPTIONS + (
         Option("k", int, 5, "number of top eigenvalues", minimum=1),
         Option("which", str, "LA", "LA largest, LM largest magnitude, SA smallest", choices=("LA", "LM", "SA")),
-        Option("tol", float, 1e-4, "Lanczos: stop when every residual ‖Hv − λv‖ ≤ tol·‖H‖", minimum=0.0),
+        Option("tol", float, 1e-4, "Lanczos: stop when every residual ‖Hv − λv‖ ≤ tol·|λ|", minimum=0.0),
         Option("max_iter", int, 300, "Lanczos products at most per measurement", minimum=1),
         Option("warm_start", bool, True, "start Lanczos from the previous eigenvectors"),
         Option("eigenvectors", bool, False, "also store the k eigenvectors (step, k, param), chunked"),
@@ -66,6 +72,13 @@ class Hessian(WarmStart, Probe):
         Output("weights", dims=("run", "node"), long_name="SLQ quadrature weights"),
         Output("sigma", long_name="Gaussian smoothing width"),
         Output("density_products", dtype="int64", long_name="Hessian-vector products for the density"),
+        Output("group_top_eigenvalues", dims=("group", "k"), long_name="top-k eigenvalues per parameter group"),
+        Output("group_converged", dims=("group", "k"), dtype="bool", long_name="converged per parameter group"),
+        Output("group_trace", dims=("group",), long_name="trace per parameter group"),
+        Output("group_trace_stderr", dims=("group",), long_name="trace standard error per parameter group"),
+        Output("group_grid", dims=("group", "point"), long_name="density grid per parameter group"),
+        Output("group_density", dims=("group", "point"), long_name="spectral density per parameter group"),
+        Output("group_products", dims=("group",), dtype="int64", long_name="products per parameter group"),
     )
 
     def __init__(self, **options: Any):
@@ -75,8 +88,12 @@ class Hessian(WarmStart, Probe):
         self.density_schedule = Schedule.parse(self.opts.density_schedule or main)
         self._due: tuple[int, dict[str, bool]] | None = None
 
+    def check(self, ctx):
+        check_curvature(self, ctx)
+
     def store_attrs(self) -> dict[str, Any]:
         attrs = super().store_attrs()
+        attrs["groups"] = [name for name, _ in (getattr(self, "_groups", None) or [])]
         attrs["trace_schedule"] = str(self.trace_schedule)
         attrs["density_schedule"] = str(self.density_schedule)
         return attrs
@@ -102,26 +119,68 @@ class Hessian(WarmStart, Probe):
             parts = {"top": self.schedule.kind != "never", "trace": self.trace_schedule.kind != "never",
                      "density": self.density_schedule.kind != "never"}
         self._due = None
-        op = make_operator(self, ctx, self.batches(ctx, state))
+        batches = self.batches(ctx, state)
+        op = make_operator(self, ctx, batches)
         seed = self.opts.seed + int(state.step)
         values: dict[str, Any] = {}
         if parts["top"]:
             values = self._top(op, seed)
         if parts["trace"]:
             before = op.num_products
-            estimator = hutchpp if self.opts.trace_method == "hutchpp" else hutchinson
-            estimate, stderr = estimator(op, self.opts.trace_samples, seed=seed)
+            estimate, stderr = self._trace(op, seed)
             self.record(ctx, state.step, group="trace", trace=estimate, trace_stderr=stderr,
                         trace_products=op.num_products - before)
         if parts["density"]:
-            density = slq_density(op, num_runs=self.opts.density_runs, num_steps=self.opts.density_steps,
-                                  num_points=self.opts.density_points, relative_sigma=self.opts.density_sigma,
-                                  seed=seed)
+            density = self._density(op, seed)
             self.record(ctx, state.step, group="density", grid=density.grid, density=density.density,
                         nodes=density.nodes, weights=density.weights, sigma=density.sigma,
                         density_products=density.num_products)
         op.release()
+        groups = groups_of(self, ctx)
+        if groups:
+            self.record(ctx, state.step, group="groups", **self._per_group(ctx, batches, groups, parts, seed))
         return values
+
+    def _trace(self, op, seed: int):
+        estimator = hutchpp if self.opts.trace_method == "hutchpp" else hutchinson
+        return estimator(op, self.opts.trace_samples, seed=seed)
+
+    def _density(self, op, seed: int):
+        return slq_density(op, num_runs=self.opts.density_runs, num_steps=self.opts.density_steps,
+                           num_points=self.opts.density_points, relative_sigma=self.opts.density_sigma, seed=seed)
+
+    def _per_group(self, ctx, batches, groups, parts, seed: int) -> dict[str, Any]:
+        """Every due part on each parameter group's own (diagonal-block) operator."""
+        k = self.opts.k
+        n = len(groups)
+        out: dict[str, Any] = {"group_products": np.zeros(n, dtype=np.int64)}
+        if parts["top"]:
+            out["group_top_eigenvalues"] = np.full((n, k), np.nan)
+            out["group_converged"] = np.zeros((n, k), dtype=bool)
+        if parts["trace"]:
+            out["group_trace"], out["group_trace_stderr"] = np.full(n, np.nan), np.full(n, np.nan)
+        if parts["density"]:
+            out["group_grid"] = np.full((n, self.opts.density_points), np.nan)
+            out["group_density"] = np.full((n, self.opts.density_points), np.nan)
+        for g, (name, names) in enumerate(groups):
+            op = make_operator(self, ctx, batches, params=names)
+            if parts["top"]:
+                kk = min(k, op.dim)
+                result = lanczos(op, k=kk, which=self.opts.which, tol=self.opts.tol,
+                                 max_iter=max(self.opts.max_iter, kk), v0=self.warm_vectors(op, name), seed=seed)
+                self.keep_vectors(result, name)
+                out["group_top_eigenvalues"][g, :kk] = result.eigenvalues.numpy()
+                out["group_converged"][g, :kk] = result.converged.numpy()
+            if parts["trace"]:
+                if op.dim >= 6:
+                    out["group_trace"][g], out["group_trace_stderr"][g] = self._trace(op, seed)
+            if parts["density"]:
+                density = self._density(op, seed)
+                out["group_grid"][g] = density.grid.numpy()
+                out["group_density"][g] = density.density.numpy()
+            out["group_products"][g] = op.num_products
+            op.release()
+        return out
 
     def _top(self, op, seed: int) -> dict[str, Any]:
         k_asked = self.opts.k
@@ -199,4 +258,33 @@ def plot_hessian(runs, out_dir):
         ax.set_yscale("log")
         ax.set_ylim(bottom=1e-6)
         paths.append(save(fig, out_dir / "hessian_density.png", legend=ax))
+    grouped = [(run, run.read("hessian/groups"), run.group_attrs("hessian").get("groups") or [])
+               for run in runs if run.has("hessian/groups")]
+    grouped = [(run, d, names) for run, d, names in grouped if len(d.get("step", [])) and names]
+    if grouped:
+        fig, ax = figure("per-group λ_1 (side by side)", "step", "eigenvalue")
+        for run, d, names in grouped:
+            if "group_top_eigenvalues" not in d:
+                continue
+            top = np.asarray(d["group_top_eigenvalues"], dtype=float).reshape(len(d["step"]), len(names), -1)
+            for j, name in enumerate(names):
+                ax.plot(d["step"], top[:, j, 0], lw=0.9, marker="." if len(d["step"]) < 3 else None,
+                        label=f"{run.name} {name}" if len(grouped) > 1 else str(name))
+        paths.append(save(fig, out_dir / "hessian_groups_top.png", legend=ax))
+        with_density = [(run, d, names) for run, d, names in grouped if "group_density" in d]
+        if with_density:
+            fig, ax = figure("per-group spectral density (last measurement)", "eigenvalue", "density")
+            for run, d, names in with_density:
+                dens = np.asarray(d["group_density"], dtype=float).reshape(len(d["step"]), len(names), -1)
+                grid = np.asarray(d["group_grid"], dtype=float).reshape(len(d["step"]), len(names), -1)
+                rows = [i for i in range(len(d["step"])) if np.isfinite(dens[i]).any()]
+                if not rows:
+                    continue
+                i = rows[-1]
+                for j, name in enumerate(names):
+                    ax.plot(grid[i, j], np.maximum(dens[i, j], 1e-12), lw=0.9,
+                            label=f"{run.name} {name}" if len(with_density) > 1 else str(name))
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=1e-6)
+            paths.append(save(fig, out_dir / "hessian_groups_density.png", legend=ax))
     return paths

@@ -65,7 +65,10 @@ def test_eos_records_top_k_time_and_makes_the_four_figures(tmp_path):
     assert np.all(d["sam_edge"] < d["threshold_gd"])
     paths = plot_eos([reader], tmp_path / "figs")
     assert sorted(p.name for p in paths) == ["eos_alignment.png", "eos_eigenvalues.png",
-                                             "eos_eigenvalues_sam_edge.png", "eos_loss.png"]
+                                             "eos_eigenvalues_sam_edge.png", "eos_eigenvalues_time.png",
+                                             "eos_loss.png", "eos_loss_time.png"]
+    # ‖H‖ beside λ_max: the largest |λ| is never below the largest algebraic λ
+    assert np.all(d["hessian_norm"] >= d["lambda_max"] * (1 - 1e-3))
     assert all(p.stat().st_size > 0 for p in paths)
 
 
