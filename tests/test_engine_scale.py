@@ -116,3 +116,41 @@ def test_objects_in_the_python_api_train_like_names_and_resume_with_the_same_obj
     again = lscape.run(resume=res.path, steps=12, model=model3, data=data3, loss=torch.nn.functional.cross_entropy,
                        optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9), progress=False)
     assert again.status == "completed" and len(RunReader(res.path).read("train")["loss"]) == 12
+
+
+class _Rows:
+    """What a HuggingFace ``datasets.Dataset`` looks like to lscape: a length, rows as dicts of
+    lists/numbers, ``column_names``."""
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 5, generator=g).tolist()
+        self.y = torch.randint(0, 3, (n,), generator=g).tolist()
+        self.column_names = ["features", "label", "text"]
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"features": self.x[i], "label": self.y[i], "text": "ignored"}
+
+
+def test_hf_datasets_adapter_gives_tuples_or_dicts_and_splits():
+    from lscape.data import from_hf
+
+    ds = from_hf(_Rows(10, 0), tuple_of=("features", "label"))
+    x, y = ds[3]
+    assert x.shape == (5,) and x.dtype == torch.float32 and y.dtype == torch.int64
+    splits = from_hf({"train": _Rows(10, 0), "validation": _Rows(4, 1)}, columns=["features", "label"])
+    assert set(splits) == {"train", "eval"} and len(splits["eval"]) == 4
+    row = splits["train"][0]
+    assert set(row) == {"features", "label"}  # the text column left behind
+
+
+def test_hf_datasets_adapter_on_a_real_datasets_object():
+    from lscape.data import from_hf
+
+    datasets = pytest.importorskip("datasets")
+    real = datasets.Dataset.from_dict({"features": [[0.0] * 5] * 6, "label": [1] * 6})
+    x, y = from_hf(real, tuple_of=("features", "label"))[2]
+    assert x.shape == (5,) and int(y) == 1
