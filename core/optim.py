@@ -14,7 +14,11 @@ Entropy-SGD (Chaudhari et al. 2017), with the ``torch.optim`` closure convention
     loss = opt.step(closure)      # the loss at θ, before the update
 
 ``base_optimizer`` is a ``torch.optim.Optimizer`` class (built over ``params`` with the
-remaining keyword arguments) or an optimizer already built over them. The variants are
+keyword arguments it accepts) or an optimizer already built over them (``params=None``).
+Every other keyword is the variant's (the options of the classes in
+``lscape.plugins.optim``); a name both accept (Adam's ``eps``, SGD's ``momentum``) goes to
+the base, and the variant's is given with its prefix: ``sam_eps``, ``langevin_momentum``,
+``smoothout_...``. The variants are
 ``torch.optim.Optimizer`` instances to the outside world: learning-rate schedulers,
 Lightning's ``configure_optimizers`` and the HF Trainer take them; ``param_groups`` and
 ``state`` are the base optimizer's, ``state_dict`` holds the base's state and the variant's
@@ -28,6 +32,7 @@ The algorithms are the classes in ``lscape.plugins.optim`` (the ``sam``, ``smoot
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Any, Iterable
 
@@ -69,10 +74,40 @@ def _flat_params(params: Iterable[Any]) -> list[torch.Tensor]:
     return out
 
 
+def _accepts(fn: Any) -> set[str]:
+    return {n for n, p in inspect.signature(fn).parameters.items()
+            if n not in ("self", "params", "base") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
 class _Plain(torch.optim.Optimizer):
     """What makes a variant a ``torch.optim.Optimizer`` to schedulers and frameworks: the
     base optimizer's ``param_groups``, ``state`` and ``defaults``, and the hook tables the
     ``Optimizer`` API expects (not ``Optimizer.__init__``, which would copy the groups)."""
+
+    #: prefix of the variant's options whose names the base optimizer takes too
+    prefix: str = ""
+
+    def _setup(self, variant: type, params: Any, base_optimizer: Any, kwargs: dict[str, Any]) -> None:
+        """Split ``kwargs`` between the base and the variant, build both."""
+        self._init_plain()
+        own = _accepts(variant.__init__)
+        base_names = _accepts(base_optimizer.__init__) if isinstance(base_optimizer, type) else set()
+        base_kwargs, variant_kwargs = {}, {}
+        for key, value in kwargs.items():
+            plain = key[len(self.prefix):] if key.startswith(self.prefix) else None
+            if plain in own:
+                variant_kwargs[plain] = value
+            elif key in base_names:
+                base_kwargs[key] = value
+            elif key in own:
+                variant_kwargs[key] = value
+            elif not isinstance(base_optimizer, type):
+                raise TypeError(f"{type(self).__name__} got an unknown option {key!r}: options that belong to the "
+                                f"base optimizer go to its constructor (it is already built)")
+            else:
+                raise TypeError(f"{type(self).__name__} got an unknown option {key!r} (its own: "
+                                f"{', '.join(sorted(own))}; the base optimizer's: {', '.join(sorted(base_names)) or '-'})")
+        variant.__init__(self, _base_optimizer(params, base_optimizer, base_kwargs), **variant_kwargs)
 
     def _init_plain(self) -> None:
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -115,17 +150,18 @@ class _Plain(torch.optim.Optimizer):
 class SAM(_SAM, _Plain):
     """Sharpness-aware minimisation around any base optimizer; ``adaptive=True`` is ASAM.
 
-    ``step(closure)``: g = ∇L(θ) from the first call, e = ρ g/(‖g‖ + sam_eps) (ASAM: ρ T²g/‖Tg‖,
+    ``step(closure)``: g = ∇L(θ) from the first call, e = ρ g/(‖g‖ + eps) (ASAM: ρ T²g/‖Tg‖,
     T = |θ| + eta), the second call at θ + e, θ restored exactly, then the base step with
     ∇L(θ + e). With ``model`` given, BatchNorm running statistics move at θ only. ``stats``
-    holds ``grad_norm`` and ``perturbation_norm`` of the last step.
+    holds ``grad_norm`` and ``perturbation_norm`` of the last step. Options: ``rho``,
+    ``adaptive``, ``eta``, ``eps`` (``sam_eps`` when the base takes an ``eps``), ``model``,
+    and the rest of ``lscape.plugins.optim.SAM``'s.
     """
 
-    def __init__(self, params: Iterable[Any] | None, base_optimizer: Any, rho: float = 0.05, adaptive: bool = False,
-                 eta: float = 0.01, sam_eps: float = 1e-5, model: torch.nn.Module | None = None, **base_kwargs: Any):
-        self._init_plain()
-        _SAM.__init__(self, _base_optimizer(params, base_optimizer, base_kwargs), rho=rho, adaptive=adaptive,
-                      eta=eta, eps=sam_eps, model=model)
+    prefix = "sam_"
+
+    def __init__(self, params: Iterable[Any] | None, base_optimizer: Any, rho: float = 0.05, **kwargs: Any):
+        self._setup(_SAM, params, base_optimizer, {"rho": rho, **kwargs})
 
 
 class SmoothOut(_SmoothOut, _Plain):
@@ -133,17 +169,16 @@ class SmoothOut(_SmoothOut, _Plain):
 
     ``step(closure)`` (or a list of closures, one per ghost chunk, with ``weights=``): noise
     τ of amplitude ``ss·coef_t`` on the weights, the closure, the noise removed exactly, the
-    gradients averaged and clipped to ``clip``, then the base step.
+    gradients averaged and clipped to ``clip``, then the base step. Options: ``ss``,
+    ``schedule``, ``total_steps``, ``shape``, ``distribution``, ``denoise``, ``clip``,
+    ``model``, ``exclude_batchnorm``, ``generator``, and the rest of
+    ``lscape.plugins.optim.SmoothOut``'s (prefix ``smoothout_`` on a name clash).
     """
 
-    def __init__(self, params: Iterable[Any] | None, base_optimizer: Any, ss: float = 0.006, schedule: str = "constant",
-                 total_steps: int | None = None, shape: str = "none", distribution: str = "uniform",
-                 denoise: bool = True, clip: float | None = 5.0, model: torch.nn.Module | None = None,
-                 exclude_batchnorm: bool = True, generator: torch.Generator | None = None, **base_kwargs: Any):
-        self._init_plain()
-        _SmoothOut.__init__(self, _base_optimizer(params, base_optimizer, base_kwargs), ss=ss, schedule=schedule,
-                            total_steps=total_steps, shape=shape, distribution=distribution, denoise=denoise,
-                            clip=clip, model=model, exclude_batchnorm=exclude_batchnorm, generator=generator)
+    prefix = "smoothout_"
+
+    def __init__(self, params: Iterable[Any] | None, base_optimizer: Any, ss: float = 0.006, **kwargs: Any):
+        self._setup(_SmoothOut, params, base_optimizer, {"ss": ss, **kwargs})
 
 
 class EntropySGD(_EntropySGD, _Plain):
@@ -151,18 +186,14 @@ class EntropySGD(_EntropySGD, _Plain):
 
     ``step(closure)`` calls the closure L + 1 times, each on a NEW minibatch: once at x for
     the reported loss, then L Langevin steps; the local-entropy gradient x − μ goes to the
-    base step. ``L=0`` is the base optimizer exactly. The Langevin loop shares the base's
-    ``momentum``, ``nesterov`` and ``weight_decay`` unless ``langevin_*`` overrides them (the
-    base's own options are keyword arguments like ``lr``).
+    base step. ``L=0`` is the base optimizer exactly. Options: ``L``, ``gamma``,
+    ``scoping``, ``noise``, ``langevin_lr``, ``beta``, ``generator``, and the rest of
+    ``lscape.plugins.optim.EntropySGD``'s. The Langevin loop shares the base's ``momentum``,
+    ``nesterov`` and ``weight_decay`` (keyword arguments of the base, like ``lr``) unless
+    ``langevin_momentum``, ``langevin_nesterov`` or ``langevin_weight_decay`` override them.
     """
 
-    def __init__(self, params: Iterable[Any] | None, base_optimizer: Any, L: int = 0, gamma: float = 1e-4,
-                 scoping: float = 1e-3, noise: float = 1e-4, langevin_lr: float = 0.1, beta: float = 0.75,
-                 langevin_momentum: float | None = None, langevin_nesterov: bool | None = None,
-                 langevin_weight_decay: float | None = None, generator: torch.Generator | None = None,
-                 **base_kwargs: Any):
-        self._init_plain()
-        _EntropySGD.__init__(self, _base_optimizer(params, base_optimizer, base_kwargs), L=L, gamma=gamma,
-                             scoping=scoping, noise=noise, langevin_lr=langevin_lr, beta=beta,
-                             momentum=langevin_momentum, nesterov=langevin_nesterov,
-                             weight_decay=langevin_weight_decay, generator=generator)
+    prefix = "langevin_"
+
+    def __init__(self, params: Iterable[Any] | None, base_optimizer: Any, L: int = 0, **kwargs: Any):
+        self._setup(_EntropySGD, params, base_optimizer, {"L": L, **kwargs})

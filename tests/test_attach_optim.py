@@ -137,3 +137,15 @@ def test_a_step_owner_plugin_needs_a_closure(tmp_path):
             loss = loss_fn(model(x), y)
             loss.backward()
             s.step((x, y), loss)
+
+
+def test_options_split_between_the_variant_and_the_base():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = lscape.optim.SAM(params, torch.optim.Adam, rho=0.1, lr=1e-3, eps=1e-8, sam_eps=1e-3)
+    assert opt.base.defaults["eps"] == 1e-8 and opt.eps == 1e-3 and opt.rho == 0.1 and opt.param_groups[0]["lr"] == 1e-3
+    e = lscape.optim.EntropySGD(params, torch.optim.SGD, L=2, lr=0.5, momentum=0.9, langevin_momentum=0.5, langevin_lr=0.2)
+    assert e.param_groups[0]["momentum"] == 0.9 and e.momentum == 0.5 and e.langevin_lr == 0.2 and e.L == 2
+    with pytest.raises(TypeError, match="unknown option 'rh0'"):
+        lscape.optim.SAM(params, torch.optim.SGD, lr=0.1, rh0=0.1)
+    with pytest.raises(TypeError, match="belong to the base optimizer go to its constructor"):
+        lscape.optim.SAM(params, torch.optim.SGD(params, lr=0.1), momentum=0.9)
