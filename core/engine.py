@@ -822,7 +822,10 @@ def _config_for_resume(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
             raise UsageError(f"--{key} can only be raised on resume: {path} was set to {before} {key}")
         if key == "steps" and done is not None and value < int(done):
             raise UsageError(f"--steps {value} is fewer than the {done} steps {path} has done")
-    if "time_limit" in given and old["time_limit"] is not None and new.time_limit < old["time_limit"]:
+    if "time_limit" in given and old["time_limit"] is None:
+        raise UsageError(f"--time-limit can only be raised on resume, and {path} has none (extend it with "
+                         "--steps or --epochs)")
+    if "time_limit" in given and new.time_limit < old["time_limit"]:
         raise UsageError(f"--time-limit can only be raised on resume: {path} had {old['time_limit']:g}s")
     change = {k: getattr(new, k) for k in EXTENDABLE if getattr(new, k) != old[k]}
     if change:

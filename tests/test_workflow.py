@@ -421,3 +421,17 @@ def test_show_while_running_counts_the_rows_written(tmp_path):
     engine.pm.register(Peek(), name="peek")
     engine.run()
     assert seen["status"] == "running" and seen["steps_done"] == 6 and seen["total_steps"] == 10
+
+
+def test_extending_by_epochs_and_time_limit(tmp_path):
+    out = str(tmp_path / "ep.zarr")
+    D = {**TINY, "batch_size": 16}
+    assert lscape.run(epochs=1, out=out, **D).steps == 4  # 52 training samples in batches of 16
+    assert lscape.run(resume=out, epochs=2, progress=False).steps == 8
+    assert RunReader(out).attrs["total_steps"] == 8
+    with pytest.raises(UsageError, match="has none"):
+        lscape.run(resume=out, time_limit="1h", progress=False)
+    timed = str(tmp_path / "t.zarr")
+    lscape.run(time_limit=0.0001, out=timed, **D)
+    with pytest.raises(UsageError, match="can only be raised"):
+        lscape.run(resume=timed, time_limit=0.00001, progress=False)
