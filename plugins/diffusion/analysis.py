@@ -148,9 +148,41 @@ class Diffusion(Plugin):
         self._next = 0  # row index of the next window start
         self._epoch_row = 0  # first trajectory row of the epoch being collected
         self._epoch_end: tuple[int, int] | None = None  # (last step, epoch) of an epoch not yet analysed
+        # rows are keyed by the window start or the gradient's step, both earlier than the step
+        # that writes them, so resume cannot drop rows written after the checkpoint by their
+        # step: the checkpoint keeps each group's row count and a resumed run cuts back to it
+        self._row_writers: dict[str, Any] = {}
+        self._resume_rows: dict[str, int] | None = None
+
+    def _writer(self, ctx, sub: str | None = None, outputs=()):
+        name = self.name if sub is None else f"{self.name}/{sub}"
+        w = self._row_writers.get(name)
+        if w is None:
+            if sub is None:
+                w = self.group(ctx)
+            else:
+                w = ctx.store.group(name, outputs, attrs={"plugin": self.name,
+                                                          "source": "trajectory rows of each epoch"})
+            self._row_writers[name] = w
+        return w
+
+    def _cut_back(self, ctx) -> None:
+        """After a resume: drop the rows this plugin wrote after the checkpoint."""
+        rows, self._resume_rows = self._resume_rows, None
+        if not rows or ctx.store is None or not ctx.is_main:
+            return
+        for name, keep in rows.items():
+            if name in ctx.store.root:
+                sub = None if name == self.name else name.split("/", 1)[1]
+                outputs = EPOCH_OUTPUTS if sub == "epoch" else NOISE_OUTPUTS if sub == "grad_noise" else ()
+                w = self._writer(ctx, sub, outputs)
+                if len(w) > keep:
+                    w.truncate(int(keep))
 
     @hookimpl
     def on_step_end(self, ctx, state):
+        if self._resume_rows is not None:
+            self._cut_back(ctx)
         # through the trajectory plugin, so that its group is created with its own attributes
         writer = ctx.plugins["trajectory"].group(ctx)
         if writer is None:
@@ -167,11 +199,13 @@ class Diffusion(Plugin):
             steps = g["step"][lo:hi]
             loss = g["loss"][lo:hi] if "loss" in g.array_keys() else None
             row = analyse_window(g["theta"][lo:hi], steps, loss, self.opts)
-            self.record(ctx, int(steps[0]), **row)
+            self._writer(ctx).append(int(steps[0]), **row)
             self._next += self.opts.stride or self.opts.window
 
     @hookimpl
     def on_run_end(self, ctx):
+        if self._resume_rows is not None:
+            self._cut_back(ctx)
         writer = ctx.plugins["trajectory"].group(ctx) if "trajectory" in ctx.plugins else None
         if writer is not None and self._epoch_end is not None:
             self._finish_epoch(ctx, writer)
@@ -195,24 +229,31 @@ class Diffusion(Plugin):
         if not ok.any():
             return
         _, g_epoch, noise = epoch_gradient_noise(grads[ok], np.zeros(int(ok.sum())))
-        store = ctx.store
-        attrs = {"plugin": self.name, "source": "trajectory rows of each epoch"}
-        store.group(f"{self.name}/epoch", EPOCH_OUTPUTS, attrs=attrs).append(
+        self._writer(ctx, "epoch", EPOCH_OUTPUTS).append(
             last, epoch=epoch, grad_epoch=g_epoch[0], grad_epoch_norm=float(np.linalg.norm(g_epoch[0])),
             noise_mean=float(noise.mean()), steps_used=int(ok.sum()))
-        noise_writer = store.group(f"{self.name}/grad_noise", NOISE_OUTPUTS, attrs=attrs)
+        noise_writer = self._writer(ctx, "grad_noise", NOISE_OUTPUTS)
         for step, value in zip(steps[:n][ok], noise):
             noise_writer.append(int(step), noise_norm=float(value))
 
     def state_dict(self):
+        rows = dict(self._resume_rows or {})  # loaded but not applied yet: still the truth
+        rows.update({name: len(w) for name, w in self._row_writers.items() if w is not None})
         return {"next": self._next, "epoch_row": self._epoch_row,
-                "epoch_end": None if self._epoch_end is None else list(self._epoch_end)}
+                "epoch_end": None if self._epoch_end is None else list(self._epoch_end), "rows": rows}
 
     def load_state_dict(self, state):
         self._next = int(state.get("next", 0))
         self._epoch_row = int(state.get("epoch_row", 0))
         end = state.get("epoch_end")
         self._epoch_end = None if end is None else (int(end[0]), int(end[1]))
+        rows = state.get("rows")
+        if rows is None:  # a checkpoint from before row counts were kept
+            self._resume_rows = None
+        else:  # a group this plugin had not written to at the checkpoint had 0 of its rows
+            names = (self.name, f"{self.name}/epoch", f"{self.name}/grad_noise")
+            self._resume_rows = {n: int(rows.get(n, 0)) for n in names}
+        self._row_writers = {}
 
 
 def analyse_run(path: str, overwrite: bool = False, **options: Any) -> list[dict[str, Any]]:
