@@ -9,6 +9,7 @@ plugin manager, so its ``@hookimpl`` methods receive the run events.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -19,6 +20,7 @@ from .data import derived_seed, fixed_batches, full_batches, shard
 from .errors import UsageError
 from . import activity
 from .hookspecs import hookimpl
+from .limits import ProbeTimer
 from .manager import first_line
 from .options import Option, Output, resolve_options
 from .schedule import Schedule
@@ -182,10 +184,13 @@ class Probe(Plugin):
 
     def run_measure(self, ctx: RunContext, state: StepState) -> dict[str, Any]:
         """Measure with the model's state preserved, and record the values."""
+        started = time.perf_counter()
         with activity.doing(self.name), preserve_state(ctx.model):
             values = self.measure(ctx, state) or {}
         if values:
             self.record(ctx, state.step, **values)
+        # a long probe says so once: its first measurement's time times the ones still due
+        ctx.cache.setdefault("probe_timer", ProbeTimer()).first(self, ctx, state.step, time.perf_counter() - started)
         return values
 
     # -- for subclasses ------------------------------------------------------------------

@@ -126,17 +126,23 @@ def test_two_sigkills_and_resumes_equal_the_uninterrupted_run(name, tmp_path, ot
     assert assert_same_stores(killed, reference.path) > 0
 
 
+# forward scalars to other tools (optional packages), write nothing into the store, keep no state
+OUTSIDE_THE_STORE = {"tensorboard", "wandb"}
+
+
 def test_every_builtin_plugin_is_in_a_fault_run():
     reg = build_registry(get_plugin_manager())
     builtin = {n for n, e in reg.activatable().items() if e.source.startswith("lscape.")
-               and not getattr(e.obj, "always_on", False)}
+               and not getattr(e.obj, "always_on", False)} - OUTSIDE_THE_STORE
     covered = {p for plugins, _ in RUNS.values() for p in plugins}
     assert builtin <= covered, sorted(builtin - covered)
 
 
 def _equal_state(a, b, where="") -> None:
     if isinstance(a, dict):
-        assert isinstance(b, dict) and sorted(a) == sorted(b), where
+        # a loaded state may spell out defaults the saved one left implicit (0 rows, None)
+        assert isinstance(b, dict) and set(a) <= set(b), where
+        assert all(b[k] in (0, None, False) or b[k] == {} or b[k] == [] for k in set(b) - set(a)), where
         for k in a:
             _equal_state(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):

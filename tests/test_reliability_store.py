@@ -232,3 +232,22 @@ def test_killed_measure_is_measured_again(tmp_path):
     assert result.status == "completed" and RunReader(out).attrs["status"] == "completed"
     with pytest.raises(UsageError, match="already exists"):  # a finished one is kept
         lscape.measure(src, ["grad-norm"], out=out)
+
+
+def test_a_store_naming_code_is_imported_only_when_trusted(cli, tmp_path):
+    code_args = ["--model", "helpers_workloads:linear", "--data", "helpers_workloads:linear_regression",
+                 "--loss", "mse"]
+    code, _, err = cli("run", *code_args, "--steps", "3", "--checkpoint-schedule", "every:1", "--out", "c.zarr",
+                       "--no-progress")
+    assert code == 0, err
+    for args in (["run", "--resume", "c.zarr", "--steps", "5"], ["measure", "c.zarr", "--plugin", "grad-norm",
+                                                                  "--out", "m.zarr", "--no-progress"]):
+        code, _, err = cli(*args)
+        assert code == 2 and "--trust-store" in err and "helpers_workloads:linear" in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert RunReader("c.zarr").attrs["steps_done"] == 3 and not os.path.exists("m.zarr")
+    code, _, err = cli("run", "--resume", "c.zarr", "--steps", "5", "--trust-store")
+    assert code == 0, err
+    code, _, err = cli("measure", "c.zarr", "--plugin", "grad-norm", "--out", "m.zarr", "--no-progress",
+                       *code_args[:4])  # the same names on the command line
+    assert code == 0, err

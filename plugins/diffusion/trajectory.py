@@ -70,6 +70,20 @@ class Trajectory(Probe):
         attrs["dimension_in"] = None if self._params is None else sum(p.numel() for p in self._params)
         return attrs
 
+    def check(self, ctx):
+        """Bad params patterns, a projection to more coordinates than θ has, and a projection
+        block that does not fit in memory are refused before the store exists."""
+        from lscape.limits import require_at_most, require_memory
+
+        self._setup(ctx)
+        n = math.ceil(sum(p.numel() for p in self._params) / self.opts.coord_stride)
+        if self.opts.dim > 0:
+            require_at_most(self.opts.dim, n, "trajectory.dim", "the number of coordinates it projects")
+            width = min(n, 65536)  # RandomProjection works one block of columns at a time
+            per_block = self.opts.dim * width * 4 if self.opts.projection == "gaussian" else 8 * width * 12
+            require_memory(per_block + 3 * n * 4, f"trajectory's {self.opts.projection} projection to {self.opts.dim}",
+                           "trajectory.dim (or -o trajectory.projection=sparse)", ctx.device)
+
     @hookimpl
     def on_run_start(self, ctx):
         self._setup(ctx)

@@ -1,0 +1,125 @@
+"""Limits refused up front: what a plugin's ``check()`` calls so that a setup too big for the
+machine is one line naming the option, before the store exists, not an out-of-memory kill an
+hour in; and the log line that says how long a probe's measurements will take.
+
+    from lscape.limits import require_memory, require_at_most
+    require_memory(n * n * 8, "the dense Hessian", "hessian-exact.params (or a smaller model)", ctx.device)
+    require_at_most(self.opts.k, n, "hessian.k", "the number of parameters")
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+
+from .errors import UsageError
+
+__all__ = ["available_memory", "require_memory", "require_at_most", "human_bytes", "ProbeTimer"]
+
+#: share of the available memory one allocation may claim before it is refused
+MEMORY_FRACTION = 0.8
+
+
+def available_memory(device: Any = "cpu") -> int | None:
+    """Bytes that can still be allocated on ``device`` (free memory on a CUDA device,
+    MemAvailable on Linux, free physical pages elsewhere); None when it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # no driver, a device index that does not exist
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def require_memory(nbytes: float, what: str, option: str, device: Any = "cpu", *,
+                   available: int | None = None) -> None:
+    """Refuse (``UsageError``, one line naming ``option``) when ``what`` needs more than
+    ``MEMORY_FRACTION`` of the memory ``device`` has available. Unknown availability passes."""
+    free = available_memory(device) if available is None else available
+    if free is None or nbytes <= MEMORY_FRACTION * free:
+        return
+    raise UsageError(f"{what} needs about {human_bytes(nbytes)} but {torch.device(device).type} has "
+                     f"{human_bytes(free)} available; lower {option}")
+
+
+def require_at_most(value: float, limit: float, option: str, what: str) -> None:
+    """Refuse ``option = value`` when it exceeds ``limit`` (``what`` says what the limit is)."""
+    if value > limit:
+        raise UsageError(f"bad value for {option}: {value} is more than {what} ({limit})")
+
+
+def human_bytes(n: float) -> str:
+    """``1.5 GiB``-style text."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+class ProbeTimer:
+    """Says how long a probe will take: after its first measurement, that measurement's time
+    times the measurements its schedule still has in the run, logged once when it is long
+    (over ``threshold`` seconds)."""
+
+    def __init__(self, threshold: float = 60.0):
+        self.threshold = threshold
+        self.done: set[str] = set()
+
+    def first(self, probe: Any, ctx: Any, step: int, seconds: float) -> str | None:
+        """Log (to stderr) and return the estimate after ``probe``'s first measurement, or None."""
+        if probe.name in self.done:
+            return None
+        self.done.add(probe.name)
+        remaining = _remaining(getattr(probe, "schedule", None), step, getattr(ctx, "total_steps", None),
+                               getattr(ctx, "steps_per_epoch", None))
+        if remaining is None:
+            return None
+        estimate = seconds * remaining
+        if estimate < self.threshold:
+            return None
+        line = (f"[lscape] {probe.name}: the first measurement took {seconds:.1f}s; {remaining} more are scheduled, "
+                f"about {_duration(estimate)} in all (its schedule or options make it cheaper)")
+        print(line, file=sys.stderr)
+        return line
+
+
+def _remaining(schedule: Any, step: int, total: int | None, per_epoch: int | None) -> int | None:
+    """Measurements a schedule still has after ``step`` in a run of ``total`` steps; None
+    when it cannot be counted ahead (no length, wall-clock schedules, which keep state)."""
+    kind = getattr(schedule, "kind", None)
+    if not total:
+        return None
+    if kind == "every":
+        first = max(step + 1, schedule.offset)
+        if first >= total:
+            return 0
+        k0 = -(-(first - schedule.offset) // schedule.every)
+        return max(0, (total - 1 - schedule.offset) // schedule.every - k0 + 1)
+    if kind in ("at", "log"):
+        return sum(1 for s in schedule.steps if step < s < total)
+    if kind == "epoch" and per_epoch:
+        return max(0, total // per_epoch - (step + 1) // per_epoch)
+    return None
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
