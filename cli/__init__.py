@@ -439,6 +439,9 @@ def plot(runs, out_dir, fmt, dpi, smooth):
                 except Exception as e:  # one broken figure should not hide the others
                     click.echo(f"warning: the '{group}' figure from {entry.source} failed: {type(e).__name__}: {e}",
                                err=True)
+    for r in readers:  # a run that failed before recording anything is named, not silently left out
+        if not [g for g in r.groups() if g != "checkpoints"]:
+            click.echo(f"{r.path} ({r.attrs.get('status')}): nothing recorded, not drawn", err=True)
     if not written:
         click.echo("no figures: the runs hold no data that a plot is registered for")
         return

@@ -435,3 +435,15 @@ def test_extending_by_epochs_and_time_limit(tmp_path):
     lscape.run(time_limit=0.0001, out=timed, **D)
     with pytest.raises(UsageError, match="can only be raised"):
         lscape.run(resume=timed, time_limit=0.00001, progress=False)
+
+
+def test_plot_names_a_run_that_recorded_nothing(cli, tmp_path):
+    pytest.importorskip("matplotlib")
+    from lscape.store import RunStore
+
+    RunStore.create(str(tmp_path / "empty.zarr"), {"lscape_version": lscape.__version__, "status": "failed"}).flush()
+    good = tmp_path / "good.zarr"
+    lscape.run(steps=3, out=str(good), **TINY)
+    code, out, err = cli("plot", good, tmp_path / "empty.zarr", "--out", tmp_path / "f")
+    assert code == 0 and "train_loss.png" in out
+    assert "empty.zarr (failed): nothing recorded, not drawn" in err
