@@ -64,6 +64,7 @@ def test_state_round_trip_after_measuring_and_loading_into_a_built_sampler():
 
 from torch import nn  # noqa: E402
 
+from lscape.batch import BatchAdapter  # noqa: E402
 from lscape.plugins.noise.grad_noise import seed_power_method, sharpness  # noqa: E402
 
 
@@ -120,7 +121,8 @@ def test_compat_original_measures_all_but_the_first_gradient_after_the_update():
     n = len(y)
     # full batches (batch_size = n) so that every fresh batch is the whole data set: exact references
     ctx = SimpleNamespace(train_set=torch.utils.data.TensorDataset(X, y), batch_size=n, config=SimpleNamespace(seed=0),
-                          device="cpu", model=model, loss_fn=loss_fn, lr=0.1, cache={}, store=None)
+                          device="cpu", model=model, loss_fn=loss_fn, adapter=BatchAdapter(loss_fn), lr=0.1, cache={},
+                          store=None)
     results = {}
     for compat in ("none", "original"):
         with torch.no_grad():

@@ -195,7 +195,9 @@ class GradNoise(Probe):
 
         def dir_sharpness():
             if o.dir_pairs > 0:
-                drawn = sampler.draw(2 * o.dir_pairs)
+                # the seed's dir_hessian takes sharpness_batches pairs
+                pairs_wanted = o.sharpness_batches if original else o.dir_pairs
+                drawn = sampler.draw(2 * pairs_wanted)
                 pairs = list(zip(drawn[0::2], drawn[1::2]))
                 values["dir_sharpness"] = directional_sharpness(ctx.model, ctx.adapter, pairs, params=named, mode=mode)
 
