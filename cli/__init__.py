@@ -312,6 +312,8 @@ def show(run_path, as_json):
                   f"steps: {steps_text(summary)}  lscape {summary['lscape_version']}", highlight=False)
     if summary.get("error"):
         console.print(f"error: {summary['error']}", markup=False)
+    if reader.attrs.get("kind") == "measure":
+        console.print(f"measurements (lscape measure) of {reader.attrs.get('source') or 'a fresh model'}", markup=False)
     console.print(f"model {cfg.get('model')} {cfg.get('model_opts') or ''}  data {cfg.get('data')}  "
                   f"loss {cfg.get('loss')}  optimizer {cfg.get('optimizer')} lr {cfg.get('lr')}  "
                   f"batch {cfg.get('batch_size')}  seed {cfg.get('seed')}  data seed {cfg.get('data_seed', 0)}  "
