@@ -214,7 +214,8 @@ def lanczos(
         ok = res <= bound
         # The Gram estimate loses digits below √eps·max|θ|: there, residuals are computed
         # from the vectors (only near convergence, only for the wanted pairs).
-        unsure = [int(i) for i in wanted if not bool(ok[int(i)]) and float(res[int(i)]) <= gram_floor * scale]
+        unsure = [int(i) for i in wanted
+                  if float(res[int(i)]) <= gram_floor * scale and float(bound[int(i)]) < gram_floor * scale]
         if unsure and all(bool(ok[int(i)]) or int(i) in unsure for i in wanted):
             idx = torch.tensor(unsure)
             coef = s[:, idx].T.to(store).to(device)
@@ -239,7 +240,10 @@ def lanczos(
             if verify == 0 or verified:
                 break
             verifying, snapshot = verify, theta[wanted].clone()
-        if num_products >= max_iter or m >= dim:
+        if m >= dim:  # the basis spans the space: Rayleigh–Ritz is exact, nothing can be missed
+            verified = True if verify else None
+            break
+        if num_products >= max_iter:
             break
         if verifying:
             # Grow the fresh direction's Krylov sequence: a random start, then its last product.
