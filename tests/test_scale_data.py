@@ -133,6 +133,20 @@ def test_imagenet_resnets_have_torchvisions_parameter_counts():
                                                                         "layer4", "fc"}
 
 
+def test_torchvision_resnet_state_dicts_load_both_ways():
+    tv = pytest.importorskip("torchvision.models")
+    from lscape.build import build_model
+
+    ours = resnet18(num_classes=3)
+    theirs = build_model("torchvision.models:resnet18", {"num_classes": 3}, {}, tiny_images())
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict())
+    ours.eval(), theirs.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert isinstance(theirs, tv.ResNet)
+
+
 # ---------------------------------------------------------------------------------------
 # workers: identical stores, exact resume
 # ---------------------------------------------------------------------------------------
