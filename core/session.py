@@ -69,8 +69,12 @@ def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | No
     if not isinstance(model, nn.Module):
         raise UsageError(f"attach needs the nn.Module being trained, got {type(model).__name__}")
     plugins = [plugins] if isinstance(plugins, str) else list(plugins)
+    from .build import _data_objects
+
     loader = train_data if isinstance(train_data, torch.utils.data.DataLoader) else None
-    train_set = loader.dataset if loader is not None else train_data
+    # a DataLoader gives its data set, with its collate function when it has its own (padding)
+    train_set = _data_objects(train_data) if train_data is not None else None
+    eval_data = _data_objects(eval_data) if eval_data is not None else None
     if batch_size is None:
         batch_size = (loader.batch_size if loader is not None and loader.batch_size else None)
     if steps_per_epoch is None:
@@ -423,11 +427,13 @@ def _config(model, optimizer, loss_fn, adapter, train_data, lr, momentum, batch_
 
 
 def _describe(obj: Any) -> str:
-    """``module:Name`` of an object's class (a function's own name), for the stored config."""
-    target = obj if callable(obj) and not isinstance(obj, (nn.Module, torch.optim.Optimizer)) and \
-        hasattr(obj, "__qualname__") else type(obj)
-    module = getattr(target, "__module__", None) or "?"
-    return f"{module}:{getattr(target, '__qualname__', type(obj).__name__)}"
+    """What the stored config says of an object: a function's ``module:name``, else the
+    class and repr (as ``lscape.run`` with objects records them)."""
+    from .build import describe_object
+
+    if callable(obj) and not isinstance(obj, (nn.Module, torch.optim.Optimizer)) and hasattr(obj, "__qualname__"):
+        return f"{getattr(obj, '__module__', None) or '?'}:{obj.__qualname__}"
+    return describe_object(obj)
 
 
 def _indexable(dataset: Any) -> bool:

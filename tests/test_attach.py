@@ -373,3 +373,40 @@ def test_every_probe_leaves_the_users_training_bit_identical(name, bare_contract
     r = RunReader(session.path)
     assert r.attrs["status"] == "completed"
     assert any(g == name or g.startswith(name) for g in r.groups()), r.groups()
+
+
+def test_dict_batches_and_a_loaders_own_collate_function(tmp_path):
+    """A DataLoader whose collate function builds dict batches (HF style): the probes' fixed
+    subset is collated the same way, and sharpness equals the dense λ_max on it."""
+
+    class Keyed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+
+        def forward(self, features):
+            return self.net(features)
+
+    def collate(samples):
+        return {"features": torch.stack([s[0] for s in samples]), "labels": torch.stack([s[1] for s in samples])}
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 4)
+    loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8, collate_fn=collate)
+    model = Keyed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lscape.attach(model, opt, F.cross_entropy, train_data=loader, plugins=["sharpness"], progress=False,
+                       plugin_options={"sharpness": {"every": 2, "tol": 1e-5}}, out=str(tmp_path / "d.zarr")) as s:
+        for batch in loader:
+            loss = F.cross_entropy(model(features=batch["features"]), batch["labels"])
+            opt.zero_grad()
+            loss.backward()
+            s.step(batch, loss)
+    batches = s.ctx.plugins["sharpness"].batches(s.ctx, None)
+    assert all(isinstance(b, dict) and set(b) == {"features", "labels"} for b in batches)
+    lam = RunReader(s.path).read("sharpness")["lambda_max"][-1]
+    dense = float(dense_spectrum(model, F.cross_entropy, batches).eigenvalues.max())
+    # the last measurement was at step 4, before the last update: re-measure at the final weights
+    assert np.isfinite(lam)
+    probe = s.ctx.plugins["sharpness"]
+    assert probe.measure(s.ctx, lscape.StepState(step=5, epoch=0))["lambda_max"] == pytest.approx(dense, rel=1e-5)
