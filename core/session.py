@@ -129,6 +129,8 @@ def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | No
         if store_exists(cfg.out):
             raise UsageError(f"{cfg.out} already exists; pass resume=True to continue it, or choose another out")
     versions = activate_plugins(pm, reg, ctx, made, modules)
+    if world > 1:
+        dist.barrier()  # every rank checked `out` before rank 0 creates it
     return Session(ctx, pm, made, versions, resume=resume)
 
 
