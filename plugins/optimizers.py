@@ -168,6 +168,9 @@ class SmoothOutStep(_VariantStep):
                                  "(use a:b with a <= b, the slope range, like 0.8:1.2)") from None
             self.relu_noise = (a, b)
 
+    def batches_per_step(self) -> int:
+        return self.opts.batch_multiplier  # the step's batch and batch_multiplier − 1 more from the stream
+
     def check(self, ctx) -> None:
         if self.relu_noise is not None and not any(type(m) is torch.nn.ReLU for m in ctx.model.modules()):
             raise UsageError("smoothout.relu_noise: the model has no nn.ReLU modules to make noisy")

@@ -194,6 +194,7 @@ def test_batch_multiplier_accumulates_ghost_chunks_of_several_minibatches_into_o
                           rank=0, world_size=1, store=None,
                           stream=SimpleNamespace(next=lambda: (next(stream), 0, False)))
     owner = SmoothOutStep(ss=0.0, clip=0.0, mb=4, batch_multiplier=3)
+    assert owner.batches_per_step() == 3  # so that --epochs stay passes over the data
     owner.setup(ctx)
     state = SimpleNamespace(batch=batches[0], step=0, epoch_end=False, time=0.0, lr=None)
 
