@@ -188,6 +188,10 @@ class Probe(Plugin):
         with activity.doing(self.name), preserve_state(ctx.model):
             values = self.measure(ctx, state) or {}
         if values:
+            if "compute_dtype" not in self._data_attrs:  # said once, in the group's attrs
+                dtype = next((p.dtype for p in ctx.model.parameters()), None)
+                self._data_attrs.update(compute_dtype=str(dtype).removeprefix("torch."),
+                                        training_precision=getattr(ctx.config, "precision", "fp32"))
             self.record(ctx, state.step, **values)
         # a long probe says so once: its first measurement's time times the ones still due
         ctx.cache.setdefault("probe_timer", ProbeTimer()).first(self, ctx, state.step, time.perf_counter() - started)

@@ -68,8 +68,12 @@ def small_mlp():
 def test_fp16_with_a_step_owner_is_refused_and_bf16_trains(tmp_path):
     with pytest.raises(UsageError, match="GradScaler"):
         lscape.run(precision="fp16", plugins=["sam"], steps=2, out=str(tmp_path / "a.zarr"), **SYNTH)
-    res = lscape.run(precision="bf16", plugins=["sam"], steps=3, out=str(tmp_path / "b.zarr"), **SYNTH)
-    assert res.status == "completed" and np.isfinite(RunReader(res.path).read("train")["loss"]).all()
+    res = lscape.run(precision="bf16", plugins=["sam", "sharpness"], steps=3, out=str(tmp_path / "b.zarr"),
+                     plugin_options={"sharpness": {"every": 2}}, **SYNTH)
+    r = RunReader(res.path)
+    assert res.status == "completed" and np.isfinite(r.read("train")["loss"]).all()
+    attrs = r.root["sharpness"].attrs  # probes say what they computed in
+    assert attrs["compute_dtype"] == "float32" and attrs["training_precision"] == "bf16"
     res = lscape.run(precision="fp16", steps=3, out=str(tmp_path / "c.zarr"), **SYNTH)
     assert res.status == "completed"
 

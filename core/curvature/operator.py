@@ -575,7 +575,7 @@ def _resolve_params(model: nn.Module, params: Any) -> list[tuple[str, nn.Paramet
     elif isinstance(params, str) or (
         isinstance(params, (list, tuple)) and params and all(isinstance(p, str) for p in params)
     ):
-        patterns = [params] if isinstance(params, str) else list(params)
+        patterns = lparams._patterns(params)  # "layer2.*,fc.*" is two patterns
         try:
             chosen = lparams.select_parameters(model, include=patterns)
         except ValueError as err:
