@@ -289,16 +289,20 @@ def test_failure_and_interrupt_mark_the_store(tmp_path):
 
 def test_state_dict_resumes_exactly(tmp_path):
     """A run checkpointed by the user's loop and resumed equals one run straight through:
-    the warm-started sharpness vectors and grad-norm's θ_0 come back with the session state."""
+    warm-started sharpness vectors, grad-norm's θ_0, grad-noise's sampler and pending row, and
+    the trajectory come back with the session state."""
     dataset = _data(48)
     batches = [dataset[i:i + 16] for i in range(0, 48, 16)] * 2
-    opts = {"sharpness": {"every": 1, "batches": 1, "tol": 1e-2, "max_iter": 4}}
+    opts = {"sharpness": {"every": 1, "batches": 1, "tol": 1e-2, "max_iter": 4},
+            "grad-noise": {"every": 2, "noise_size": 2, "sharpness_batches": 2, "dir_pairs": 1},
+            "trajectory": {"every": 1}}
 
     def run(out, steps, start=None):
         model = _model()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         session = lscape.attach(model, opt, F.cross_entropy, train_data=dataset, batch_size=16,
-                                plugins=["grad-norm", "sharpness"], plugin_options=opts, out=out, progress=False,
+                                plugins=["grad-norm", "sharpness", "grad-noise", "trajectory"], plugin_options=opts,
+                                out=out, progress=False,
                                 resume=start is not None)
         if start is not None:
             model.load_state_dict(start["model"])
@@ -320,7 +324,10 @@ def test_state_dict_resumes_exactly(tmp_path):
     ckpt = run(split, 3)
     run(split, 6, start=ckpt)
     a, b = RunReader(straight), RunReader(split)
-    for group in ("train", "grad-norm", "sharpness"):
+    groups = [g for g in a.groups() if g != "checkpoints" and not g.startswith("checkpoints/")]
+    assert {"train", "grad-norm", "sharpness", "grad-noise", "trajectory"} <= set(groups), groups
+    assert sorted(b.groups()) == sorted(a.groups())
+    for group in groups:
         da, db = a.read(group), b.read(group)
         for key in da:
             if key != "time":
