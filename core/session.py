@@ -190,7 +190,7 @@ class Session:
 
     # -- the step ------------------------------------------------------------------------
 
-    def step(self, batch: Any, loss: Any = None, closure: Callable[[], Any] | None = None) -> float | None:
+    def step(self, batch: Any, loss: Any = None, closure: Callable[[], Any] | None = None) -> torch.Tensor | None:
         """One training step: probes at θ_t, the update, then the step-end events.
 
         Without ``closure``: call it after ``loss.backward()``; it steps ``optimizer``.
@@ -210,6 +210,8 @@ class Session:
             state = self.after_backward(batch, loss)
             ctx.optimizer.step()
         else:
+            if owner is None and ctx.optimizer is None:
+                raise UsageError("session.step(closure=...) steps the optimizer, but attach got none")
             state = self._begin(batch)
             calls = 0
 
@@ -225,8 +227,6 @@ class Session:
             if owner is not None:
                 state.loss = _loss(owner.step(wrapped, ctx, state))
             else:
-                if ctx.optimizer is None:
-                    raise UsageError("session.step(closure=...) steps the optimizer, but attach got none")
                 ctx.optimizer.step(wrapped)  # the loss at θ_t is the first call's
         loss_value = state.loss
         self.step_end()
