@@ -4,6 +4,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .errors import quiet_interrupt_during_cli_imports  # noqa: E402  (first: torch takes seconds to import)
+
+quiet_interrupt_during_cli_imports()
+
 from .hookspecs import hookimpl, hookspec  # noqa: E402
 from .options import Option, Output  # noqa: E402
 from .errors import UsageError, PluginError  # noqa: E402

@@ -62,3 +62,43 @@ def message_line(error: BaseException, limit: int = 300) -> str:
         text = repr(error.args[0])
     line = text.splitlines()[0].strip() if text else type(error).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def quiet_interrupt_during_cli_imports() -> None:
+    """When this process is the ``lscape`` command, Ctrl-C during its first seconds (importing
+    torch, before the command line handles signals) prints one line and exits with status
+    130, not an import traceback (or worse: a library that catches the interrupt and goes on
+    half-imported). ``restore_interrupt()`` hands SIGINT back once the CLI runs. A program
+    that merely imports lscape is left alone."""
+    import os
+    import signal
+    import sys
+
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if argv0 not in ("lscape", "lscape.exe") and list(getattr(sys, "orig_argv", [])[1:3]) != ["-m", "lscape"]:
+        return
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when SIGINT is ignored
+            signal.signal(signal.SIGINT, _interrupted_while_importing)
+    except ValueError:  # not the main thread
+        pass
+
+
+def restore_interrupt() -> None:
+    """Give SIGINT back to Python (``KeyboardInterrupt``) once the imports are done."""
+    import signal
+
+    try:
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_importing:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:
+        pass
+
+
+def _interrupted_while_importing(signum, frame) -> None:
+    import os
+    import sys
+
+    sys.stderr.write("interrupted\n")
+    sys.stderr.flush()
+    os._exit(130)  # nothing is written yet: no store exists before the command runs

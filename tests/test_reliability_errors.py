@@ -155,3 +155,19 @@ def _page(rows) -> str:
         command = command.replace(data, "DATA").replace(" --steps 2 --no-progress", "")
         out.append(f"| {cell(case)} | `{cell(command)}` | {cell(message)} |")
     return "\n".join(out) + "\n"
+
+
+def test_ctrl_c_while_the_cli_imports_is_one_line_and_exit_130(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "lscape", "run", "--steps", "100000", "--no-progress",
+                             "--out", str(tmp_path / "c.zarr")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(0.3)  # torch is still importing
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
