@@ -484,7 +484,10 @@ def _one_line(message: object) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI, turning bad input into one line and exit status 2."""
+    from lscape.errors import restore_interrupt
+
     _add_plugin_commands()
+    restore_interrupt()  # imports done: Ctrl-C is KeyboardInterrupt again (handled below, and by the engine)
     try:
         cli.main(args=argv, prog_name="lscape", standalone_mode=False)
     except click.exceptions.Exit as e:
