@@ -146,3 +146,61 @@ def test_rows_resized_but_not_written_by_a_killed_writer_are_ignored(tmp_path):
     d = RunReader(tmp_path / "r.zarr").read("g")
     assert d["step"].tolist() == [0, 1, 2, 3] and d["x"].tolist() == [0.0, 1.0, 2.0, 3.0]
     assert store.root["g/step"].shape == (4,)
+
+
+def test_rows_beyond_the_published_count_are_not_read(tmp_path):
+    """A writer killed after growing and filling its arrays but before publishing the row
+    count: readers (and the next writer) keep to the published count."""
+    store = make(tmp_path)
+    w = store.group("g", [Output("v", dims=("k",))])
+    for s in range(3):
+        w.append(s, x=float(s), v=np.full(2, float(s)))
+    w.flush()
+    assert store.root["g"].attrs["rows"] == 3
+    for name, value in (("step", 3), ("x", 3.0), ("v", np.full(2, 3.0))):  # a 4th row, unpublished
+        arr = store.root[f"g/{name}"]
+        arr.resize((4,) + arr.shape[1:])
+        arr[3] = value
+    reader = RunReader(tmp_path / "r.zarr")
+    assert reader.read("g")["step"].tolist() == [0, 1, 2]
+    assert reader.to_xarray("g").sizes["step"] == 3 if _has_xarray() else True
+    store.lock.release()
+    again = RunStore.open(tmp_path / "r.zarr").group("g")
+    assert len(again) == 3
+    again.append(3, x=30.0, v=np.zeros(2))
+    again.flush()
+    assert RunReader(tmp_path / "r.zarr").read("g")["x"].tolist() == [0.0, 1.0, 2.0, 30.0]
+
+
+def test_to_xarray_gives_labelled_arrays_cut_to_the_committed_rows(tmp_path):
+    xr = pytest.importorskip("xarray")
+    store = make(tmp_path)
+    w = store.group("g", [Output("v", dims=("k",), units="1", long_name="a vector")], attrs={"plugin": "p"})
+    for s in range(4):
+        w.append(10 * s, v=np.arange(3.0) * s, loss=float(s))
+    w.flush()
+    ds = RunReader(tmp_path / "r.zarr").to_xarray("g")
+    assert isinstance(ds, xr.Dataset) and list(ds["step"].values) == [0, 10, 20, 30]
+    assert ds["v"].dims == ("step", "k") and ds["v"].attrs["long_name"] == "a vector"
+    assert float(ds["loss"].sel(step=20)) == 2.0 and ds.attrs["plugin"] == "p" and "rows" not in ds.attrs
+    with pytest.raises(UsageError, match="has no group 'nope'"):
+        RunReader(tmp_path / "r.zarr").to_xarray("nope")
+
+
+def test_reader_says_who_writes_the_store(tmp_path):
+    import os
+
+    store = make(tmp_path)
+    info = RunReader(tmp_path / "r.zarr").writer()
+    assert info["pid"] == os.getpid() and info["alive"] is True and info["released"] is False
+    store.close()
+    assert RunReader(tmp_path / "r.zarr").writer()["alive"] is False
+    assert "lock" not in RunReader(tmp_path / "r.zarr").groups()  # the lock group holds no arrays
+
+
+def _has_xarray() -> bool:
+    try:
+        import xarray  # noqa: F401
+    except ImportError:
+        return False
+    return True
