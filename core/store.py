@@ -439,6 +439,17 @@ class RunReader:
         attrs = {k: v for k, v in g.attrs.asdict().items() if k != ROWS_ATTR}
         return xr.Dataset(variables, coords=coords, attrs=attrs)
 
+    @property
+    def status(self) -> str | None:
+        """The run's status attribute, except that "running" with its writer gone (a killed
+        process: status was never updated) reads "killed"."""
+        status = self.root.attrs.get("status")
+        if status == "running":
+            holder = self.writer()
+            if holder is not None and holder["alive"] is False:
+                return "killed"
+        return status
+
     def writer(self) -> dict[str, Any] | None:
         """Who holds (or last held) the store's writer lock: pid, host, since, and ``alive``
         (``None`` where it cannot be told: another host, or no lock recorded)."""

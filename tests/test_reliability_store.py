@@ -228,6 +228,7 @@ def test_killed_measure_is_measured_again(tmp_path):
             f"s = RunStore.create({out!r}, {{'lscape_version': 'x', 'kind': 'measure', 'status': 'running'}})\n"
             f"os.kill(os.getpid(), signal.SIGKILL)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+    assert RunReader(out).attrs["status"] == "running" and RunReader(out).status == "killed"
     result = lscape.measure(src, ["grad-norm"], out=out)
     assert result.status == "completed" and RunReader(out).attrs["status"] == "completed"
     with pytest.raises(UsageError, match="already exists"):  # a finished one is kept
