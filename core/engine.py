@@ -734,6 +734,8 @@ def _check_workload(ctx: RunContext) -> None:
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError(f"the loss returned {type(loss).__name__} of shape "
                                 f"{tuple(getattr(loss, 'shape', ()))}, not a scalar tensor")
+    except UsageError:  # the batch adapter's own one-line explanations
+        raise
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         cfg = ctx.config
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
