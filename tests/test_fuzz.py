@@ -18,6 +18,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import tempfile
 import tomllib
 from datetime import date, datetime, time as dtime
@@ -449,3 +450,25 @@ def test_checkpoints_load_weights_only_and_nothing_written_outside_out(cli, plug
             assert {"step", "model", "optimizer"} <= set(state)
             assert all(isinstance(v, torch.Tensor) for v in state["model"].values())
         os.chdir(cwd)
+
+
+# -- non-finite numbers ---------------------------------------------------------------------
+
+def test_every_numeric_plugin_option_rejects_nan_and_inf():
+    """`-o sam.rho=nan`, `sharpness.tol=inf`, TOML `nan`: every int/float option of every
+    installed plugin refuses non-finite values in one line naming it, unless it declares
+    `nonfinite=True`."""
+    from lscape.errors import UsageError
+    from lscape.manager import build_registry, get_plugin_manager
+
+    checked = 0
+    for name, entry in sorted(build_registry(get_plugin_manager()).activatable().items()):
+        for option in entry.obj.all_options():
+            if option.type not in (int, float) or option.nonfinite:
+                continue
+            for value in ("nan", "inf", "-inf", float("nan"), float("inf")):
+                with pytest.raises(UsageError, match=rf"bad value for {re.escape(name)}\.{option.name}: ") as e:
+                    entry.obj(**{option.name: value})
+                assert "\n" not in str(e.value)
+            checked += 1
+    assert checked > 50
