@@ -169,9 +169,10 @@ class Diffusion(Plugin):
     def _cut_back(self, ctx) -> None:
         """After a resume: drop the rows this plugin wrote after the checkpoint."""
         rows, self._resume_rows = self._resume_rows, None
-        if not rows or ctx.store is None or not ctx.is_main:
+        if rows is None or ctx.store is None or not ctx.is_main:
             return
-        for name, keep in rows.items():
+        for name in (self.name, f"{self.name}/epoch", f"{self.name}/grad_noise"):
+            keep = rows.get(name, 0)  # a group not written to by the checkpoint had none of its rows
             if name in ctx.store.root:
                 sub = None if name == self.name else name.split("/", 1)[1]
                 outputs = EPOCH_OUTPUTS if sub == "epoch" else NOISE_OUTPUTS if sub == "grad_noise" else ()
@@ -247,12 +248,8 @@ class Diffusion(Plugin):
         self._epoch_row = int(state.get("epoch_row", 0))
         end = state.get("epoch_end")
         self._epoch_end = None if end is None else (int(end[0]), int(end[1]))
-        rows = state.get("rows")
-        if rows is None:  # a checkpoint from before row counts were kept
-            self._resume_rows = None
-        else:  # a group this plugin had not written to at the checkpoint had 0 of its rows
-            names = (self.name, f"{self.name}/epoch", f"{self.name}/grad_noise")
-            self._resume_rows = {n: int(rows.get(n, 0)) for n in names}
+        rows = state.get("rows")  # None: a checkpoint from before row counts were kept
+        self._resume_rows = None if rows is None else {str(k): int(v) for k, v in rows.items()}
         self._row_writers = {}
 
 
