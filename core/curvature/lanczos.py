@@ -43,7 +43,7 @@ class EigenResult:
     passed (see :func:`lanczos`), false where tol is below what the dtype can deliver;
     ``num_products`` operator products spent; ``iterations`` basis vectors built;
     ``verified`` whether the fresh-direction check ran and passed (None when not asked);
-    ``spare_vectors`` the next Ritz vectors beyond the k wanted ones (warm starts keep them,
+    ``spare_vectors`` the next Ritz vectors beyond the k wanted ones (``spare``: 1 for k = 1, else 2) (warm starts keep them,
     so a swap between λ_k and λ_{k+1} is seen at once); ``tol_floor`` the smallest relative
     tolerance the operator's dtype can certify for each pair.
     """
@@ -85,7 +85,7 @@ def lanczos(
     seed: int = 0,
     fresh: int | None = None,
     verify: int | None = None,
-    spare: int = 2,
+    spare: int | None = None,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of the symmetric operator ``op`` by block Lanczos with
     Rayleigh–Ritz on the whole basis.
@@ -107,7 +107,7 @@ def lanczos(
     second copy of a multiple eigenvalue, the top of a near-tied pair after a warm start), so
     when ``k > 1`` or the start was warm, convergence is then *verified*: a fresh random
     direction orthogonal to the basis is added and its Krylov sequence grown ``verify``
-    products (default 4, or 2 for a warm-started k = 1; 0 switches the check off); if the wanted Ritz values move by more
+    products (default 4, or 1 for a warm-started k = 1; 0 switches the check off); if the wanted Ritz values move by more
     than the tolerance or a pair becomes unconverged, the search resumes and is verified
     again. ``converged`` is true only for pairs that met the residual rule after a passed
     check. A tolerance below what the dtype can certify (about 10·eps·max|θ|) stops at that
@@ -131,9 +131,11 @@ def lanczos(
     if fresh is None:
         fresh = 1 if warm else 0
     if verify is None:
-        verify = 4 if k > 1 else (2 if warm else 0)
+        verify = 4 if k > 1 else (1 if warm else 0)
     store = torch.float64 if (dtype == torch.float64 or 16 * dim * (max_iter + 1) <= _FLOAT64_BYTES) else dtype
     eps = float(torch.finfo(dtype).eps)
+    if spare is None:
+        spare = 1 if k == 1 else 2
     gram_floor = 4 * float(torch.finfo(store).eps) ** 0.5
 
     basis = _Rows(dim, store, device)
