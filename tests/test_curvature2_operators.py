@@ -78,13 +78,13 @@ def test_fisher_matrices_match_dense_references():
     empirical = dense_matrix(HessianOperator(model, ce, batches, kind="empirical-fisher"))
     torch.testing.assert_close(empirical, g.T @ g / len(g), rtol=1e-9, atol=1e-12)
     # Monte-Carlo Fisher: PSD, a fixed matrix (same draws at every product), unbiased for the GGN
-    op = HessianOperator(model, ce, batches, kind="fisher", mc_samples=4000)
+    op = HessianOperator(model, ce, batches, kind="fisher", mc_samples=1500)
     fisher = dense_matrix(op)
     ggn = reference_ggn(model, batches)
     assert torch.linalg.eigvalsh(fisher).min() > -1e-10
     v = torch.randn(op.dim, dtype=torch.float64)
     torch.testing.assert_close(op.matvec(v), op.matvec(v), rtol=0, atol=0)
-    assert torch.linalg.norm(fisher - ggn) / torch.linalg.norm(ggn) < 0.05
+    assert torch.linalg.norm(fisher - ggn) / torch.linalg.norm(ggn) < 0.08
     top_f = lanczos(HessianOperator(model, ce, batches, kind="empirical-fisher"), k=2, tol=1e-8)
     torch.testing.assert_close(top_f.eigenvalues, torch.linalg.eigvalsh(g.T @ g / len(g)).flip(0)[:2], rtol=1e-7, atol=0)
     trace = hutchpp(HessianOperator(model, ce, batches, kind="empirical-fisher"), 60)
