@@ -115,7 +115,7 @@ def run_summary(reader: Any) -> dict[str, Any]:
             arrays[name] = info
         groups[g] = arrays
     progress = progress_of(reader)
-    return {"path": reader.path, "status": attrs.get("status"), "lscape_version": attrs.get("lscape_version"),
+    return {"path": reader.path, "status": reader.status, "lscape_version": attrs.get("lscape_version"),
             "start_time": attrs.get("start_time"), "end_time": attrs.get("end_time"), **progress,
             "error": attrs.get("error"), "config": attrs.get("config"), "plugins": attrs.get("plugins"),
             "extensions": attrs.get("extensions", []), "groups": groups,
@@ -152,7 +152,7 @@ def compare_row(reader: Any, since: int | None = None) -> dict[str, Any]:
     over the window) and the last finite eval loss and accuracy."""
     attrs = reader.attrs
     done = progress_of(reader)["steps_done"] or 0
-    row: dict[str, Any] = {"run": label_of(reader), "path": reader.path, "status": attrs.get("status"),
+    row: dict[str, Any] = {"run": label_of(reader), "path": reader.path, "status": reader.status,
                            "steps": done, "since": since}
     cache: dict[str, dict[str, np.ndarray]] = {}
 

@@ -304,6 +304,7 @@ class Session:
         try:
             if ctx.store is not None:
                 mark_ended(ctx.store, status, error, self.step_count)
+                ctx.store.close()  # releases the writer lock now, not at garbage collection
         finally:
             if self._frozen:
                 gc.unfreeze()
