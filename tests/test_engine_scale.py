@@ -158,3 +158,11 @@ def test_hf_datasets_adapter_on_a_real_datasets_object():
     real = datasets.Dataset.from_dict({"features": [[0.0] * 5] * 6, "label": [1] * 6})
     x, y = from_hf(real, tuple_of=("features", "label"))[2]
     assert x.shape == (5,) and int(y) == 1
+
+
+def test_a_landscape_grid_too_big_for_one_measurement_is_refused_before_the_store(tmp_path):
+    out = tmp_path / "l.zarr"
+    with pytest.raises(UsageError, match="landscape.alpha/beta"):
+        lscape.run(plugins=["landscape"], plugin_options={"landscape": {"dims": 2, "alpha": "-1:1:#1000"}}, steps=2,
+                   out=str(out), **SYNTH)
+    assert not out.exists()

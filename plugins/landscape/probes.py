@@ -25,6 +25,10 @@ _SPLIT_OPTIONS = (
 )
 
 
+#: grid points one landscape measurement may have (a 500 × 500 surface)
+MAX_GRID_POINTS = 250_000
+
+
 class _TrainEvalProbe(Probe):
     """A probe that evaluates on fixed training batches (its ``data``) and fixed eval batches."""
 
@@ -148,6 +152,12 @@ class Landscape(_TrainEvalProbe):
         return dirs, extra
 
     def check(self, ctx) -> None:
+        from lscape.limits import require_at_most
+
+        points = len(self.alphas) * (len(self.betas) if self.opts.dims == 2 else 1)
+        # each grid point is a forward pass over the measurement data, train and eval
+        require_at_most(points, MAX_GRID_POINTS, "landscape.alpha/beta (grid points)",
+                        "what one measurement should evaluate")
         if self.opts.direction == "pca" and self.opts.pca_run is not None:
             import zarr
 
