@@ -363,11 +363,13 @@ class HessianOperator:
         with self._batch_rng(i):
             (out, target), pullback = _vjp_out(output_of, primal)
         apply_m = self._output_matrix(i, out.detach(), target)
+        del out  # the output-space matrix keeps what it needs (softmax probabilities for CE)
         for r in range(vs.shape[0]):
             tangent = dict(zip(self.names, lparams.unflatten(vs[r], self.params)))
             with self._batch_rng(i):
-                _, jv = torch.func.jvp(lambda p: output_of(p)[0], (primal,), (tangent,))
+                jv = torch.func.jvp(lambda p: output_of(p)[0], (primal,), (tangent,))[1]  # primal output freed
             (back,) = pullback(apply_m(jv))
+            del jv
             out_rows[r] = lparams.flatten([back[n] for n in self.names]).detach()
         return out_rows
 
@@ -377,12 +379,15 @@ class HessianOperator:
         if self.kind == "ggn" and ce is not None:
             # Analytic cross-entropy Hessian per row: (p⊙u − p(pᵀu)) / R, ignored rows 0.
             logits, mask, rows = _ce_rows(out, target, ce)
-            p = torch.softmax(logits.detach().double(), dim=-1).to(out.dtype)
+            p = torch.softmax(logits.detach(), dim=-1)
+            scale = (mask / rows)[:, None]
 
             def ggn_ce(u: torch.Tensor) -> torch.Tensor:
+                # p⊙(u − pᵀu), in place on the tangent u (which the caller no longer needs): no
+                # logits-sized temporary beyond p and u, whatever the vocabulary
                 u2 = u.reshape(-1, u.shape[-1])
-                hu = p * u2 - p * (p * u2).sum(-1, keepdim=True)
-                return (hu * mask[:, None] / rows).reshape(u.shape)
+                pu = torch.linalg.vecdot(p, u2).unsqueeze(-1)
+                return u2.sub_(pu).mul_(p).mul_(scale).reshape(u.shape)
 
             return ggn_ce
         if self.kind == "ggn":
