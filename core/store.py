@@ -48,6 +48,8 @@ __all__ = ["RunStore", "GroupWriter", "RunReader", "WriterLock", "store_exists",
 
 #: group attribute holding the number of rows every array of the group has written
 ROWS_ATTR = "rows"
+#: group attribute counting truncations (resumes cutting rows back): a reader's retry signal
+TRUNCATIONS_ATTR = "truncations"
 #: the group whose attributes name the store's writer
 LOCK_GROUP = "lock"
 
@@ -178,7 +180,10 @@ class GroupWriter:
         """Drop everything after the first ``keep`` rows (used by resume)."""
         self.flush()
         self._length = min(self._length, keep)
-        self.group.attrs[ROWS_ATTR] = self._length  # published first: readers stop trusting the rest
+        # published first, in one metadata write: readers stop trusting the rest, and a reader
+        # that read the old count before this sees the generation change and reads again
+        self.group.attrs.update({ROWS_ATTR: self._length,
+                                 TRUNCATIONS_ATTR: int(self.group.attrs.get(TRUNCATIONS_ATTR, 0)) + 1})
         for arr in self._arrays.values():
             if arr.shape[0] > keep:
                 arr.resize((keep,) + arr.shape[1:])
@@ -392,13 +397,25 @@ class RunReader:
 
     def read(self, group: str) -> dict[str, np.ndarray]:
         """Every array of ``group`` as numpy, cut to the group's committed rows: a consistent
-        prefix even while a run writes the store."""
+        prefix even while a run writes the store (read again if a resume truncated the group
+        meanwhile: its chunks past the cut may have gone while they were read)."""
+        for _ in range(8):
+            data, generation = self._read_once(group)
+            with self._reading(group), _quiet_listing():
+                now = self.root[group].attrs.get(TRUNCATIONS_ATTR, 0)
+            if now == generation:
+                break
+        return data
+
+    def _read_once(self, group: str) -> tuple[dict[str, np.ndarray], int]:
         with self._reading(group), _quiet_listing():
             g = self.root[group]
             arrays = {name: g[name] for name in sorted(g.array_keys())}
         if not arrays or "step" not in arrays and any((a.metadata.dimension_names or ("",))[0] == "step" for a in arrays.values()):
             # the group's first flush is under way (its step array comes last): no rows yet
-            return {**{name: a[:0] for name, a in arrays.items()}, "step": np.zeros(0, dtype=np.int64)}
+            return {**{name: a[:0] for name, a in arrays.items()}, "step": np.zeros(0, dtype=np.int64)}, \
+                g.attrs.get(TRUNCATIONS_ATTR, 0)
+        generation = g.attrs.get(TRUNCATIONS_ATTR, 0)
         with self._reading(f"{group}/step"):
             n = committed_rows(g, arrays)
         out = {}
@@ -413,7 +430,7 @@ class RunReader:
                 value = np.concatenate([value, pad])
             out[name] = value
         m = min((v.shape[0] for v in out.values() if np.ndim(v)), default=0)  # a truncation under way
-        return {k: v[:m] if np.ndim(v) else v for k, v in out.items()}
+        return {k: v[:m] if np.ndim(v) else v for k, v in out.items()}, generation
 
     def to_xarray(self, group: str):
         """``group`` as an ``xarray.Dataset`` with ``step`` as coordinate, cut to the committed
@@ -436,7 +453,7 @@ class RunReader:
                 tuple(f"{name}_dim{i}" for i in range(np.ndim(value)))
             variables[name] = xr.Variable(tuple(dims), value, attrs=a.attrs.asdict() if a is not None else {})
         coords = {"step": variables.pop("step")} if "step" in variables else {}
-        attrs = {k: v for k, v in g.attrs.asdict().items() if k != ROWS_ATTR}
+        attrs = {k: v for k, v in g.attrs.asdict().items() if k not in (ROWS_ATTR, TRUNCATIONS_ATTR)}
         return xr.Dataset(variables, coords=coords, attrs=attrs)
 
     @property
