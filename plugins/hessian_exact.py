@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from lscape.limits import require_memory
 from lscape import Option, Output, Probe, hookimpl
 from lscape.curvature import DEFAULT_MAX_PARAMS, dense_matrix, dense_spectrum
 from lscape.errors import UsageError
@@ -69,6 +70,9 @@ class HessianExact(Probe):
                 f"hessian-exact: the model has {dim} selected parameters, above max_params={self.opts.max_params}; "
                 f"select a subset with -o hessian-exact.params=PATTERN, raise max_params, or use the hessian probe"
             )
+        # the dense matrix, its float64 copy for the eigensolver and the eigenvectors, whatever max_params says
+        require_memory(3 * dim * dim * 8, f"hessian-exact: the dense Hessian of {dim} parameters",
+                       "hessian-exact.params (or use the hessian probe)", ctx.device)
 
 
 @hookimpl

@@ -11,6 +11,7 @@ from lscape import Option, Output, Probe, hookimpl
 from lscape.curvature import HessianOperator, lanczos
 from lscape.data import derived_seed, fixed_batches
 from lscape.errors import UsageError
+from lscape.params import select_parameters
 
 __all__ = ["Sharpness", "CURVATURE_OPTIONS", "make_operator", "curvature_batches", "plot_sharpness", "parse_groups",
            "check_curvature", "groups_of", "loss_adapter", "WHICH_OUTPUT"]
@@ -136,6 +137,17 @@ def curvature_batches(probe: Probe, ctx: Any, state: Any) -> list[Any]:
 def check_curvature(probe: Probe, ctx: Any) -> None:
     """Bad curvature options are bad input before the store exists (groups, kind vs loss)."""
     probe._groups = parse_groups(getattr(probe.opts, "groups", None), ctx.model)
+    k = getattr(probe.opts, "k", None)
+    if k is not None:
+        from lscape.limits import require_at_most
+
+        from lscape.limits import require_memory
+
+        dim = sum(p.numel() for _, p in select_parameters(ctx.model, probe.opts.params))
+        require_at_most(k, dim, f"{probe.name}.k", "the number of selected parameters")
+        # the Lanczos basis: about 3k vectors of the parameters' size (block, spare, restarts)
+        require_memory(3 * k * dim * 4, f"{probe.name}: a Lanczos basis for k={k} over {dim} parameters",
+                       f"{probe.name}.k", ctx.device)
     adapter = loss_adapter(ctx)
     if probe.opts.kind != "hessian" and not getattr(adapter, "separable", True):
         raise UsageError(f"{probe.name}: kind={probe.opts.kind} needs a loss of the model's output (a separable "

@@ -166,3 +166,16 @@ def test_a_landscape_grid_too_big_for_one_measurement_is_refused_before_the_stor
         lscape.run(plugins=["landscape"], plugin_options={"landscape": {"dims": 2, "alpha": "-1:1:#1000"}}, steps=2,
                    out=str(out), **SYNTH)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("plugin, options, match", [
+    ("hessian", {"k": 10**7}, "hessian.k"),  # more than the parameters
+    ("hessian", {"k": 200_000}, "hessian.k"),  # fewer, but its basis would not fit
+    ("hessian-exact", {"max_params": 10**9}, "hessian-exact.params"),  # 3·n²·8 bytes of a wide MLP
+])
+def test_curvature_sizes_beyond_the_model_or_memory_are_refused_before_the_store(tmp_path, plugin, options, match):
+    out = tmp_path / "c.zarr"
+    with pytest.raises(UsageError, match=match):
+        lscape.run(plugins=[plugin], plugin_options={plugin: options}, model_opts={"widths": "20000"}, steps=2,
+                   out=str(out), **SYNTH)
+    assert not out.exists()
