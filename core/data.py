@@ -34,7 +34,7 @@ from .batch import batch_size_of, shard, to_device
 from .errors import UsageError
 
 __all__ = ["BatchStream", "Fetcher", "take", "to_device", "fixed_batches", "fixed_subset", "full_batches", "batch_size_of",
-           "derived_seed", "shard", "default_workers", "from_hf"]
+           "derived_seed", "shard", "default_workers", "from_hf", "close_fetchers"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -356,16 +356,28 @@ def fixed_batches(dataset: Dataset, batch_size: int, count: int, seed: int,
 
 
 def full_batches(dataset: Dataset, batch_size: int, device: torch.device | str = "cpu",
-                 workers: int = 0) -> Iterator[Any]:
-    """The whole data set in order, in batches of at most ``batch_size``."""
+                 workers: int = 0, cache: dict | None = None) -> Iterator[Any]:
+    """The whole data set in order, in batches of at most ``batch_size``. With ``cache`` (a
+    run's ``ctx.cache``) the loader and its workers are kept for the next pass (evaluation
+    every epoch) and stopped by :func:`close_fetchers` at the run's end."""
     _need_map_style(dataset, "a full-data pass")
     n = len(dataset)  # type: ignore[arg-type]
-    fetcher = Fetcher(dataset, workers=workers)
+    key = ("fetcher", id(dataset), workers)
+    fetcher = Fetcher(dataset, workers=workers) if cache is None else cache.get(key)
+    if fetcher is None:
+        fetcher = cache[key] = Fetcher(dataset, workers=workers)
     try:
         for batch in fetcher.iterate([torch.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]):
             yield to_device(batch, device)
     finally:
-        fetcher.close()
+        if cache is None:
+            fetcher.close()
+
+
+def close_fetchers(cache: dict) -> None:
+    """Stop the loader workers that :func:`full_batches` kept in ``cache``."""
+    for key in [k for k in cache if isinstance(k, tuple) and k and k[0] == "fetcher"]:
+        cache.pop(key).close()
 
 
 class _HFDataset(Dataset):

@@ -30,7 +30,7 @@ from .batch import batch_size_of, chunks, shard
 from .build import build_adapter, build_data, build_loss, build_model, build_optimizer, require_trust, store_imports
 from .config import RunConfig, parse_step_schedule
 from .context import RunContext, StepState
-from .data import BatchStream, default_workers, derived_seed, full_batches
+from .data import BatchStream, close_fetchers, default_workers, derived_seed, full_batches
 from .errors import DivergedError, PluginError, UsageError, UserCodeError, did_you_mean, message_line
 from .manager import Registry, build_registry, get_plugin_manager, load_module, source_version
 from .probe import Plugin, StepOwner
@@ -214,6 +214,7 @@ class Engine:
             status, error = "failed", error or str(e)
         if ctx.stream is not None:
             ctx.stream.close()  # persistent loader workers
+        close_fetchers(ctx.cache)
         if ctx.store is None:  # ranks other than 0 write nothing
             return
         if status in ("completed", "interrupted", "diverged") and not getattr(self, "_mid_step", False):
@@ -536,7 +537,7 @@ def evaluate(ctx: RunContext, dataset: Any = None) -> dict[str, float]:
     size = ctx.config.micro_batch_size or max(ctx.batch_size, 256)
     try:
         with torch.no_grad():
-            for batch in full_batches(dataset, size, ctx.device, workers=ctx.cache.get("workers", 0)):
+            for batch in full_batches(dataset, size, ctx.device, workers=ctx.cache.get("workers", 0), cache=ctx.cache):
                 loss, (out, y) = adapter.loss_and_output(model, batch)
                 n = batch_size_of(batch)
                 loss_sum += float(loss) * n

@@ -302,6 +302,9 @@ class Session:
         except Exception as e:  # the store must still be flushed and marked
             status, error = "failed", error or str(e)
         try:
+            from .data import close_fetchers
+
+            close_fetchers(ctx.cache)  # loader workers kept for full passes
             if ctx.store is not None:
                 mark_ended(ctx.store, status, error, self.step_count)
                 ctx.store.close()  # releases the writer lock now, not at garbage collection
