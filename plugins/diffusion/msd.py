@@ -88,14 +88,20 @@ def ensemble_msd(x: np.ndarray, starts, max_lag: int) -> np.ndarray:
     return np.mean([msd_from(np.asarray(x[t : t + max_lag + 1], dtype=np.float64), max_lag) for t in starts], axis=0)
 
 
+def _log_points(m: np.ndarray, lags: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(ln τ, ln m) of the entries with τ > 0 and a finite positive m (``m`` indexed by lag
+    unless ``lags`` gives each entry's lag)."""
+    m = np.asarray(m, float)
+    lags = np.arange(len(m)) if lags is None else np.asarray(lags, float)
+    ok = (lags > 0) & (m > 0) & np.isfinite(m)
+    return np.log(lags[ok]), np.log(m[ok])
+
+
 def two_point_exponent(m: np.ndarray, span: int = 20, lags: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Local exponent as the anomalous-diffusion code's two-point slope: over each run of
     ``span`` consecutive lags (those of :func:`local_exponent`), β = ln(m_last/m_first) /
     ln(τ_last/τ_first), at the geometric centre of the two end lags."""
-    m = np.asarray(m, float)
-    lags = np.arange(len(m)) if lags is None else np.asarray(lags, float)
-    ok = (lags > 0) & (m > 0) & np.isfinite(m)
-    lx, ly = np.log(lags[ok]), np.log(m[ok])
+    lx, ly = _log_points(m, lags)
     n = len(lx) - span + 1
     if span < 2 or n < 1:
         return np.empty(0), np.empty(0)
@@ -179,10 +185,7 @@ def local_exponent(m: np.ndarray, span: int = 20, lags: np.ndarray | None = None
     of each entry. Returns ``(tau, beta)`` with ``tau`` the geometric centre of each span
     — the original analysis used spans of 20 lag indices.
     """
-    m = np.asarray(m, float)
-    lags = np.arange(len(m)) if lags is None else np.asarray(lags, float)
-    ok = (lags > 0) & (m > 0) & np.isfinite(m)
-    lx, ly = np.log(lags[ok]), np.log(m[ok])
+    lx, ly = _log_points(m, lags)
     n = len(lx) - span + 1
     if span < 2 or n < 1:
         return np.empty(0), np.empty(0)
