@@ -42,22 +42,9 @@ def plot_msd(runs, out_dir):
 
 def plot_contour_msl(runs, out_dir):
     """⟨ΔL²⟩ against the contour length walked between the two points, log-log, per window."""
-    from lscape.plotting import figure, save
-
-    paths = []
-    for run in runs:
-        d = run.read("diffusion")
-        if "contour_msl" not in d or not np.isfinite(d["contour_msl"]).any():
-            continue
-        fig, ax = figure(f"MSL against contour length — {run.name}", "contour length s", "⟨ΔL²⟩")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        colors = _colors(len(d["step"]))
-        for i, tw in enumerate(d["step"]):
-            ax.plot(d["contour_msl_s"][i], d["contour_msl"][i], ".", color=colors[i], ms=3,
-                    label=f"t_w={tw}, γ={d['contour_msl_exponent'][i]:.2f}")
-        paths.append(save(fig, out_dir / f"diffusion_contour_msl_{run.name}.png", legend=ax))
-    return paths
+    return _per_window_loglog(runs, out_dir, "contour_msl", "contour_msl_s", "contour_msl_exponent", "γ",
+                              "MSL against contour length", "contour length s", "diffusion_contour_msl",
+                              need_finite=True)
 
 
 def plot_grad_noise(runs, out_dir):
@@ -98,21 +85,28 @@ def plot_beta(runs, out_dir):
 
 def plot_roughness(runs, out_dir):
     """Mean squared loss increment against displacement, log-log, with 2H per window."""
+    return _per_window_loglog(runs, out_dir, "roughness_msl", "roughness_dr", "roughness_exponent", "2H",
+                              "loss roughness", "Δr", "diffusion_roughness")
+
+
+def _per_window_loglog(runs, out_dir, y: str, x: str, exponent: str, symbol: str, title: str, xlabel: str,
+                       stem: str, need_finite: bool = False):
+    """One log-log figure per run of ⟨ΔL²⟩ (array ``y``) against ``x``, a series per window
+    labelled with its waiting time and fitted exponent; runs without ``y`` are skipped."""
     from lscape.plotting import figure, save
 
     paths = []
     for run in runs:
         d = run.read("diffusion")
-        if "roughness_msl" not in d:
+        if y not in d or (need_finite and not np.isfinite(d[y]).any()):
             continue
-        fig, ax = figure(f"loss roughness — {run.name}", "Δr", "⟨ΔL²⟩")
+        fig, ax = figure(f"{title} — {run.name}", xlabel, "⟨ΔL²⟩")
         ax.set_xscale("log")
         ax.set_yscale("log")
         colors = _colors(len(d["step"]))
         for i, tw in enumerate(d["step"]):
-            ax.plot(d["roughness_dr"][i], d["roughness_msl"][i], ".", color=colors[i], ms=3,
-                    label=f"t_w={tw}, 2H={d['roughness_exponent'][i]:.2f}")
-        paths.append(save(fig, out_dir / f"diffusion_roughness_{run.name}.png", legend=ax))
+            ax.plot(d[x][i], d[y][i], ".", color=colors[i], ms=3, label=f"t_w={tw}, {symbol}={d[exponent][i]:.2f}")
+        paths.append(save(fig, out_dir / f"{stem}_{run.name}.png", legend=ax))
     return paths
 
 
