@@ -24,7 +24,7 @@ Batch structure helpers live here too: :func:`batch_size_of`, :func:`index_batch
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -215,13 +215,6 @@ class BatchAdapter:
             return loss, (logits, target)
         logits = _logits(out)
         return self.loss_fn(logits, target), (logits, target)
-
-    def chunked_loss(self, model: Callable, batch: Any, chunk: int | None) -> Iterator[tuple[torch.Tensor, float]]:
-        """``(loss of chunk, weight)`` per chunk of at most ``chunk`` samples, weights summing
-        to one: Σ weight·loss is the batch-mean loss (exactly, for per-sample mean losses)."""
-        n = batch_size_of(batch)
-        for piece in chunks(batch, chunk):
-            yield self.loss(model, piece), batch_size_of(piece) / n
 
     def __repr__(self) -> str:
         loss = getattr(self.loss_fn, "__name__", repr(self.loss_fn)) if self.loss_fn is not None else MODEL_LOSS

@@ -150,7 +150,6 @@ def compare_row(reader: Any, since: int | None = None) -> dict[str, Any]:
     last 10% of each quantity's measurements, at least one): median λ_max, median
     λ_max/(2/η) (the edge of stability is 1), median λ_max/SAM-edge, the train loss (mean
     over the window) and the last finite eval loss and accuracy."""
-    attrs = reader.attrs
     done = progress_of(reader)["steps_done"] or 0
     row: dict[str, Any] = {"run": label_of(reader), "path": reader.path, "status": reader.status,
                            "steps": done, "since": since}

@@ -9,7 +9,7 @@ import torch
 
 from lscape import Option, Output, Probe, hookimpl
 from lscape.curvature import HessianOperator, lanczos
-from lscape.data import derived_seed, fixed_batches
+from lscape.data import derived_seed
 from lscape.errors import UsageError
 from lscape.params import select_parameters
 

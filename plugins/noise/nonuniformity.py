@@ -9,7 +9,7 @@ from typing import Iterable
 import torch
 from torch.utils._pytree import tree_map
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
 from lscape.params import flatten, unflatten
 from lscape.batch import as_adapter, batch_size_of, chunks
