@@ -37,6 +37,9 @@ def test_gpt2_on_dict_batches_trains_and_every_probe_family_measures_it(tmp_path
     top = run.read("hessian")["top_eigenvalues"][-1]
     assert np.isfinite(top).all() and top[0] >= top[1] > 0
     assert run.read("grad-stats")["trace_cov"][0] > 0
+    # HF attention masks cannot be vmapped: method=auto fell back to the loop and says why
+    stats_attrs = run.root["grad-stats"].attrs
+    assert stats_attrs["method_used"] == "loop" and stats_attrs["method_fallback_reason"]
     surface = run.read("landscape")["train_loss"][-1]
     assert np.isfinite(surface).all() and surface[2] == pytest.approx(train["loss"][-1], rel=0.2)
 

@@ -14,6 +14,7 @@ from torch.func import functional_call, grad, vmap
 
 from lscape.params import select_parameters
 from lscape.batch import as_adapter, batch_size_of, chunks, index_batch
+from lscape.errors import message_line
 
 __all__ = [
     "GradientStatistics",
@@ -98,6 +99,7 @@ def iter_per_sample_gradients(
     chunk_size: int = 64,
     mode: str | None = "eval",
     method: str = "vmap",
+    fallback: list[str] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield per-sample gradients chunk by chunk: ``{name: tensor (c, *param.shape)}``.
 
@@ -133,7 +135,8 @@ def iter_per_sample_gradients(
                         # masks, .item() calls): one ordinary backward per sample instead
                         if "vmap" not in str(e) and "functorch" not in str(e) and "batch" not in str(e).lower():
                             raise
-                        FALLBACKS.append(first_line_of(e))
+                        if fallback is not None:  # the caller records why
+                            fallback.append(message_line(e, 200))
                         yield from _loop_chunks(model, loss_fn, batches, named, chunk_size, mode)
                         return
                     yield out
@@ -167,6 +170,7 @@ def per_sample_statistics(
     eps: float = 0.0,
     keep_grad: bool = False,
     method: str = "vmap",
+    fallback: list[str] | None = None,
 ) -> GradientStatistics:
     """Gradient variance, GSNR, noise scale and Cockpit's tests over all samples of ``batches``.
 
@@ -188,13 +192,13 @@ def per_sample_statistics(
     if n <= chunk_size:
         # one chunk: per-sample gradients of everything, centre on their exact mean
         chunk = {}
-        for part in iter_per_sample_gradients(model, loss_fn, batches, named, n, mode, method):
+        for part in iter_per_sample_gradients(model, loss_fn, batches, named, n, mode, method, fallback):
             chunk = {k: torch.cat([chunk[k], v]) if k in chunk else v for k, v in part.items()}
         centre = {k: (v.sum(0) / n).to(acc_dtype) for k, v in chunk.items()}  # close is enough, see below
         chunks: Iterable[dict[str, torch.Tensor]] = [chunk]
     else:
         centre = _mean_gradient(model, loss_fn, batches, named, mode, acc_dtype)
-        chunks = iter_per_sample_gradients(model, loss_fn, batches, named, chunk_size, mode, method)
+        chunks = iter_per_sample_gradients(model, loss_fn, batches, named, chunk_size, mode, method, fallback)
 
     dtype = named[0][1].dtype
     return statistics_from_gradients(chunks, n, centre, eps=eps, keep_grad=keep_grad, dtype=dtype)
@@ -289,15 +293,6 @@ def _per_sample_grad_fn(model: nn.Module, loss_fn: LossFn, named: list[tuple[str
 
     # "different": dropout in train mode draws a fresh mask per sample, as a loop would
     return vmap(grad(sample_loss), in_dims=(None, None, 0), randomness="different")
-
-
-#: why "auto" fell back to the loop, most recent last (probes store it in their attrs)
-FALLBACKS: list[str] = []
-
-
-def first_line_of(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def functional_model(model: nn.Module, theta: dict, frozen: dict):

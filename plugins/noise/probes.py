@@ -22,7 +22,6 @@ from .grad_noise import (
     sharpness,
 )
 from .nonuniformity import nonuniformity, stability_margins
-from . import per_sample
 from .per_sample import per_sample_statistics
 
 __all__ = ["GradNoise", "GradStats", "BatchSampler"]
@@ -302,17 +301,16 @@ class GradStats(Probe):
         o = self.opts
         named = select_parameters(ctx.model, o.params)
         batches = self.batches(ctx, state)
+        fallback: list[str] = []  # why method=auto used the loop, if it did
         st = per_sample_statistics(ctx.model, ctx.adapter, batches, params=named, chunk_size=o.chunk_size,
-                                   mode=o.mode, eps=o.eps, method=o.method)
+                                   mode=o.mode, eps=o.eps, method=o.method, fallback=fallback)
         writer = self.group(ctx)
         if writer is not None and "param_names" not in writer.group.attrs:
             writer.group.attrs["param_names"] = list(st.gsnr_groups)
         if writer is not None and o.method == "auto" and "method_used" not in writer.group.attrs:
-            fell_back = bool(per_sample.FALLBACKS)
-            writer.group.attrs["method_used"] = "loop" if fell_back else "vmap"
-            if fell_back:
-                writer.group.attrs["method_fallback_reason"] = per_sample.FALLBACKS[-1]
-        per_sample.FALLBACKS.clear()
+            writer.group.attrs["method_used"] = "loop" if fallback else "vmap"
+            if fallback:
+                writer.group.attrs["method_fallback_reason"] = fallback[-1]
         values: dict[str, Any] = {
             "num_samples": st.n, "trace_cov": st.trace_cov, "grad_sq": st.grad_sq,
             "grad_sq_unbiased": st.grad_sq_unbiased, "b_simple": st.b_simple, "gsnr": st.gsnr,
