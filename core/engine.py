@@ -76,6 +76,7 @@ class Engine:
         self._pending_losses: list[tuple[int, torch.Tensor]] = []
         self._divergence: tuple[int, float] = (0, float("nan"))
         self._nan_every = 1
+        self._owns_group = False
 
     # -- building ------------------------------------------------------------------------
 
@@ -86,6 +87,9 @@ class Engine:
             cfg, self._extension = _config_for_resume(cfg)
             self.config = cfg
         cfg.validate()
+        # the process group is ours to destroy at the end when this engine sets it up
+        self._owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized())
         rank, world = _init_distributed(cfg.device)
         if self.pm is None:
             self.pm = get_plugin_manager()
@@ -203,6 +207,12 @@ class Engine:
         self._finish(status, error)
         _restore_signal_handlers(previous)
         gc.unfreeze()
+        if ctx.world_size > 1:
+            # no rank leaves (and tears its process group down) while rank 0 still writes the
+            # final checkpoint: a rank exiting early aborted in gloo ("terminate called ...")
+            torch.distributed.barrier()
+            if self._owns_group:
+                torch.distributed.destroy_process_group()
         return RunResult(str(cfg.out), status, self.step, error)
 
     def _finish(self, status: str, error: str | None) -> None:
