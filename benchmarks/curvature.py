@@ -377,7 +377,7 @@ class CharTransformer(nn.Module):
 
 
 def digits_tensors(n=512, seed=0):
-    from lscape.plugins.builtins import digits
+    from lscape.plugins.workloads.defaults import digits
 
     data = digits(flat=False)["train"]
     x, y = data.tensors if hasattr(data, "tensors") else (data.x, data.y)
@@ -558,7 +558,7 @@ def _peak_rss_child(kind: str, vocab: int, chunk: int, queue) -> None:
 
     transformers.logging.set_verbosity_error()
     from lscape.batch import BatchAdapter
-    from lscape.plugins.builtins import cross_entropy
+    from lscape.plugins.workloads.defaults import cross_entropy
 
     config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=1, n_head=2,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,

@@ -91,7 +91,7 @@ def fault_run(name: str, steps: int, kills: int, rng: random.Random, tmp: Path) 
     plugins, options = RUNS[name]
     options = {k: dict(v) for k, v in options.items()}
     if "interpolate" in options:
-        from lscape.plugins.builtins import MLP
+        from lscape.plugins.workloads.defaults import MLP
 
         torch.manual_seed(123)
         other = tmp / "other.pt"

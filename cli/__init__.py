@@ -203,7 +203,7 @@ def measure(source, plugins, options, checkpoints, model_opt, data_opt, no_progr
         overrides["data_opts"] = parse_key_values(data_opt, "--data-opt")
     from contextlib import nullcontext
 
-    from lscape.plugins.progress import MeasureProgress
+    from lscape.plugins.basics.progress import MeasureProgress
 
     with nullcontext() if no_progress else MeasureProgress():
         result = do_measure(source, plugins, plugin_options=_plugin_options(options), out=out,

@@ -34,7 +34,7 @@ from .batch import batch_size_of, shard, to_device
 from .errors import UsageError
 
 __all__ = ["BatchStream", "Fetcher", "take", "to_device", "fixed_batches", "fixed_subset", "full_batches", "batch_size_of",
-           "derived_seed", "shard", "default_workers", "from_hf", "close_fetchers"]
+           "derived_seed", "shard", "default_workers", "close_fetchers"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -380,41 +380,11 @@ def close_fetchers(cache: dict) -> None:
         cache.pop(key).close()
 
 
-class _HFDataset(Dataset):
-    """A map-style view of a HuggingFace ``datasets.Dataset`` (or any sequence of dicts)
-    whose samples are dicts of tensors."""
+def __getattr__(name: str) -> Any:
+    # `lscape.data.from_hf` was documented before HuggingFace data sets got their home among the
+    # workloads: a compatibility alias, resolved by name so that the core imports no plugin.
+    if name == "from_hf":
+        import importlib
 
-    def __init__(self, data: Any, columns: Sequence[str] | None, tuple_of: Sequence[str] | None):
-        self.data = data
-        self.columns = list(columns) if columns else None
-        self.tuple_of = list(tuple_of) if tuple_of else None
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> Any:
-        row = self.data[int(index)]
-        cols = self.tuple_of or self.columns or list(row)
-        missing = [c for c in cols if c not in row]
-        if missing:
-            raise KeyError(f"the data set has no column '{missing[0]}' (columns: {', '.join(row)})")
-        values = {c: torch.as_tensor(row[c]) for c in cols}
-        return tuple(values[c] for c in self.tuple_of) if self.tuple_of else values
-
-
-def from_hf(data: Any, columns: Sequence[str] | None = None, tuple_of: Sequence[str] | None = None) -> Dataset:
-    """A HuggingFace ``datasets`` object as a torch ``Dataset``.
-
-    Samples become dicts of tensors (``model(**batch)``, labels under ``labels``), or, with
-    ``tuple_of=("pixel_values", "label")``, ``(x, y)`` tuples. ``columns`` keeps only those
-    columns (drop the text a tokenizer left behind). A ``DatasetDict`` gives
-    ``{"train": ..., "eval": ...}`` from its ``train`` and ``validation``/``test`` splits.
-    """
-    if hasattr(data, "keys") and "train" in data.keys() and not hasattr(data, "column_names") \
-            or isinstance(data, dict):
-        held = next((k for k in ("validation", "eval", "test") if k in data), None)
-        out = {"train": _HFDataset(data["train"], columns, tuple_of)}
-        if held is not None:
-            out["eval"] = _HFDataset(data[held], columns, tuple_of)
-        return out  # type: ignore[return-value]
-    return _HFDataset(data, columns, tuple_of)
+        return importlib.import_module("lscape.plugins.workloads.formats").from_hf
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

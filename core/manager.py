@@ -25,15 +25,29 @@ __all__ = ["BUILTIN_PLUGINS", "Entry", "Registry", "get_plugin_manager", "build_
 
 #: Modules loaded in every manager, in this order.
 BUILTIN_PLUGINS: tuple[str, ...] = (
-    "lscape.plugins.builtins",
-    "lscape.plugins.train_metrics",
-    "lscape.plugins.progress",
-    "lscape.plugins.grad_norm",
-    "lscape.plugins.noise.probes",
-    "lscape.plugins.sharpness", "lscape.plugins.hessian", "lscape.plugins.hessian_exact",
+    # workloads: every built-in model, data set, loss and base optimizer
     "lscape.plugins.workloads",
-    "lscape.plugins.optimizers", "lscape.plugins.eos", "lscape.plugins.diffusion", "lscape.plugins.landscape",
-    "lscape.plugins.tensorboard", "lscape.plugins.wandb",
+    # basics
+    "lscape.plugins.basics.train_metrics",
+    "lscape.plugins.basics.progress",
+    "lscape.plugins.basics.grad_norm",
+    # noise
+    "lscape.plugins.noise.grad_noise",
+    "lscape.plugins.noise.grad_stats",
+    # curvature
+    "lscape.plugins.sharpness", "lscape.plugins.hessian", "lscape.plugins.hessian_exact",
+    # optim
+    "lscape.plugins.optimizers", "lscape.plugins.eos",
+    # diffusion
+    "lscape.plugins.diffusion.trajectory",
+    "lscape.plugins.diffusion.diffusion",
+    # landscape
+    "lscape.plugins.landscape.landscape",
+    "lscape.plugins.landscape.interpolate",
+    "lscape.plugins.landscape.eps_sharpness",
+    # forwarding
+    "lscape.plugins.forwarding.tensorboard",
+    "lscape.plugins.forwarding.wandb",
 )
 
 ENTRY_POINT_GROUP = "lscape"

@@ -13,7 +13,7 @@ from lscape import params as lparams
 from lscape.batch import BatchAdapter
 from lscape.curvature import HessianOperator, dense_matrix, hutchpp, lanczos
 from lscape.errors import UsageError
-from lscape.plugins.builtins import cross_entropy, mse
+from lscape.plugins.workloads.defaults import cross_entropy, mse
 
 ce = nn.functional.cross_entropy
 

@@ -100,7 +100,7 @@ def assert_same_stores(a, b) -> int:
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory):
     """A model B for `interpolate`: the same architecture, another initialisation."""
-    from lscape.plugins.builtins import MLP
+    from lscape.plugins.workloads.defaults import MLP
 
     torch.manual_seed(123)
     path = tmp_path_factory.mktemp("other") / "other.pt"

@@ -1,9 +1,10 @@
-"""Weight diffusion: the `trajectory` probe, the `diffusion` analysis (MSD, exponents, roughness), JL projections."""
+"""Weight diffusion: the `trajectory` probe, the `diffusion` analysis (MSD, exponents, roughness), JL projections.
 
-from lscape import hookimpl
+One public module per plugin (`trajectory`, `diffusion`); the maths they share lives in the
+private modules beside them and is re-exported here."""
 
-from .analysis import Diffusion, analyse_run, analyse_window, register_commands
-from .msd import (
+from .diffusion import Diffusion, analyse_run, analyse_window
+from ._msd import (
     BrokenPowerLaw,
     Roughness,
     contour_length,
@@ -21,7 +22,7 @@ from .msd import (
     window_starts,
     windowed_msd,
 )
-from .projection import RandomProjection
+from ._projection import RandomProjection
 from .trajectory import Trajectory
 
 __all__ = [
@@ -48,23 +49,3 @@ __all__ = [
     "windowed_msd",
 ]
 
-
-@hookimpl
-def register_probes(register):
-    register(Trajectory)
-
-
-@hookimpl
-def register_plugins(register):
-    register(Diffusion)
-
-
-@hookimpl
-def register_plots(register):
-    from .plots import plot_beta, plot_contour_msl, plot_grad_noise, plot_msd, plot_roughness
-
-    register("diffusion", plot_msd)
-    register("diffusion", plot_beta)
-    register("diffusion", plot_roughness)
-    register("diffusion", plot_contour_msl)
-    register("diffusion", plot_grad_noise)

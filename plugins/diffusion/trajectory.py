@@ -10,7 +10,7 @@ from lscape import Option, Output, Probe, hookimpl
 from lscape.data import derived_seed
 from lscape.params import flatten, select_parameters
 
-from .projection import RandomProjection
+from ._projection import RandomProjection
 
 __all__ = ["Trajectory"]
 
@@ -162,3 +162,8 @@ class Trajectory(Probe):
     def _device_prev(self, theta: torch.Tensor) -> None:
         if self._prev is not None and self._prev.device != theta.device:
             self._prev = self._prev.to(theta.device)
+
+
+@hookimpl
+def register_probes(register):
+    register(Trajectory)

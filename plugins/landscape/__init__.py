@@ -1,12 +1,39 @@
-"""Landscape geometry: filter-normalised directions, 1-D/2-D slices, interpolation, ε-sharpness, and their probes."""
+"""Landscape geometry: filter-normalised directions, 1-D/2-D slices, interpolation, ε-sharpness.
 
-from lscape import hookimpl
+One public module per probe — `landscape`, `interpolate`, `eps_sharpness` — each registering
+its probe and figures; the maths they share lives in the private modules beside them and is
+re-exported here as the family's Python API."""
 
-from .directions import filter_normalize, filter_normalized_direction, normalize_to, random_direction
-from .interpolation import interpolate_state, interpolation_curve
-from .probes import EpsSharpness, Interpolate, Landscape, fill_surface, load_model_state
-from .sharpness import SharpnessResult, eps_sharpness, eps_sharpness_repeated, model_objective
-from .slices import Displacement, displaced, evaluate, parse_range, slice_1d, surface_2d, surface_rows
+from ._common import load_model_state
+from ._directions import (
+    filter_normalize,
+    filter_normalized_direction,
+    normalize_to,
+    random_direction,
+)
+from ._interpolation import interpolate_state, interpolation_curve
+from ._keskar import (
+    SharpnessResult,
+    eps_sharpness,
+    eps_sharpness_repeated,
+    model_objective,
+)
+from ._slices import (
+    Displacement,
+    displaced,
+    evaluate,
+    parse_range,
+    slice_1d,
+    surface_2d,
+    surface_rows,
+)
+from .eps_sharpness import EpsSharpness
+from .interpolate import Interpolate
+from .landscape import Landscape, fill_surface
+
+# after the plugin modules: importing the `eps_sharpness` module sets this package's attribute of
+# that name, and the package's `eps_sharpness` is the function (the module stays importable by path)
+from ._keskar import SharpnessResult, eps_sharpness, eps_sharpness_repeated, model_objective  # noqa: E402
 
 __all__ = [
     "Displacement",
@@ -32,20 +59,3 @@ __all__ = [
     "surface_2d",
     "surface_rows",
 ]
-
-
-@hookimpl
-def register_probes(register):
-    register(Landscape)
-    register(Interpolate)
-    register(EpsSharpness)
-
-
-@hookimpl
-def register_plots(register):
-    from .plots import plot_eps_sharpness, plot_interpolation, plot_slices, plot_surfaces
-
-    register("landscape", plot_slices)
-    register("landscape", plot_surfaces)
-    register("interpolate", plot_interpolation)
-    register("eps-sharpness", plot_eps_sharpness)

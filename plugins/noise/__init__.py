@@ -1,7 +1,12 @@
-"""Gradient-noise measurements: per-sample gradient statistics and the imagenet-grad-noise probes."""
+"""Gradient-noise measurements: per-sample gradient statistics and the imagenet-grad-noise probes.
 
-from .nonuniformity import HessianVarianceOperator, NonUniformity, nonuniformity, stability_margins
-from .per_sample import (
+One public module per probe (`grad_noise`, `grad_stats`); the estimators they share live in the
+private modules beside them and are re-exported here."""
+
+from ._common import BatchSampler
+
+from ._nonuniformity import HessianVarianceOperator, NonUniformity, nonuniformity, stability_margins
+from ._per_sample import (
     GradientStatistics,
     iter_per_sample_gradients,
     model_mode,
@@ -9,8 +14,13 @@ from .per_sample import (
     per_sample_statistics,
     statistics_from_gradients,
 )
+from .grad_noise import GradNoise
+from .grad_stats import GradStats
 
 __all__ = [
+    "BatchSampler",
+    "GradNoise",
+    "GradStats",
     "GradientStatistics",
     "HessianVarianceOperator",
     "NonUniformity",

@@ -1,13 +1,20 @@
-"""Built-in plugin that registers the seeds' models and data sets (see docs/workloads.md)."""
+"""Workloads: every built-in model, data set, loss and base optimizer (see docs/workloads.md).
+
+The default experiment's pieces (`mlp`, `synthetic`, `digits`, `ce`, `mse`, `sgd`, `adam`, `adamw`)
+live in `defaults`, the seeds' models in `models`/`resnet_imagenet`, their data sets in
+`datasets`/`images`, file formats and HuggingFace data sets in `formats`; this module is the one
+plugin that registers them all."""
 
 from __future__ import annotations
 
 from lscape import hookimpl
 
-from . import datasets, images, models, resnet_imagenet
+from . import datasets, defaults, images, models, resnet_imagenet
+from .formats import from_hf
 
 #: name -> (factory, help); the names users give to --model.
 MODELS = {
+    "mlp": (defaults.mlp, "fully connected network: widths=64,64 activation=relu bias=true"),
     "sam-mlp": (models.sam_mlp, "sam_edge's MLP: depth, width, activation=relu|tanh; glorot-normal, zero bias"),
     "cnn": (models.cnn, "sam_edge's CNN: blocks, layers_per_block, feature_multiplier, layernorm"),
     "lenet": (models.lenet, "entropy-sgd's mnistconv LeNet: dropout, batchnorm"),
@@ -23,6 +30,8 @@ MODELS = {
 
 #: name -> (factory, help); the names users give to --data.
 DATASETS = {
+    "synthetic": (defaults.synthetic, "seeded teacher data: task=classification|regression n dim classes noise"),
+    "digits": (defaults.digits, "1,797 real 8x8 handwritten digits (UCI), shipped; flat=true"),
     "mnist": (datasets.mnist, "MNIST IDX files in root=DIR (raw or .gz): subset, eval_subset, normalize"),
     "fashion-mnist": (datasets.fashion_mnist, "Fashion-MNIST IDX files in root=DIR: subset, eval_subset, normalize"),
     "cifar10": (datasets.cifar10, "CIFAR-10 python batches in root=DIR: subset, eval_subset, normalize"),
@@ -45,3 +54,31 @@ def register_datasets(register):
     """Register the seeds' data set factories."""
     for name, (factory, help) in DATASETS.items():
         register(name, factory, help=help)
+
+
+#: name -> (function, help); the names users give to --loss.
+LOSSES = {
+    "ce": (defaults.cross_entropy, "cross-entropy (class targets; sequence outputs flattened)"),
+    "mse": (defaults.mse, "mean squared error (integer targets one-hot encoded)"),
+}
+
+#: name -> (factory, help); the names users give to --optimizer.
+OPTIMIZERS = {
+    "sgd": (defaults.sgd, "SGD with momentum, nesterov and weight decay"),
+    "adam": (defaults.adam, "Adam"),
+    "adamw": (defaults.adamw, "AdamW (decoupled weight decay)"),
+}
+
+
+@hookimpl
+def register_losses(register):
+    """Register the built-in losses."""
+    for name, (fn, help) in LOSSES.items():
+        register(name, fn, help)
+
+
+@hookimpl
+def register_optimizers(register):
+    """Register the built-in base optimizers."""
+    for name, (factory, help) in OPTIMIZERS.items():
+        register(name, factory, help)

@@ -1,4 +1,5 @@
-"""Readers for the files the seeds' data sets come in: IDX (MNIST), CIFAR python batches, text."""
+"""Readers for the files the seeds' data sets come in: IDX (MNIST), CIFAR python batches, text; and
+HuggingFace ``datasets`` objects as torch data sets (`from_hf`)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import gzip
 import importlib
 import pickle
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
 from lscape.errors import UsageError
 
-__all__ = ["read_idx", "read_cifar_batch", "read_bytes", "find_file"]
+__all__ = ["read_idx", "read_cifar_batch", "read_bytes", "find_file", "from_hf", "HFDataset"]
 
 # IDX type codes (the third byte of the magic number) and their big-endian numpy types.
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -103,3 +106,43 @@ class _ArrayUnpickler(pickle.Unpickler):
             except ImportError:
                 pass
         return getattr(importlib.import_module(module), name)
+
+
+class HFDataset(Dataset):
+    """A map-style view of a HuggingFace ``datasets.Dataset`` (or any sequence of dicts)
+    whose samples are dicts of tensors."""
+
+    def __init__(self, data: Any, columns: Sequence[str] | None, tuple_of: Sequence[str] | None):
+        self.data = data
+        self.columns = list(columns) if columns else None
+        self.tuple_of = list(tuple_of) if tuple_of else None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        row = self.data[int(index)]
+        cols = self.tuple_of or self.columns or list(row)
+        missing = [c for c in cols if c not in row]
+        if missing:
+            raise KeyError(f"the data set has no column '{missing[0]}' (columns: {', '.join(row)})")
+        values = {c: torch.as_tensor(row[c]) for c in cols}
+        return tuple(values[c] for c in self.tuple_of) if self.tuple_of else values
+
+
+def from_hf(data: Any, columns: Sequence[str] | None = None, tuple_of: Sequence[str] | None = None) -> Dataset:
+    """A HuggingFace ``datasets`` object as a torch ``Dataset``.
+
+    Samples become dicts of tensors (``model(**batch)``, labels under ``labels``), or, with
+    ``tuple_of=("pixel_values", "label")``, ``(x, y)`` tuples. ``columns`` keeps only those
+    columns (drop the text a tokenizer left behind). A ``DatasetDict`` gives
+    ``{"train": ..., "eval": ...}`` from its ``train`` and ``validation``/``test`` splits.
+    """
+    if hasattr(data, "keys") and "train" in data.keys() and not hasattr(data, "column_names") \
+            or isinstance(data, dict):
+        held = next((k for k in ("validation", "eval", "test") if k in data), None)
+        out = {"train": HFDataset(data["train"], columns, tuple_of)}
+        if held is not None:
+            out["eval"] = HFDataset(data[held], columns, tuple_of)
+        return out  # type: ignore[return-value]
+    return HFDataset(data, columns, tuple_of)

@@ -238,7 +238,7 @@ def test_parse_range_reads_loss_landscapes_xmin_xmax_xnum_and_refuses_the_ambigu
 
 
 def test_random_subspace_is_the_smoothout_codes_construction():
-    from lscape.plugins.landscape.sharpness import random_subspace
+    from lscape.plugins.landscape._keskar import random_subspace
 
     n, p = 40, 3
     A, A_plus = random_subspace(n, p, torch.Generator().manual_seed(7))
@@ -255,7 +255,7 @@ def test_random_subspace_is_the_smoothout_codes_construction():
 
 @pytest.mark.parametrize("kind", ["smoothout", "gaussian"])
 def test_eps_sharpness_in_a_random_subspace_is_the_closed_form_corner_of_a_linear_loss(kind):
-    from lscape.plugins.landscape.sharpness import random_subspace
+    from lscape.plugins.landscape._keskar import random_subspace
 
     # f(v) = 1 + cᵀv is maximised over |z_i| ≤ h_i = ε(|(A⁺x)_i| + 1) at z = h·sign(Aᵀc)
     n, p, eps = 30, 4, 0.01
@@ -304,7 +304,7 @@ def test_eps_sharpness_probe_measures_on_the_eval_set_with_split_eval():
 
 
 def test_loss_landscapes_layerwise_normalisations():
-    from lscape.plugins.landscape.directions import normalize_layerwise
+    from lscape.plugins.landscape._directions import normalize_layerwise
 
     g = torch.Generator().manual_seed(0)
     w = [torch.randn(3, 4, generator=g), torch.randn(3, generator=g)]
@@ -322,7 +322,7 @@ def test_loss_landscapes_layerwise_normalisations():
 
 
 def test_dir_type_states_moves_batchnorm_buffers_along_the_direction():
-    from lscape.plugins.landscape.directions import state_tensors
+    from lscape.plugins.landscape._directions import state_tensors
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
@@ -367,7 +367,7 @@ def test_same_dir_gives_two_identical_directions():
 
 
 def test_pca_directions_are_sklearns_on_a_path_in_a_known_plane():
-    from lscape.plugins.landscape.pca import pca_directions, trajectory_matrix
+    from lscape.plugins.landscape._pca import pca_directions, trajectory_matrix
 
     g = torch.Generator().manual_seed(0)
     n = 12

@@ -1,5 +1,5 @@
-"""Built-in workloads and training pieces: the `mlp` model, the `synthetic` and `digits`
-data sets, the `ce`/`mse` losses and the `sgd`/`adam`/`adamw` base optimizers."""
+"""The default experiment's pieces: the `mlp` model, the `synthetic` and `digits` data sets, the
+`ce`/`mse` losses and the `sgd`/`adam`/`adamw` base optimizers (registered by `lscape.plugins.workloads`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lscape import hookimpl
 from lscape.errors import UsageError
 
 __all__ = ["MLP", "LabelledTensors", "synthetic", "digits", "cross_entropy", "mse"]
@@ -94,7 +93,7 @@ def digits(flat: bool = True, eval_fraction: float = 0.2, seed: int = 0, subset:
            ) -> dict[str, LabelledTensors]:
     """`digits`: 1,797 real 8×8 handwritten digits (UCI, shipped with lscape), pixels
     standardised; ``flat`` gives 64-vectors, else 1×8×8 images; a seeded split."""
-    raw = resources.files("lscape.plugins").joinpath("data/digits.csv.gz").read_bytes()
+    raw = resources.files("lscape.plugins.workloads").joinpath("data/digits.csv.gz").read_bytes()
     table = np.loadtxt(gzip.decompress(raw).decode().splitlines(), delimiter=",", dtype=np.float32)
     # standardised with the whole set's pixel mean and std (both fixed numbers of the data)
     pixels = table[:, :64] / 16.0
@@ -138,30 +137,6 @@ def adam(params, lr, momentum, weight_decay, beta2: float = 0.999, eps: float = 
 def adamw(params, lr, momentum, weight_decay, beta2: float = 0.999, eps: float = 1e-8):
     """`adamw`: torch.optim.AdamW; --momentum, when non-zero, is β1 (default 0.9)."""
     return torch.optim.AdamW(params, lr=lr, betas=(momentum or 0.9, beta2), eps=eps, weight_decay=weight_decay)
-
-
-@hookimpl
-def register_models(register):
-    register("mlp", mlp, "fully connected network: widths=64,64 activation=relu bias=true")
-
-
-@hookimpl
-def register_datasets(register):
-    register("synthetic", synthetic, "seeded teacher data: task=classification|regression n dim classes noise")
-    register("digits", digits, "1,797 real 8x8 handwritten digits (UCI), shipped; flat=true")
-
-
-@hookimpl
-def register_losses(register):
-    register("ce", cross_entropy, "cross-entropy (class targets; sequence outputs flattened)")
-    register("mse", mse, "mean squared error (integer targets one-hot encoded)")
-
-
-@hookimpl
-def register_optimizers(register):
-    register("sgd", sgd, "SGD with momentum, nesterov and weight decay")
-    register("adam", adam, "Adam")
-    register("adamw", adamw, "AdamW (decoupled weight decay)")
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, num_classes: int | None, eval_fraction: float,

@@ -146,7 +146,7 @@ def test_bad_range_is_a_usage_error(cli, tmp_path):
 
 
 def test_pca_trajectory_over_the_loss_contour_from_a_runs_checkpoints(cli, tmp_path):
-    from lscape.plugins.landscape.pca import checkpoint_states, pca_directions, trajectory_matrix
+    from lscape.plugins.landscape._pca import checkpoint_states, pca_directions, trajectory_matrix
 
     run = tmp_path / "r.zarr"
     code, _, err = cli("run", *SMALL, "--steps", "24", "--lr", "0.3", "--checkpoint-schedule", "every:4",

@@ -7,7 +7,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-
 from lscape.batch import as_adapter, batch_size_of
 from lscape.params import flat_parameters, set_flat_parameters
 

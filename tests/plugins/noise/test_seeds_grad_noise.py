@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lscape.plugins.noise.probes import GradNoise
+from lscape.plugins.noise.grad_noise import GradNoise
 
 
 def _ctx(n=40):

@@ -14,7 +14,7 @@ from torch.func import grad, jvp, vmap
 from lscape.params import flatten, unflatten
 from lscape.batch import as_adapter, batch_size_of, chunks
 
-from .per_sample import Batch, LossFn, Params, _frozen, functional_model, model_mode, named_params
+from ._per_sample import Batch, LossFn, Params, frozen_state, functional_model, model_mode, named_params
 
 __all__ = ["HessianVarianceOperator", "NonUniformity", "nonuniformity", "stability_margins"]
 
@@ -67,7 +67,7 @@ class HessianVarianceOperator:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """(1/n) Σ_i H_i² v − H² v for a flat vector v."""
         theta = {n: p.detach() for n, p in self.named}
-        frozen = _frozen(self.model, self.named)
+        frozen = frozen_state(self.model, self.named)
         names = [n for n, _ in self.named]
         v = v.to(self.dtype)
         vd = dict(zip(names, unflatten(v, self.params)))

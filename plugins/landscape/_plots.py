@@ -33,9 +33,8 @@ def plot_surfaces(runs, out_dir):
     colour bar, a few inline labels and θ marked at the origin) and a 3-D surface of the
     training loss; for ``direction=pca`` the checkpoints' path is drawn over the contours
     (loss-landscape's ``plot_trajectory``), the axes named by their explained variance."""
-    from lscape.plotting import save
-
     import matplotlib.pyplot as plt
+    from lscape.plotting import save
 
     paths = []
     for run in runs:

@@ -120,7 +120,7 @@ def iter_per_sample_gradients(
         raise ValueError(f"method must be 'auto', 'vmap' or 'loop', not {method!r}")
     grad_fn = _per_sample_grad_fn(model, loss_fn, named)
     theta = {n: p.detach() for n, p in named}
-    frozen = _frozen(model, named)
+    frozen = frozen_state(model, named)
     batches = list(batches)
     first = True
     with model_mode(model, mode), torch.no_grad():
@@ -301,7 +301,7 @@ def functional_model(model: nn.Module, theta: dict, frozen: dict):
     return lambda *args, **kwargs: functional_call(model, (theta, frozen), args, kwargs)
 
 
-def _frozen(model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def frozen_state(model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Parameters not differentiated and all buffers, detached, for functional_call."""
     chosen = {n for n, _ in named}
     out = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}

@@ -1,4 +1,5 @@
-"""The `landscape`, `interpolate` and `eps-sharpness` probes: slices, paths and sharpness of a model."""
+"""The `landscape` probe: 1-D slices and 2-D surfaces of the loss around θ (Li et al. 2018), in
+filter-normalised random, PCA-of-trajectory or stored-state directions."""
 
 from __future__ import annotations
 
@@ -7,61 +8,22 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from lscape import Option, Output, Probe
-from lscape.data import derived_seed, fixed_batches
+from lscape import Option, Output, hookimpl
+from lscape.data import derived_seed
 from lscape.errors import UsageError
 from lscape.params import select_parameters, unflatten
 
-from .directions import normalize_to, random_direction, state_tensors
-from .interpolation import interpolation_curve
-from .sharpness import eps_sharpness_repeated, model_objective
-from .slices import displaced, evaluate, parse_range, slice_1d
+from ._common import SPLIT_OPTIONS, TrainEvalProbe
+from ._directions import normalize_to, random_direction, state_tensors
+from ._slices import displaced, evaluate, parse_range, slice_1d
 
-__all__ = ["Landscape", "Interpolate", "EpsSharpness", "fill_surface", "load_model_state"]
-
-_SPLIT_OPTIONS = (
-    Option("eval_batches", int, None, "fixed eval batches (default: as many as train batches; 0: none; -1: all)"),
-)
-
+__all__ = ['Landscape', 'fill_surface', 'MAX_GRID_POINTS']
 
 #: grid points one landscape measurement may have (a 500 × 500 surface)
 MAX_GRID_POINTS = 250_000
 
 
-class _TrainEvalProbe(Probe):
-    """A probe that evaluates on fixed training batches (its ``data``) and fixed eval batches."""
-
-    data = "subset"
-    at = "step_end"
-
-    def split_batches(self, ctx, state) -> dict[str, list]:
-        out = {"train": list(self.batches(ctx, state))}
-        n = self.opts.eval_batches
-        if ctx.eval_set is None or n == 0:
-            return out
-        if n is None:  # the same kind of data as the training side
-            out["eval"] = self.measurement_full(ctx, ctx.eval_set) if self.opts.data != "subset" \
-                else self.measurement_subset(ctx, ctx.eval_set, purpose=f"{self.name}-eval")
-        elif n < 0:
-            out["eval"] = self.measurement_full(ctx, ctx.eval_set)
-        else:
-            size = self.measure_batch_size(ctx)
-            key = f"{self.name}:eval:{n}:{size}"
-            if key not in ctx.cache:
-                seed = derived_seed(ctx.config.seed, "eval-subset", self.name)
-                ctx.cache[key] = fixed_batches(ctx.eval_set, size, n, seed, ctx.device)
-            out["eval"] = ctx.cache[key]
-        return out
-
-    def params(self, ctx) -> list[torch.Tensor]:
-        try:
-            return [p for _, p in select_parameters(ctx.model, self.opts.params)]
-        except ValueError as e:
-            raise UsageError(f"{self.name}.params: {e}") from None
-
-
-class Landscape(_TrainEvalProbe):
+class Landscape(TrainEvalProbe):
     """1-D or 2-D slices f(α) = L(θ + αd₁), f(α, β) = L(θ + αd₁ + βd₂) of the training and
     eval loss and accuracy, along filter-normalised random directions (Li et al. 2018), the
     top Hessian eigenvector(s) or the gradient. Parameters are moved in place and restored;
@@ -71,7 +33,7 @@ class Landscape(_TrainEvalProbe):
     name = "landscape"
     help = "1-D/2-D loss slices along filter-normalised random, Hessian or gradient directions"
     schedule = "epoch"
-    options = _SPLIT_OPTIONS + (
+    options = SPLIT_OPTIONS + (
         Option("dims", int, 1, "1 for a curve, 2 for a surface", choices=(1, 2)),
         Option("direction", str, "random", "directions (pca: of the run's checkpoints, loss-landscape's plot_trajectory)",
                choices=("random", "hessian", "gradient", "pca")),
@@ -161,7 +123,7 @@ class Landscape(_TrainEvalProbe):
         if self.opts.direction == "pca" and self.opts.pca_run is not None:
             import zarr
 
-            from .pca import checkpoint_states
+            from ._pca import checkpoint_states
 
             n = len(checkpoint_states(zarr.open_group(self.opts.pca_run, mode="r")))
             if n < 3:
@@ -181,7 +143,7 @@ class Landscape(_TrainEvalProbe):
         fewer than three checkpoints exist yet (during a run: measured once there are)."""
         import zarr
 
-        from .pca import checkpoint_states, pca_directions, trajectory_matrix
+        from ._pca import checkpoint_states, pca_directions, trajectory_matrix
 
         source = self.opts.pca_run
         if source is None and ctx.store is not None:
@@ -308,143 +270,15 @@ def fill_surface(group, model, loss_fn, data, params, dirs, alphas, betas, mode=
     return done
 
 
-class Interpolate(_TrainEvalProbe):
-    """The linear path θ(α) = αθ_B + (1 − α)θ_A between the model (A) and another one (B:
-    a run store's checkpoint or a ``.pt`` state dict), over every state entry including
-    BatchNorm buffers, as in SmoothOut's visualize; loss and accuracy on train and eval data."""
 
-    name = "interpolate"
-    help = "loss and accuracy on the straight line between the model and another checkpoint or run"
-    schedule = "at:0"
-    options = _SPLIT_OPTIONS + (
-        Option("other", str, None, "model B: a run store (its latest checkpoint) or a .pt state dict"),
-        Option("checkpoint", str, "latest", "which checkpoint of a run store: latest or a step number"),
-        Option("alpha", str, "-1:2:0.1", "coefficients: start:stop:step, start:stop:#num or xmin:xmax:xnum"),
-    )
-    outputs = (
-        Output("alpha", dims=("alpha",), long_name="interpolation coefficient α (0: this model, 1: other)"),
-        Output("train_loss", dims=("alpha",), long_name="training loss along the path"),
-        Output("train_accuracy", dims=("alpha",), long_name="training accuracy along the path"),
-        Output("eval_loss", dims=("alpha",), long_name="eval loss along the path"),
-        Output("eval_accuracy", dims=("alpha",), long_name="eval accuracy along the path"),
-    )
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        if not self.opts.other:
-            raise UsageError("interpolate needs the other model: -o interpolate.other=RUN.zarr or MODEL.pt")
-        if not os.path.exists(self.opts.other):
-            raise UsageError(f"interpolate.other: no such run store or file: {self.opts.other}")
-        try:
-            self.alphas = parse_range(self.opts.alpha)
-        except ValueError as e:
-            raise UsageError(f"interpolate: {e}") from None
-        self._other: dict[str, torch.Tensor] | None = None
-
-    def measure(self, ctx, state):
-        if self._other is None:
-            self._other = load_model_state(self.opts.other, self.opts.checkpoint, ctx.device)
-        here = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
-        try:
-            curve = interpolation_curve(ctx.model, ctx.adapter, self.split_batches(ctx, state), here, self._other,
-                                        self.alphas)
-        except (ValueError, RuntimeError) as e:
-            raise UsageError(f"interpolate: the two models do not match: {e}") from None
-        return curve
+@hookimpl
+def register_probes(register):
+    register(Landscape)
 
 
-class EpsSharpness(Probe):
-    """Keskar et al. (2017) ε-sharpness φ = [max_{y∈C_ε} L(θ + Ay) − L(θ)] / (1 + L(θ)) × 100 over
-    the box |y_i| ≤ ε(|(A⁺θ)_i| + 1), in full space (A = I) or a random p-dimensional
-    subspace, maximised by L-BFGS-B or projected gradient ascent, repeated with mean ± std."""
+@hookimpl
+def register_plots(register):
+    from ._plots import plot_slices, plot_surfaces
 
-    name = "eps-sharpness"
-    help = "Keskar ε-sharpness: largest loss rise in a box around θ (full space or random subspace)"
-    schedule = "epoch"
-    data = "subset"
-    at = "step_end"
-    options = (
-        Option("eps", float, 5e-4, "box size ε", minimum=0.0),
-        Option("subspace", int, 0, "dimension p of a random subspace (0: full space)", minimum=0),
-        Option("subspace_matrix", str, "smoothout",
-               "random subspace: smoothout (A⁺ U(−1,1), unit rows, A = pinv(A⁺), as the seed) or gaussian (A N(0,1))",
-               choices=("smoothout", "gaussian")),
-        Option("split", str, "train", "measure on training batches, or on the eval set as the SmoothOut code does",
-               choices=("train", "eval")),
-        Option("method", str, "pga", "maximiser: projected gradient ascent, or scipy's L-BFGS-B",
-               choices=("pga", "lbfgsb")),
-        Option("iters", int, 10, "iterations of the maximiser", minimum=1),
-        Option("repeats", int, 5, "independent maximisations (random starts and subspaces)", minimum=1),
-        Option("init", str, "random", "start of each maximisation", choices=("random", "zero")),
-        Option("mode", str, "eval", "module mode while evaluating", choices=("eval", "train")),
-        Option("params", str, None, "parameter subset: comma-separated glob patterns on names"),
-        Option("seed", int, None, "seed of starts and subspaces (default: derived from the run seed)"),
-    )
-    outputs = (
-        Output("eps_sharpness", units="%", long_name="ε-sharpness, mean over repeats"),
-        Output("eps_sharpness_std", units="%", long_name="ε-sharpness, standard deviation over repeats"),
-        Output("values", dims=("repeat",), units="%", long_name="ε-sharpness of each repeat"),
-        Output("loss", long_name="loss at θ on the measurement data"),
-    )
-
-    def check(self, ctx):
-        if self.opts.split == "eval" and getattr(ctx, "eval_set", None) is None:
-            raise UsageError("eps-sharpness.split=eval needs an eval set (the data gives none)")
-        if self.opts.method == "lbfgsb":
-            try:
-                import scipy.optimize  # noqa: F401
-            except ImportError:
-                raise UsageError("eps-sharpness.method=lbfgsb needs scipy: pip install scipy, "
-                                 "or use method=pga") from None
-
-    def measure(self, ctx, state):
-        params = [p for _, p in select_parameters(ctx.model, self.opts.params)]
-        ctx.model.train(self.opts.mode == "train")
-        fun, x0, restore = model_objective(ctx.model, ctx.adapter, self._measure_batches(ctx, state), params)
-        seed = self.opts.seed if self.opts.seed is not None else derived_seed(ctx.config.seed, "eps-sharpness")
-        try:
-            res = eps_sharpness_repeated(
-                fun, x0, repeats=self.opts.repeats, seed=int(seed) + int(state.step), eps=self.opts.eps,
-                subspace=self.opts.subspace or None, method=self.opts.method, iters=self.opts.iters, init=self.opts.init,
-                subspace_matrix=self.opts.subspace_matrix,
-            )
-            f0 = fun(x0)[0]
-        finally:
-            restore()
-        return {"eps_sharpness": res["mean"], "eps_sharpness_std": res["std"], "values": res["values"], "loss": f0}
-
-    def _measure_batches(self, ctx, state) -> list:
-        """The probe's ``data`` batches of the training set, or with ``split=eval`` of the eval set
-        (``data=full``: all of it; otherwise ``batches`` fixed batches; seeded, drawn once)."""
-        if self.opts.split == "train":
-            return self.batches(ctx, state)
-        if ctx.eval_set is None:
-            raise UsageError("eps-sharpness.split=eval needs an eval set (the data gives none)")
-        if self.opts.data == "full":
-            return self.measurement_full(ctx, ctx.eval_set)
-        return self.measurement_subset(ctx, ctx.eval_set, purpose=f"{self.name}-eval")
-
-
-def load_model_state(path: str, checkpoint: str = "latest", device: Any = "cpu") -> dict[str, torch.Tensor]:
-    """The model state dict of a run store's checkpoint (``latest`` or a step) or of a ``.pt`` file."""
-    if os.path.isdir(path):
-        import zarr
-
-        from lscape.engine import load_checkpoint
-
-        root = zarr.open_group(path, mode="r")
-        name = None
-        if checkpoint != "latest":
-            name = f"step_{int(checkpoint):09d}"
-        state = load_checkpoint(root, name)
-        if state is None:
-            raise UsageError(f"{path} has no checkpoint {checkpoint}")
-        sd = state["model"]
-    else:
-        try:
-            sd = torch.load(path, weights_only=True, map_location="cpu")
-        except Exception as e:
-            raise UsageError(f"cannot load {path} as a state dict: {e}") from None
-        if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
-            sd = sd["model"]
-    return {k: v.to(device) for k, v in sd.items()}
+    register("landscape", plot_slices)
+    register("landscape", plot_surfaces)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from lscape import Option, UsageError, hookimpl
-from lscape.plugins.forwarding import ScalarForwarder
+from ._forwarder import ScalarForwarder
 
 
 class TensorBoard(ScalarForwarder):

@@ -6,7 +6,7 @@ import os
 import secrets
 
 from lscape import Option, UsageError, hookimpl
-from lscape.plugins.forwarding import ScalarForwarder
+from ._forwarder import ScalarForwarder
 
 
 class WandB(ScalarForwarder):

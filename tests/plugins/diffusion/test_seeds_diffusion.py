@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lscape.plugins.diffusion.msd import (
+from lscape.plugins.diffusion import (
     ensemble_msd,
     epoch_gradient_noise,
     local_exponent,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .msd import BrokenPowerLaw
+from ._msd import BrokenPowerLaw
 
 __all__ = ["plot_msd", "plot_beta", "plot_roughness", "plot_contour_msl", "plot_grad_noise"]
 

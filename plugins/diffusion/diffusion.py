@@ -9,7 +9,7 @@ import numpy as np
 from lscape import Option, Output, Plugin, hookimpl
 from lscape.errors import UsageError
 
-from .msd import (
+from ._msd import (
     contour_length,
     epoch_gradient_noise,
     fit_broken_power_law,
@@ -362,3 +362,19 @@ def _pad(v: np.ndarray, n: int) -> np.ndarray:
     out = np.full(max(n, 1), np.nan)
     out[: min(len(v), len(out))] = v[: len(out)]
     return out
+
+
+@hookimpl
+def register_plugins(register):
+    register(Diffusion)
+
+
+@hookimpl
+def register_plots(register):
+    from ._plots import plot_beta, plot_contour_msl, plot_grad_noise, plot_msd, plot_roughness
+
+    register("diffusion", plot_msd)
+    register("diffusion", plot_beta)
+    register("diffusion", plot_roughness)
+    register("diffusion", plot_contour_msl)
+    register("diffusion", plot_grad_noise)

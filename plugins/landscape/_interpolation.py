@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .slices import evaluate, parse_range
+from ._slices import evaluate, parse_range
 
 __all__ = ["interpolate_state", "interpolation_curve"]
 
