@@ -12,12 +12,6 @@ from ._directions import (
     random_direction,
 )
 from ._interpolation import interpolate_state, interpolation_curve
-from ._keskar import (
-    SharpnessResult,
-    eps_sharpness,
-    eps_sharpness_repeated,
-    model_objective,
-)
 from ._slices import (
     Displacement,
     displaced,

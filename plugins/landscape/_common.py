@@ -12,7 +12,7 @@ from lscape.data import derived_seed, fixed_batches
 from lscape.errors import UsageError
 from lscape.params import select_parameters
 
-__all__ = ["TrainEvalProbe", "SPLIT_OPTIONS", "load_model_state"]
+__all__ = ["TrainEvalProbe", "SPLIT_OPTIONS", "load_model_state", "require_matching_state"]
 
 SPLIT_OPTIONS = (
     Option("eval_batches", int, None, "fixed eval batches (default: as many as train batches; 0: none; -1: all)"),
@@ -74,4 +74,21 @@ def load_model_state(path: str, checkpoint: str = "latest", device: Any = "cpu")
             raise UsageError(f"cannot load {path} as a state dict: {e}") from None
         if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
             sd = sd["model"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UsageError(f"{path} is not a model state dict (a mapping of names to tensors, as torch.save(model.state_dict()) writes)")
     return {k: v.to(device) for k, v in sd.items()}
+
+
+def require_matching_state(what: str, state: dict[str, torch.Tensor], model: Any) -> None:
+    """Refuse, in one line, a state dict whose names or shapes are not the model's."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        name = (missing or extra)[0]
+        raise UsageError(f"{what} is not a state of this model: {'it lacks' if missing else 'the model has no'} "
+                         f"'{name}' ({len(missing)} missing, {len(extra)} unexpected entries)")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise UsageError(f"{what} is not a state of this model: '{k}' has shape {tuple(state[k].shape)}, "
+                             f"the model's is {tuple(v.shape)}")

@@ -14,7 +14,11 @@ from torch import nn
 __all__ = ["parse_range", "evaluate", "Displacement", "displaced", "slice_1d", "surface_rows", "surface_2d"]
 
 
-def parse_range(spec: str | Sequence[float] | np.ndarray) -> np.ndarray:
+#: the most points one range may have (one axis of a landscape, an interpolation path)
+MAX_RANGE_POINTS = 1_000_000
+
+
+def parse_range(spec: str | Sequence[float] | np.ndarray, max_points: int = MAX_RANGE_POINTS) -> np.ndarray:
     """Coefficients from a range string, or a list/array of floats returned unchanged.
 
     Three forms, read by these rules in order:
@@ -31,6 +35,9 @@ def parse_range(spec: str | Sequence[float] | np.ndarray) -> np.ndarray:
 
     An integer third number ``n ≥ 2`` with ``n ≤ |b − a|`` (``"0:10:2"``: 2 points, or steps
     of 2?) is ambiguous and refused with a ValueError that names both spellings.
+
+    A range of more than ``max_points`` points is refused before any array is made
+    (``"-1:1:1e-12"`` would ask numpy for 2·10¹² floats).
     """
     if not isinstance(spec, str):
         return np.asarray(spec, dtype=float)
@@ -43,23 +50,36 @@ def parse_range(spec: str | Sequence[float] | np.ndarray) -> np.ndarray:
             num = int(parts[2][1:])
             if num < 1:
                 raise ValueError
-            return np.linspace(float(parts[0]), float(parts[1]), num)
-        a, b, c = (float(v) for v in parts)
+            lo, hi = float(parts[0]), float(parts[1])
+        else:
+            a, b, c = (float(v) for v in parts)
     except ValueError:
         raise ValueError(usage) from None
+    if parts[2].startswith("#"):
+        _require_points(spec, num, max_points)
+        return np.linspace(lo, hi, num)
     if not all(math.isfinite(v) for v in (a, b, c)):
         raise ValueError(f"bad range '{spec}': the numbers must be finite")
     if _is_integer_literal(parts[2]) and c >= 2:
         if c > abs(b - a):
+            _require_points(spec, c, max_points)
             return np.linspace(a, b, int(c))
         raise ValueError(f"ambiguous range '{spec}': write {parts[0]}:{parts[1]}:#{int(c)} for {int(c)} points, "
                          f"or {parts[0]}:{parts[1]}:{c!r} for the step form (start:stop:step or start:step:stop)")
     start, step, stop = (a, b, c) if abs(b) <= abs(c) else (a, c, b)
     if step == 0 or (stop - start) / step < 0:
         raise ValueError(usage)
+    count = (stop - start) / step + 1
+    _require_points(spec, count, max_points)
     n = math.floor((stop - start) / step + 1e-6) + 1
     # multiply rather than accumulate so that 0 comes out as exactly 0
     return np.round(start + step * np.arange(n), 12)
+
+
+def _require_points(spec: str, count: float, max_points: int) -> None:
+    if count > max_points:
+        raise ValueError(f"range '{spec}' has {count:.3g} points, more than the {max_points:,} one range may have: "
+                         "use a coarser step or fewer points")
 
 
 def _is_integer_literal(text: str) -> bool:

@@ -8,7 +8,7 @@ import torch
 from lscape import Option, Output, hookimpl
 from lscape.errors import UsageError
 
-from ._common import SPLIT_OPTIONS, TrainEvalProbe, load_model_state
+from ._common import SPLIT_OPTIONS, TrainEvalProbe, load_model_state, require_matching_state
 from ._interpolation import interpolation_curve
 from ._slices import parse_range
 
@@ -47,6 +47,11 @@ class Interpolate(TrainEvalProbe):
             raise UsageError(f"interpolate: {e}") from None
         self._other: dict[str, torch.Tensor] | None = None
 
+    def check(self, ctx) -> None:
+        # before the store exists: the other model must load and fit this one
+        self._other = load_model_state(self.opts.other, self.opts.checkpoint, ctx.device)
+        require_matching_state(f"interpolate.other ({self.opts.other})", self._other, ctx.model)
+
     def measure(self, ctx, state):
         if self._other is None:
             self._other = load_model_state(self.opts.other, self.opts.checkpoint, ctx.device)
@@ -57,7 +62,6 @@ class Interpolate(TrainEvalProbe):
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"interpolate: the two models do not match: {e}") from None
         return curve
-
 
 
 @hookimpl

@@ -12,6 +12,8 @@ from lscape import hookimpl
 from . import datasets, defaults, images, models, resnet_imagenet
 from .formats import from_hf
 
+__all__ = ["MODELS", "DATASETS", "LOSSES", "OPTIMIZERS", "from_hf"]
+
 #: name -> (factory, help); the names users give to --model.
 MODELS = {
     "mlp": (defaults.mlp, "fully connected network: widths=64,64 activation=relu bias=true"),
