@@ -17,7 +17,7 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["available_memory", "require_memory", "require_at_most", "human_bytes", "ProbeTimer"]
+__all__ = ["available_memory", "require_memory", "require_at_most", "human_bytes", "sample_bytes", "ProbeTimer"]
 
 #: share of the available memory one allocation may claim before it is refused
 MEMORY_FRACTION = 0.8
@@ -54,6 +54,28 @@ def require_memory(nbytes: float, what: str, option: str, device: Any = "cpu", *
         return
     raise UsageError(f"{what} needs about {human_bytes(nbytes)} but {torch.device(device).type} has "
                      f"{human_bytes(free)} available; lower {option}")
+
+
+def sample_bytes(dataset: Any) -> int:
+    """Bytes of one sample of a map-style ``dataset`` (its tensors and arrays); 0 when it cannot
+    be told (an iterable data set, or samples that are not tensors)."""
+    try:
+        sample = dataset[0]
+    except Exception:
+        return 0
+
+    def size(x: Any) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if hasattr(x, "nbytes"):
+            return int(x.nbytes)
+        if isinstance(x, dict):
+            return sum(size(v) for v in x.values())
+        if isinstance(x, (tuple, list)):
+            return sum(size(v) for v in x)
+        return 8 if isinstance(x, (int, float)) else 0
+
+    return size(sample)
 
 
 def require_at_most(value: float, limit: float, option: str, what: str) -> None:

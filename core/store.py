@@ -43,6 +43,12 @@ import zarr
 from .errors import UsageError, message_line
 from .options import Output
 
+#: folders that experiment trackers keep inside a run store's folder by default (the tensorboard
+#: and wandb plugins): not zarr nodes, so zarr's listing skips them; its warning about them is noise
+TRACKER_FOLDERS = ("tensorboard", "wandb")
+warnings.filterwarnings("ignore", message=rf"Object at ({'|'.join(TRACKER_FOLDERS)}) is not recognized as a component",
+                        category=UserWarning)
+
 __all__ = ["RunStore", "GroupWriter", "RunReader", "WriterLock", "store_exists", "to_numpy", "written_rows",
            "committed_rows"]
 

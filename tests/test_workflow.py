@@ -257,7 +257,7 @@ def test_tensorboard_gets_every_groups_scalars_once_per_step_even_across_resume(
     opts = dict(plugins=["tensorboard", "sharpness"], plugin_options={"sharpness": {"every": 2}})
     lscape.run(steps=4, out=str(out), eval_schedule="every:2", **TINY, **opts)
     lscape.run(resume=str(out), steps=7, progress=False)
-    events = EventAccumulator(str(tmp_path / "runs" / "tensorboard" / "tb"))
+    events = EventAccumulator(str(tmp_path / "runs" / "tb.zarr" / "tensorboard"))
     events.Reload()
 
     def scalars(tag):
@@ -305,7 +305,7 @@ def test_wandb_offline_logs_every_groups_scalars(tmp_path, monkeypatch):
     out = tmp_path / "w.zarr"
     lscape.run(steps=5, out=str(out), plugins=["wandb", "grad-norm"],
                plugin_options={"wandb": {"mode": "offline", "project": "test"}}, **TINY)
-    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    files = list((out / "wandb" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     rows = {int(r["_step"]): r for r in _wandb_history(files[0])}
     train, norms = RunReader(out).read("train"), RunReader(out).read("grad-norm")

@@ -12,11 +12,13 @@ evaluations) are left out; the run store stays the record, the tracker a view of
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from lscape import Plugin, hookimpl
+from lscape.errors import UsageError
 
-__all__ = ["ScalarForwarder", "scalar"]
+__all__ = ["ScalarForwarder", "scalar", "require_writable_folder"]
 
 
 def scalar(value: Any) -> float | None:
@@ -114,3 +116,21 @@ class ScalarForwarder(Plugin):
         for step in sorted(by_step):
             self.write(step, by_step[step])
             self._last_sent = step
+
+
+def require_writable_folder(path: str, option: str) -> None:
+    """Refuse, before the store exists, a folder a tracker could not write into: a file in its
+    place, a parent that is a file, or no write permission where it would be created."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option}: {path} is a file, not a folder")
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise UsageError(f"{option}: cannot create {path}: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{option}: cannot write into {probe} (permission denied)")

@@ -5,21 +5,24 @@ from __future__ import annotations
 import os
 
 from lscape import Option, UsageError, hookimpl
-from ._forwarder import ScalarForwarder
+from ._forwarder import ScalarForwarder, require_writable_folder
 
 
 class TensorBoard(ScalarForwarder):
     """Writes every scalar the active plugins record (`train/loss`, `sharpness/lambda_max`, ...)
-    as TensorBoard scalars, step by step; `tensorboard --logdir runs/tensorboard` compares runs."""
+    as TensorBoard scalars, step by step, into the run store's own folder (``RUN.zarr/tensorboard``)
+    unless ``log_dir`` says otherwise; `tensorboard --logdir runs` compares every run under ``runs``."""
 
     name = "tensorboard"
     options = (
-        Option("log_dir", str, None, "event folder (default: tensorboard/RUN next to the run store)"),
+        Option("log_dir", str, None, "event folder (default: tensorboard/ inside the run store's folder)"),
         Option("every", int, 1, "send the collected scalars every N steps", minimum=1),
     )
 
     def check(self, ctx):
         _summary_writer()
+        if self.opts.log_dir:
+            require_writable_folder(self.opts.log_dir, "tensorboard.log_dir")
 
     def open(self, ctx):
         log_dir = self.opts.log_dir or default_log_dir(ctx.store.path)
@@ -40,11 +43,13 @@ class TensorBoard(ScalarForwarder):
 
 
 def default_log_dir(store_path: str) -> str:
-    """``runs/tensorboard/NAME`` for ``runs/NAME.zarr``: one folder holds all runs' events."""
+    """``runs/NAME.zarr/tensorboard`` for ``runs/NAME.zarr``: the events travel with the store (zarr
+    ignores a folder without zarr metadata). A URL store's events stay local, in
+    ``runs/tensorboard/NAME``."""
     path = str(store_path).removeprefix("file://").rstrip("/")
-    if "://" in path:  # a URL store: events stay local
+    if "://" in path:
         return os.path.join("runs", "tensorboard", os.path.basename(path).removesuffix(".zarr"))
-    return os.path.join(os.path.dirname(path) or ".", "tensorboard", os.path.basename(path).removesuffix(".zarr"))
+    return os.path.join(path, "tensorboard")
 
 
 def resumed_step(ctx) -> int | None:

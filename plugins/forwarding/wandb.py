@@ -6,7 +6,7 @@ import os
 import secrets
 
 from lscape import Option, UsageError, hookimpl
-from ._forwarder import ScalarForwarder
+from ._forwarder import ScalarForwarder, require_writable_folder
 
 
 class WandB(ScalarForwarder):
@@ -21,7 +21,7 @@ class WandB(ScalarForwarder):
         Option("name", str, None, "W&B run name (default: the run store's name)"),
         Option("mode", str, None, "online, offline or disabled (default: wandb's, e.g. WANDB_MODE)",
                choices=("online", "offline", "disabled")),
-        Option("dir", str, None, "folder for W&B's files (default: next to the run store)"),
+        Option("dir", str, None, "folder for W&B's files (default: wandb/ inside the run store's folder)"),
         Option("tags", str, None, "comma-separated W&B tags"),
         Option("every", int, 1, "send the collected scalars every N steps", minimum=1),
     )
@@ -33,12 +33,14 @@ class WandB(ScalarForwarder):
 
     def check(self, ctx):
         _wandb()
+        if self.opts.dir:
+            require_writable_folder(self.opts.dir, "wandb.dir")
 
     def open(self, ctx):
         wandb = _wandb()
         path = str(ctx.store.path).removeprefix("file://").rstrip("/")
         name = self.opts.name or os.path.basename(path).removesuffix(".zarr")
-        folder = self.opts.dir or (os.path.dirname(path) if "://" not in path else None) or "."
+        folder = self.opts.dir or (os.path.join(path, "wandb") if "://" not in path else "wandb")
         os.makedirs(folder, exist_ok=True)
         self.run_id = self.run_id or secrets.token_hex(4)  # W&B's id format: 8 of [a-z0-9]
         self._run = wandb.init(project=self.opts.project, entity=self.opts.entity, name=name, id=self.run_id,

@@ -121,6 +121,16 @@ class GradNoise(Probe):
         self._pending = {"step": state.step, "values": values, "g_hat": g_hat, "batches": ghat_batches}
         return values
 
+    def check(self, ctx) -> None:
+        from lscape.limits import require_memory, sample_bytes
+
+        # the sampler's batches of one draw are held at once (ĝ's, the noise's, the sharpness's)
+        o = self.opts
+        held = max(o.noise_size, o.sharpness_batches, 2 * o.dir_pairs)
+        require_memory(held * self._batch_size(ctx) * sample_bytes(ctx.train_set),
+                       f"grad-noise's {held} batches held at once", "grad-noise.noise_size (or sharpness_batches, "
+                       "dir_pairs, measure_batch_size)", ctx.device)
+
     def _update_size(self, ctx, state) -> float | None:
         """η‖g_B‖ of the training batch's gradient, before weight decay and momentum touch it."""
         named = select_parameters(ctx.model, self.opts.params)
