@@ -98,14 +98,14 @@ def _log_points(m: np.ndarray, lags: np.ndarray | None) -> tuple[np.ndarray, np.
 
 
 def two_point_exponent(m: np.ndarray, span: int = 20, lags: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Local exponent as the anomalous-diffusion code's two-point slope: over each run of
-    ``span`` consecutive lags (those of :func:`local_exponent`), β = ln(m_last/m_first) /
-    ln(τ_last/τ_first), at the geometric centre of the two end lags."""
+    """Local exponent as the anomalous-diffusion code's two-point slope (plot_fig2.m): between
+    the lags ``span`` indices apart, τ_i and τ_{i+span} (the lags of :func:`local_exponent`),
+    β = ln(m(τ_{i+span})/m(τ_i)) / ln(τ_{i+span}/τ_i), at the geometric centre of the two."""
     lx, ly = _log_points(m, lags)
-    n = len(lx) - span + 1
-    if span < 2 or n < 1:
+    n = len(lx) - span
+    if span < 1 or n < 1:
         return np.empty(0), np.empty(0)
-    a, b = slice(0, n), slice(span - 1, span - 1 + n)
+    a, b = slice(0, n), slice(span, span + n)
     return np.exp((lx[a] + lx[b]) / 2), (ly[b] - ly[a]) / (lx[b] - lx[a])
 
 
@@ -302,8 +302,8 @@ def roughness(
     separations have few independent pairs and a noisy MSL). Pairs are visited in row blocks (memory O(block · T)); ``max_pairs`` subsamples
     rows (seeded) for very long windows.
 
-    ``spacing="linear"`` uses ``bins`` equal-width bins from 0 to the largest Δr, as the
-    anomalous-diffusion code does (the fit then leans on the long separations, where the
+    ``spacing="linear"`` uses ``bins`` equal-width bins from the smallest to the largest Δr, as
+    the anomalous-diffusion code does (the fit then leans on the long separations, where the
     bins hold most pairs). ``distance="contour"`` bins against the contour length
     s_ij = Σ_{i≤k<j} ‖x[k+1] − x[k]‖ (the path walked between the two points) instead of
     the chord ‖x_j − x_i‖: the MSL against contour length.
@@ -344,7 +344,7 @@ def roughness(
     if not np.isfinite(lo) or hi <= lo:
         edges = np.linspace(0, 1, bins + 1)
     elif spacing == "linear":
-        edges = np.linspace(0.0, hi * (1 + 1e-12), bins + 1)
+        edges = np.linspace(lo, hi * (1 + 1e-12), bins + 1)
     else:
         edges = np.geomspace(lo, hi * (1 + 1e-12), bins + 1)
     sums = np.zeros(bins)

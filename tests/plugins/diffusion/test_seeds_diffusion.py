@@ -56,18 +56,20 @@ def test_msd_without_time_averaging_and_its_ensemble_over_waiting_times():
     assert np.polyfit(np.arange(1, 41), ens[1:], 1)[0] == pytest.approx(3.0, rel=0.15)
 
 
-def test_two_point_exponent_is_the_slope_between_the_ends_of_each_span():
+def test_two_point_exponent_is_the_slope_between_lags_span_apart():
+    """plot_fig2.m's slope between τ_i and τ_{i+span} (span=20: lags 20 apart, not 19)."""
     tau = np.arange(0, 200, dtype=float)
     m = 2.0 * tau**1.37
     centres, beta = two_point_exponent(m, span=20)
+    assert len(beta) == 199 - 20  # lags 1..199 (τ=0 has no logarithm), pairs 20 apart
     np.testing.assert_allclose(beta, 1.37, rtol=1e-12)
-    np.testing.assert_allclose(centres, np.sqrt(tau[1:len(beta) + 1] * tau[20:20 + len(beta)]), rtol=1e-12)
+    np.testing.assert_allclose(centres, np.sqrt(tau[1:len(beta) + 1] * tau[21:21 + len(beta)]), rtol=1e-12)
     # on a curved MSD it differs from the least-squares slope of the same span
     curved = tau + tau**2 / 50
     b_fit = local_exponent(curved, 20)[1]
     b_two = two_point_exponent(curved, 20)[1]
     i = 5
-    ln_t, ln_m = np.log(tau[i + 1:i + 21]), np.log(curved[i + 1:i + 21])
+    ln_t, ln_m = np.log(tau[[i + 1, i + 21]]), np.log(curved[[i + 1, i + 21]])
     assert b_two[i] == pytest.approx((ln_m[-1] - ln_m[0]) / (ln_t[-1] - ln_t[0]), rel=1e-12)
     assert abs(b_two[i] - b_fit[i]) > 1e-4
 
@@ -90,7 +92,8 @@ def test_linear_bins_and_the_contour_length_distance_match_brute_force():
     contour = walked[j] - walked[i]
     dl2 = (loss[j] - loss[i]) ** 2
     r = roughness(x, loss, bins=12, min_count=1, spacing="linear")
-    edges = np.linspace(0, chord.max() * (1 + 1e-12), 13)
+    # the seed's linear bins run from the smallest distance to the largest, not from 0
+    edges = np.linspace(chord.min(), chord.max() * (1 + 1e-12), 13)
     np.testing.assert_allclose(r.edges, edges)
     counts, msl = _brute(chord, dl2, edges)
     np.testing.assert_array_equal(r.counts, counts)
