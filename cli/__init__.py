@@ -407,7 +407,7 @@ def _fmt(value: Any) -> str:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]")
-@click.option("--out", "out_dir", help="folder for the figures  [default: RUN-plots next to the first run]")
+@click.option("--out", "out_dir", help="folder for the figures  [default: RUN-plots next to the run; A-vs-B-plots for several]")
 @click.option("--format", "fmt", type=click.Choice(["png", "pdf", "svg"]), default="png", show_default=True,
               help="file format of the figures")
 @click.option("--dpi", type=click.IntRange(10, 2400), default=110, show_default=True, help="resolution (png)")
@@ -416,31 +416,16 @@ def _fmt(value: Any) -> str:
 def plot(runs, out_dir, fmt, dpi, smooth):
     """Figures for every plugin that recorded data; several runs are overlaid, one colour each."""
     from lscape.manager import build_registry, get_plugin_manager
-    from lscape.plotting import configure
+    from lscape.plotting import configure, default_plot_folder, plot_runs, require_writable_folder
     from lscape.store import RunReader
 
     readers = [RunReader(r) for r in runs]
-    if out_dir is None:
-        first = readers[0].path.rstrip("/")
-        out_dir = first.removesuffix(".zarr") + "-plots"
-    out = Path(out_dir)
-    _writable_folder(out)
-    reg = build_registry(get_plugin_manager())
-    written: list[Path] = []
-    groups = {g.split("/")[0] for r in readers for g in r.groups()} | {g for r in readers for g in r.groups()}
+    out = Path(out_dir) if out_dir is not None else default_plot_folder([r.path for r in readers])
+    require_writable_folder(out)
     with configure(format=fmt, dpi=dpi, smooth=smooth):
-        for group, entries in reg.plots.items():
-            if group not in groups:
-                continue
-            having = [r for r in readers if r.has(group) or any(g.startswith(group + "/") for g in r.groups())]
-            for entry in entries:
-                try:
-                    written += [p for p in (entry.obj(having, out) or []) if p is not None]
-                except UsageError:
-                    raise
-                except Exception as e:  # one broken figure should not hide the others
-                    click.echo(f"warning: the '{group}' figure from {entry.source} failed: {type(e).__name__}: {e}",
-                               err=True)
+        written, warnings = plot_runs(readers, out, build_registry(get_plugin_manager()))
+    for message in warnings:
+        click.echo(f"warning: {message}", err=True)
     for r in readers:  # a run that failed before recording anything is named, not silently left out
         if not [g for g in r.groups() if g != "checkpoints"]:
             click.echo(f"{r.path} ({r.attrs.get('status')}): nothing recorded, not drawn", err=True)
@@ -449,18 +434,6 @@ def plot(runs, out_dir, fmt, dpi, smooth):
         return
     for p in written:
         click.echo(str(p))
-
-
-def _writable_folder(out: Path) -> None:
-    """``out`` is (or can be made) a folder this process can write, else a ``UsageError``."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder for the figures")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create the figure folder {out}: {e.strerror or e}") from None
-    if not os.access(out, os.W_OK):
-        raise UsageError(f"cannot write figures to {out}: the folder is not writable")
 
 
 def _add_plugin_commands() -> None:

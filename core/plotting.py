@@ -306,3 +306,96 @@ def moving_average(values: Any, window: int) -> Any:
     n = c[idx] - c[lo]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n > 0, (s[idx] - s[lo]) / np.maximum(n, 1), np.nan)
+
+
+def default_plot_folder(paths: Sequence[str]) -> Path:
+    """``RUN-plots`` next to a single run; for several runs a folder named after all of them
+    (``A-vs-B-plots``, beside the first), so an overlay never lands in one run's own folder."""
+    stores = [Path(str(p).removeprefix("file://").rstrip("/")) for p in paths]
+    names = [s.name.removesuffix(".zarr") for s in stores]
+    if len(stores) == 1:
+        return stores[0].with_name(names[0] + "-plots")
+    label = "-vs-".join(names[:3]) + (f"-and-{len(names) - 3}-more" if len(names) > 3 else "")
+    return stores[0].parent / (label[:120] + "-plots")
+
+
+def require_writable_folder(out: Path, flag: str = "--out") -> None:
+    """``out`` is a folder this process could create or write, else a ``UsageError``; nothing is
+    created (a refused plot leaves no empty folder behind)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {out} is a file, not a folder for the figures")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot create the figure folder {out}: {probe} is a file")
+    import os
+
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write figures to {out}: {probe} is not writable")
+
+
+def plot_runs(readers: Sequence[Any], out: Path, registry: Any) -> tuple[list[Path], list[str]]:
+    """Every registered figure for the groups ``readers`` hold, and a generic figure for each
+    group no plot is registered for (a third-party probe's arrays are never silently left
+    out). Returns the figures written and warnings (a figure function that failed)."""
+    written_paths: list[Path] = []
+    warnings: list[str] = []
+    groups = {g.split("/")[0] for r in readers for g in r.groups()} | {g for r in readers for g in r.groups()}
+    for group, entries in registry.plots.items():
+        if group not in groups:
+            continue
+        having = [r for r in readers if r.has(group) or any(g.startswith(group + "/") for g in r.groups())]
+        for entry in entries:
+            try:
+                written_paths += [p for p in (entry.obj(having, out) or []) if p is not None]
+            except UsageError:
+                raise
+            except Exception as e:  # one broken figure should not hide the others
+                warnings.append(f"the '{group}' figure from {entry.source} failed: {type(e).__name__}: {e}")
+    covered = set(registry.plots)
+    for group in sorted(g for g in groups if "/" not in g and g not in covered and g != "checkpoints"):
+        having = [r for r in readers if r.has(group)]
+        if having:
+            note(f"no figure is registered for the group '{group}': drawing its arrays against step")
+            written_paths += written(generic_figures(having, group, out))
+    return written_paths, warnings
+
+
+def generic_figures(runs: Sequence[Any], group: str, out_dir: Path) -> list[Path | None]:
+    """One figure per array of ``group``: a (step,) array as a line, a (step, k) array as k
+    lines (labelled by the array's ``labels`` attribute when it has one, e.g. parameter names);
+    arrays of more dimensions are named and skipped."""
+    import numpy as np
+
+    colours = run_colours(len(runs))
+    labels = run_labels(runs)
+    data = [(run, run.read(group), run.arrays(group)) for run in runs]
+    names = sorted({n for _, d, _ in data for n in d if n != "step"})
+    paths: list[Path | None] = []
+    for name in names:
+        fig, ax = figure(f"{group}: {name}", "step", name)
+        drew = False
+        for (run, d, arrays), colour, label in zip(data, colours, labels):
+            if name not in d or "step" not in d:
+                continue
+            y = np.asarray(d[name], dtype=float) if np.asarray(d[name]).dtype.kind in "fiub" else None
+            if y is None or y.ndim > 2 or len(y) != len(d["step"]):
+                note(f"{group}/{name} of {run.name}: not a (step,) or (step, k) number array, not drawn")
+                continue
+            if y.ndim == 1:
+                line(ax, d["step"], y, label=label, color=colour)
+            else:
+                names_k = list(arrays[name].attrs.get("labels", [])) or [str(j) for j in range(y.shape[1])]
+                for j in range(y.shape[1]):
+                    line(ax, d["step"], y[:, j], label=f"{label} {names_k[j] if j < len(names_k) else j}".strip(),
+                         color=colour, alpha=max(0.25, 1 - j / max(y.shape[1], 1)))
+            drew = True
+        if drew:
+            paths.append(save(fig, out_dir / f"{group}_{name}.png", legend=ax))
+        else:
+            _pyplot().close(fig)
+    return paths
