@@ -298,7 +298,7 @@ def show(run_path, as_json):
     values, and a summary per series (first, last, min, max, mean over the last 10%)."""
     from rich.table import Table
 
-    from lscape.display import format_value, run_summary, steps_text
+    from lscape.display import config_line, format_value, run_summary, steps_text
     from lscape.store import RunReader
 
     reader = RunReader(run_path)
@@ -314,10 +314,7 @@ def show(run_path, as_json):
         console.print(f"error: {summary['error']}", markup=False)
     if reader.attrs.get("kind") == "measure":
         console.print(f"measurements (lscape measure) of {reader.attrs.get('source') or 'a fresh model'}", markup=False)
-    console.print(f"model {cfg.get('model')} {cfg.get('model_opts') or ''}  data {cfg.get('data')}  "
-                  f"loss {cfg.get('loss')}  optimizer {cfg.get('optimizer')} lr {cfg.get('lr')}  "
-                  f"batch {cfg.get('batch_size')}  seed {cfg.get('seed')}  data seed {cfg.get('data_seed', 0)}  "
-                  f"plugins {', '.join(cfg.get('plugins') or [])}", markup=False)
+    console.print(config_line(cfg), markup=False)
     for ext in summary.get("extensions") or []:
         changed = ", ".join(f"{k} {ext['from'].get(k)} -> {v}" for k, v in ext.items()
                             if k not in ("from", "at_step", "time"))

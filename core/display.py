@@ -136,6 +136,33 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+#: characters one config value may take in `show` and the notebook view
+SHORT_VALUE = 60
+
+
+def short_value(value: Any, width: int = SHORT_VALUE) -> str:
+    """A config value on one short line: an object's stored description (a whole model's, a
+    DataLoader's or an optimizer's repr, recorded by attach/object runs) cut to its first line
+    and ``width`` characters."""
+    if value is None:
+        return "-"
+    text = str(value).strip()
+    first = text.splitlines()[0] if text else ""
+    if len(first) > width or first != text:
+        first = first[: width - 1].rstrip() + "…"
+    return first
+
+
+def config_line(cfg: dict[str, Any]) -> str:
+    """The one-line description of a run's workload, as `show` prints it."""
+    s = short_value
+    opts = cfg.get("model_opts")
+    return (f"model {s(cfg.get('model'))}{' ' + s(opts) if opts else ''}  data {s(cfg.get('data'))}  "
+            f"loss {s(cfg.get('loss'))}  optimizer {s(cfg.get('optimizer'))} lr {cfg.get('lr')}  "
+            f"batch {cfg.get('batch_size')}  seed {cfg.get('seed')}  data seed {cfg.get('data_seed', 0)}  "
+            f"plugins {', '.join(cfg.get('plugins') or [])}")
+
+
 def steps_text(summary: dict[str, Any]) -> str:
     done, total = summary.get("steps_done"), summary.get("total_steps")
     if done is None:
@@ -214,8 +241,9 @@ def html(reader: Any) -> str:
     head = (f"<b>{e(s['path'])}</b> &nbsp; status: <b>{e(str(s['status']))}</b> &nbsp; steps: {e(steps_text(s))}"
             + (f" &nbsp; latest checkpoint: step {ckpt['step']}" if ckpt else ""))
     cfg = s.get("config") or {}
-    conf = (f"model {e(str(cfg.get('model')))} · data {e(str(cfg.get('data')))} · optimizer "
-            f"{e(str(cfg.get('optimizer')))} lr {e(str(cfg.get('lr')))} · batch {e(str(cfg.get('batch_size')))}"
+    s_ = short_value
+    conf = (f"model {e(s_(cfg.get('model')))} · data {e(s_(cfg.get('data')))} · optimizer "
+            f"{e(s_(cfg.get('optimizer')))} lr {e(str(cfg.get('lr')))} · batch {e(str(cfg.get('batch_size')))}"
             f" · seed {e(str(cfg.get('seed')))}")
     rows = []
     for g, arrays in s["groups"].items():

@@ -387,6 +387,15 @@ class RunReader:
     def has(self, group: str) -> bool:
         return group in self.groups()
 
+    def __repr__(self) -> str:
+        from .display import progress_of
+
+        kind = "measurement store" if self.attrs.get("kind") == "measure" else "run store"
+        p = progress_of(self)
+        groups = ", ".join(g for g in self.groups() if g != "checkpoints") or "-"
+        return (f"<lscape {kind} {self.path!r}: status {self.status}, steps {p['steps_done']}/"
+                f"{p['total_steps'] if p['total_steps'] is not None else '?'}, groups {groups}>")
+
     def _repr_html_(self) -> str:
         from .display import html
 
