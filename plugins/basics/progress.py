@@ -46,15 +46,9 @@ class Progress(Plugin):
         self._time_limit = ctx.config.time_limit
         self._step = self._step0 = None
         if sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
-
-            self._bar = Bar(
-                TextColumn("[bold]lscape[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(), TextColumn("[cyan]{task.fields[doing]}"), transient=False,
-                refresh_per_second=4,
-            )
+            self._bar = progress_bar()
             self._bar.start()
-            self._task = self._bar.add_task("train", total=total, info="", doing="")
+            self._task = self._bar.add_task("train", total=total, info="")
         else:
             limit = f"{total} steps" if total else (f"time limit {ctx.config.time_limit:g}s"
                                                     if ctx.config.time_limit is not None else "no set length")
@@ -107,7 +101,8 @@ class Progress(Plugin):
         if self._bar is not None:
             if act is None or started or now - self._last_activity >= 0.1:
                 self._last_activity = now
-                self._bar.update(self._task, doing=f"measuring {act.describe()}" if act is not None else "")
+                self._bar.doing = f"measuring {act.describe()}" if act is not None else ""
+                self._bar.refresh()
         elif act is not None and now - self._last_log >= self.opts.log_every:
             # a measurement longer than log_every still gets its lines
             self._last_log = now
@@ -134,6 +129,33 @@ class Progress(Plugin):
             return ""
         left = int(round(left))
         return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+
+
+def progress_bar(console=None):
+    """The training bar: the bar, the step count and the ETA keep their room at any terminal
+    width (80 columns included), the loss/metrics text is cut to what is left, and the probe
+    being measured has its own line under the bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Column
+    from rich.text import Text
+
+    class Bar(Progress):
+        doing = ""
+
+        def get_renderables(self):
+            yield self.make_tasks_table(self.tasks)
+            if self.doing:
+                yield Text(self.doing, style="cyan", no_wrap=True, overflow="ellipsis")
+
+    fixed = dict(no_wrap=True, overflow="fold")
+    return Bar(
+        TextColumn("[bold]lscape[/]", table_column=Column(**fixed)),
+        BarColumn(bar_width=20, table_column=Column(**fixed, min_width=20)),
+        MofNCompleteColumn(table_column=Column(**fixed, min_width=11)),
+        TimeRemainingColumn(table_column=Column(**fixed, min_width=7)),
+        TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+        transient=False, refresh_per_second=4, console=console, expand=True,
+    )
 
 
 class MeasureProgress:
