@@ -262,9 +262,17 @@ def plugins(name, as_json):
     if as_json:
         click.echo(json.dumps(listing, indent=2))
         return
-    table = Table("plugin", "kind", "from", "what it does", title="plugins (--plugin NAME)")
+    # below 120 columns the source module (shown by `lscape plugins NAME`) gives its room to the help
+    wide = console.width >= 120
+    table = Table(title="plugins (--plugin NAME)")
+    table.add_column("plugin", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    if wide:
+        table.add_column("from", no_wrap=True, overflow="ellipsis", max_width=32)
+    table.add_column("what it does", ratio=1)
     for n, e in listing["plugins"].items():
-        table.add_row(*_cells(n, e["kind"] + (" (always on)" if e["always_on"] else ""), e["source"], e["help"]))
+        kind = e["kind"] + (" (always on)" if e["always_on"] else "")
+        table.add_row(*_cells(n, kind, *([e["source"]] if wide else []), e["help"]))
     console.print(table)
     table = Table("module", "version", "hooks", title="plugin modules")
     for n, m in listing["modules"].items():
