@@ -3,7 +3,7 @@
 One public module per plugin (`trajectory`, `diffusion`); the maths they share lives in the
 private modules beside them and is re-exported here."""
 
-from .diffusion import Diffusion, analyse_run, analyse_window
+from .diffusion import Diffusion, analyse_epochs, analyse_run, analyse_window
 from ._msd import (
     BrokenPowerLaw,
     Roughness,
@@ -31,6 +31,7 @@ __all__ = [
     "Roughness",
     "RandomProjection",
     "Trajectory",
+    "analyse_epochs",
     "analyse_run",
     "analyse_window",
     "contour_length",

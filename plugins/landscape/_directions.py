@@ -106,9 +106,17 @@ def state_tensors(model) -> tuple[list[str], list[torch.Tensor]]:
     return names, tensors
 
 
-def random_state_direction(tensors: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """loss-landscape's ``dir_type=states``: a Gaussian direction over every state entry (BN buffers included)."""
-    return random_direction(tensors, generator)
+def random_state_direction(model, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """loss-landscape's ``dir_type=states``: a Gaussian direction over the floating-point state
+    entries (BatchNorm running statistics included), drawn as the seed draws it — one
+    ``randn`` per ``state_dict`` entry in order, integer counters (``num_batches_tracked``)
+    included, whose draws are then dropped — so the same seed gives the seed's direction."""
+    out = []
+    for t in model.state_dict(keep_vars=True).values():
+        d = torch.randn(t.shape, generator=generator, dtype=torch.float32)
+        if torch.is_floating_point(t):
+            out.append(d.to(device=t.device, dtype=t.dtype))
+    return out
 
 
 @torch.no_grad()

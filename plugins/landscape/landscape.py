@@ -14,7 +14,7 @@ from lscape.errors import UsageError
 from lscape.params import select_parameters, unflatten
 
 from ._common import SPLIT_OPTIONS, TrainEvalProbe
-from ._directions import normalize_to, random_direction, state_tensors
+from ._directions import normalize_to, random_direction, random_state_direction, state_tensors
 from ._slices import displaced, evaluate, parse_range, slice_1d
 
 __all__ = ['Landscape', 'fill_surface', 'MAX_GRID_POINTS']
@@ -109,7 +109,7 @@ class Landscape(TrainEvalProbe):
             if self.opts.same_dir and dirs:
                 dirs.append([t.clone() for t in dirs[0]])
                 continue
-            raw = random_direction(params, gen)
+            raw = random_state_direction(ctx.model, gen) if self.opts.dir_type == "states" else random_direction(params, gen)
             dirs.append(normalize_to(raw, params, "filter" if how == "auto" else how, self.opts.ignore))
         return dirs, extra
 

@@ -391,3 +391,17 @@ def test_pca_directions_are_sklearns_on_a_path_in_a_known_plane():
     torch.testing.assert_close((M - M.mean(0)) @ P, M - M.mean(0), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="fewer than 2 directions"):
         pca_directions(M[:2])
+
+
+def test_dir_type_states_draws_as_the_seed_draws_counters_included():
+    """net_plotter.get_random_states: one randn per state_dict entry, num_batches_tracked too."""
+    from lscape.plugins.landscape._directions import random_state_direction
+
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, 2), nn.BatchNorm1d(2))
+    ours = random_state_direction(model, torch.Generator().manual_seed(7))
+    torch.manual_seed(7)
+    seed_dirs = [torch.randn(w.size()) for k, w in model.state_dict().items()]
+    floating = [d for d, w in zip(seed_dirs, model.state_dict().values()) if torch.is_floating_point(w)]
+    assert len(ours) == len(floating) < len(seed_dirs)
+    for a, b in zip(ours, floating):
+        assert torch.equal(a, b)
