@@ -114,6 +114,11 @@ def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output, target)
 
 
+# the curvature operators recognise a loss that declares itself a plain mean cross-entropy over
+# rows (the GGN's and Fisher's closed forms); any loss function may declare it this way
+cross_entropy.ce_like = {"ignore_index": -100}
+
+
 def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error over all entries; integer class targets are one-hot encoded."""
     if not target.is_floating_point():
