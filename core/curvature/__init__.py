@@ -19,6 +19,7 @@ from lscape.curvature.base import CurvatureOperator
 from lscape.curvature.dense import DEFAULT_MAX_PARAMS, DenseSpectrum, dense_hessian, dense_matrix, dense_spectrum
 from lscape.curvature.density import SpectralDensity, gaussian_density, slq_density
 from lscape.curvature.empirical_fisher import EmpiricalFisher
+from lscape.curvature.errors import CurvatureArgumentError
 from lscape.curvature.fisher import MonteCarloFisher
 from lscape.curvature.ggn import GaussNewton
 from lscape.curvature.hessian import Hessian
@@ -31,6 +32,7 @@ __all__ = [
     "HessianOperator",
     "gradient",
     "CurvatureOperator",
+    "CurvatureArgumentError",
     "Hessian",
     "GaussNewton",
     "MonteCarloFisher",

@@ -11,6 +11,7 @@ from torch import nn
 
 from lscape import params as lparams
 from lscape.batch import sequence_of_batches
+from lscape.curvature.errors import CurvatureArgumentError
 
 __all__ = ["model_state", "seeded_rng", "resolve_params", "as_batches", "unflatten_rows", "grad_rows", "vjp_out",
            "ce_like", "ce_rows", "count_rows"]
@@ -80,7 +81,7 @@ def seeded_rng(seed: int, device: torch.device):
 def resolve_params(model: nn.Module, params: Any) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) pairs from None, glob pattern(s) or a list of the model's parameters.
 
-    Raises ``ValueError`` for a selection that is empty or holds frozen or foreign tensors.
+    Raises :class:`CurvatureArgumentError` (a ``ValueError``, argument ``params``) for a selection that is empty or holds frozen or foreign tensors.
     """
     if params is None:
         chosen = lparams.select_parameters(model)
@@ -94,10 +95,12 @@ def resolve_params(model: nn.Module, params: Any) -> list[tuple[str, nn.Paramete
             frozen = [n for n, p in model.named_parameters() if not p.requires_grad
                       and any(lparams._match(n, pat) for pat in lparams._patterns(patterns))]
             if frozen:
-                raise ValueError(f"params={','.join(patterns)} selects only frozen parameters ({', '.join(frozen[:3])}"
-                                 f"{', ...' if len(frozen) > 3 else ''}): the curvature operator needs "
-                                 f"parameters with requires_grad=True") from None
-            raise ValueError(f"{err}; list the model's parameters with model.named_parameters()") from None
+                raise CurvatureArgumentError(
+                    f"params={','.join(patterns)} selects only frozen parameters ({', '.join(frozen[:3])}"
+                    f"{', ...' if len(frozen) > 3 else ''}): the curvature operator needs parameters with "
+                    f"requires_grad=True", "params") from None
+            raise CurvatureArgumentError(f"{err}; list the model's parameters with model.named_parameters()",
+                                         "params") from None
     else:
         by_id = {id(p): n for n, p in model.named_parameters()}
         chosen = []
@@ -105,13 +108,14 @@ def resolve_params(model: nn.Module, params: Any) -> list[tuple[str, nn.Paramete
             if isinstance(p, tuple):  # (name, parameter) pairs from select_parameters
                 p = p[1]
             if id(p) not in by_id:
-                raise ValueError("a tensor in `params` is not a parameter of the model; pass names or model parameters")
+                raise CurvatureArgumentError("a tensor in `params` is not a parameter of the model; pass names or "
+                                             "model parameters", "params")
             if not p.requires_grad:
-                raise ValueError(f"parameter {by_id[id(p)]} in `params` is frozen (requires_grad=False): "
-                                 f"the curvature operator differentiates only trainable parameters")
+                raise CurvatureArgumentError(f"parameter {by_id[id(p)]} in `params` is frozen (requires_grad=False): "
+                                             f"the curvature operator differentiates only trainable parameters", "params")
             chosen.append((by_id[id(p)], p))
     if not chosen:
-        raise ValueError("no trainable parameters selected for the curvature operator")
+        raise CurvatureArgumentError("no trainable parameters selected for the curvature operator", "params")
     return chosen
 
 
@@ -120,7 +124,7 @@ def as_batches(batches: Any) -> Any:
     batches = sequence_of_batches(batches)
     if isinstance(batches, (list, tuple)):
         if not batches:
-            raise ValueError("the curvature operator needs at least one batch")
+            raise CurvatureArgumentError("the curvature operator needs at least one batch", "batches")
         return list(batches)
     if iter(batches) is batches:  # a one-shot iterator: materialise so every product sees the same data
         return list(batches)
@@ -180,7 +184,7 @@ def ce_like(loss_fn: Any) -> dict | None:
 def ce_rows(out: torch.Tensor, target: Any, ce: dict | None):
     """(logits as rows (R, C), valid-row mask (R,), number of valid rows) of a CE output."""
     if ce is None:
-        raise ValueError("the Monte-Carlo Fisher needs a cross-entropy loss")
+        raise CurvatureArgumentError("the Monte-Carlo Fisher needs a cross-entropy loss", "loss_fn")
     logits = out.reshape(-1, out.shape[-1])
     if isinstance(target, torch.Tensor) and not target.is_floating_point():
         mask = (target.reshape(-1) != ce["ignore_index"]).to(out.dtype)

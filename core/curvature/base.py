@@ -19,7 +19,8 @@ so tuple batches, dict batches and HuggingFace models all work. The model is lef
 restored only when a forward pass actually wrote them, and in train mode dropout masks are
 drawn from a fixed per-batch seed inside a forked RNG, so that the operator is the same
 symmetric matrix at every product and the training RNG is untouched. Bad arguments raise
-``ValueError`` or ``TypeError``.
+:class:`lscape.curvature.errors.CurvatureArgumentError` (a ``ValueError`` naming the argument)
+or ``TypeError``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lscape import params as lparams
 from lscape.batch import BatchAdapter, as_adapter, batch_size_of, chunks, to_device
 from lscape.curvature import distributed, products
 from lscape.curvature._support import as_batches, model_state, resolve_params, seeded_rng
+from lscape.curvature.errors import CurvatureArgumentError
 
 __all__ = ["CurvatureOperator", "MODES", "LossFn"]
 
@@ -87,18 +89,19 @@ class CurvatureOperator:
         fd_offset: float = 0.0,
     ):
         if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose 'eval' or 'train'")
+            raise CurvatureArgumentError(f"unknown mode {mode!r}; choose 'eval' or 'train'", "mode")
         if chunk is not None and int(chunk) < 1:
-            raise ValueError(f"chunk must be a positive number of samples, not {chunk}")
+            raise CurvatureArgumentError(f"chunk must be a positive number of samples, not {chunk}", "chunk")
         if fd_eps <= 0:
-            raise ValueError(f"the finite-difference step fd_eps must be positive, not {fd_eps}")
+            raise CurvatureArgumentError(f"the finite-difference step fd_eps must be positive, not {fd_eps}", "fd_eps")
         self.method = products.choose_method(method, self.product)
         self.model = model
         self.adapter = as_adapter(loss_fn)
         self.loss_fn = self.adapter.loss_fn
         if self.needs_output_loss and not self.adapter.separable:
-            raise ValueError(f"kind={self.name} needs the loss as a function of the model's output (a separable "
-                             f"loss), not the model's own loss: pass a loss function, or use kind=hessian")
+            raise CurvatureArgumentError(f"kind={self.name} needs the loss as a function of the model's output (a "
+                                         f"separable loss), not the model's own loss: pass a loss function, or use "
+                                         f"kind=hessian", "loss_fn")
         self.validate()
         self.batches = as_batches(batches)
         self.named_params = resolve_params(model, params)
@@ -126,11 +129,11 @@ class CurvatureOperator:
         total = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
         self.num_samples = float(distributed.all_reduce_(total)[0])
         if self.num_samples <= 0:
-            raise ValueError("the curvature operator needs at least one non-empty batch")
+            raise CurvatureArgumentError("the curvature operator needs at least one non-empty batch", "batches")
         self._cached: list[tuple[float, list[torch.Tensor]]] | None = None
 
     def validate(self) -> None:
-        """Raise ``ValueError`` when the matrix cannot be formed for this loss (``self.adapter``)."""
+        """Raise :class:`CurvatureArgumentError` when the matrix cannot be formed for this loss (``self.adapter``)."""
 
     # -- the flat-vector contract -----------------------------------------------------------
 

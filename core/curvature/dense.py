@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lscape.curvature._support import resolve_params
+from lscape.curvature.errors import CurvatureArgumentError
 from lscape.curvature.operator import HessianOperator
 
 __all__ = ["DEFAULT_MAX_PARAMS", "DenseSpectrum", "dense_matrix", "dense_hessian", "dense_spectrum"]
@@ -33,9 +34,9 @@ def dense_matrix(op: Any, max_params: int = DEFAULT_MAX_PARAMS, block: int = 64)
     """
     dim = int(op.dim)
     if dim > max_params:
-        raise ValueError(
+        raise CurvatureArgumentError(
             f"the dense Hessian of {dim} parameters exceeds the limit of {max_params}; "
-            "select a parameter subset, raise max_params, or use the stochastic estimators (slq_density)"
+            "select a parameter subset, raise max_params, or use the stochastic estimators (slq_density)", "max_params"
         )
     dtype = getattr(op, "dtype", torch.float32)
     device = getattr(op, "device", torch.device("cpu"))

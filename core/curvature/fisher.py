@@ -9,6 +9,7 @@ import torch
 from lscape.curvature._fisher import outer_products
 from lscape.curvature._support import ce_like, ce_rows
 from lscape.curvature.base import CurvatureOperator
+from lscape.curvature.errors import CurvatureArgumentError
 
 __all__ = ["MonteCarloFisher"]
 
@@ -24,14 +25,15 @@ class MonteCarloFisher(CurvatureOperator):
 
     def __init__(self, *args: Any, mc_samples: int = 1, **kwargs: Any):
         if int(mc_samples) < 1:
-            raise ValueError(f"mc_samples must be at least 1, not {mc_samples}")
+            raise CurvatureArgumentError(f"mc_samples must be at least 1, not {mc_samples}", "mc_samples")
         self.mc_samples = int(mc_samples)
         super().__init__(*args, **kwargs)
 
     def validate(self) -> None:
         if ce_like(self.loss_fn) is None:
-            raise ValueError("kind=fisher (Monte-Carlo Fisher) samples labels from a softmax: it needs a "
-                             "cross-entropy loss; use kind=empirical-fisher or kind=ggn for other losses")
+            raise CurvatureArgumentError("kind=fisher (Monte-Carlo Fisher) samples labels from a softmax: it needs a "
+                                         "cross-entropy loss; use kind=empirical-fisher or kind=ggn for other losses",
+                                         "loss_fn")
 
     def output_matrix(self, i: int, out: torch.Tensor, target: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         logits, mask, rows = ce_rows(out, target, ce_like(self.loss_fn))

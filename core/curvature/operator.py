@@ -15,6 +15,7 @@ from torch import nn
 
 from lscape.batch import BatchAdapter
 from lscape.curvature.base import MODES, CurvatureOperator, LossFn
+from lscape.curvature.errors import CurvatureArgumentError
 from lscape.curvature.products import METHODS
 from lscape.curvature.registry import OPERATORS, operator_class
 
@@ -70,13 +71,15 @@ def HessianOperator(  # noqa: N802 - the public name of the factory since versio
     ``chunk`` splits every batch into pieces of at most that many samples
     (:func:`lscape.batch.chunks`), so memory scales with one chunk; exact for per-sample
     mean losses. After each product ``peak_memory`` holds the peak bytes allocated on a CUDA
-    device during it (None on the CPU). Bad arguments raise ``ValueError`` or ``TypeError``.
+    device during it (None on the CPU). Bad arguments raise ``ValueError``
+(:class:`lscape.curvature.errors.CurvatureArgumentError`, naming the argument) or ``TypeError``.
     """
     cls = operator_class(kind)
     extra: dict[str, Any] = {}
     if mc_samples != 1:
         if "mc_samples" not in _init_keywords(cls):
-            raise ValueError(f"mc_samples applies to Monte-Carlo matrices (kind=fisher), not kind={cls.name}")
+            raise CurvatureArgumentError(f"mc_samples applies to Monte-Carlo matrices (kind=fisher), not "
+                                         f"kind={cls.name}", "mc_samples")
         extra["mc_samples"] = mc_samples
     return cls(model, loss_fn, batches, params=params, mode=mode, method=method, cache_graph=cache_graph,
                seed=seed, chunk=chunk, fd_eps=fd_eps, fd_offset=fd_offset, **extra)

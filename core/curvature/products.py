@@ -22,6 +22,7 @@ import torch
 from lscape import params as lparams
 from lscape.batch import batch_size_of
 from lscape.curvature._support import grad_rows, unflatten_rows, vjp_out
+from lscape.curvature.errors import CurvatureArgumentError
 
 __all__ = ["METHODS", "PRODUCTS", "choose_method", "uses_graph", "double_backward", "forward_over_reverse",
            "finite_difference", "output_space"]
@@ -43,7 +44,7 @@ def choose_method(method: str, fixed: str | None = None) -> str:
         raise TypeError(f"method must be a string, not {type(method).__name__}")
     method = method.replace("_", "-")
     if method not in METHODS:
-        raise ValueError(f"unknown HVP method {method!r}; choose one of {', '.join(METHODS)}")
+        raise CurvatureArgumentError(f"unknown HVP method {method!r}; choose one of {', '.join(METHODS)}", "method")
     if fixed is not None:
         return fixed
     return "double-backward" if method == "auto" else method

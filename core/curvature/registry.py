@@ -13,6 +13,7 @@ from typing import Any
 
 from lscape.curvature.base import CurvatureOperator
 from lscape.curvature.empirical_fisher import EmpiricalFisher
+from lscape.curvature.errors import CurvatureArgumentError
 from lscape.curvature.fisher import MonteCarloFisher
 from lscape.curvature.ggn import GaussNewton
 from lscape.curvature.hessian import Hessian
@@ -58,7 +59,7 @@ def operator_class(kind: str) -> type[CurvatureOperator]:
         raise TypeError(f"kind must be a string, not {type(kind).__name__}")
     name = kind.replace("_", "-") if kind not in OPERATORS else kind
     if name not in OPERATORS:
-        raise ValueError(f"unknown curvature kind {kind!r}; choose one of {', '.join(OPERATORS)}")
+        raise CurvatureArgumentError(f"unknown curvature kind {kind!r}; choose one of {', '.join(OPERATORS)}", "kind")
     return OPERATORS[name]
 
 

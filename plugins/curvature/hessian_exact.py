@@ -6,17 +6,17 @@ from typing import Any
 
 import numpy as np
 
-from lscape.limits import require_memory
-from lscape import Option, Output, Probe, hookimpl
+from lscape import Option, Output, hookimpl
 from lscape.curvature import DEFAULT_MAX_PARAMS, dense_matrix, dense_spectrum
 from lscape.errors import UsageError
+from lscape.limits import require_memory
 from lscape.params import select_parameters
-from lscape.plugins.sharpness import CURVATURE_OPTIONS, curvature_batches, make_operator
+from lscape.plugins.curvature.base import CURVATURE_OPTIONS, CurvatureProbe
 
 __all__ = ["HessianExact", "plot_hessian_exact"]
 
 
-class HessianExact(Probe):
+class HessianExact(CurvatureProbe):
     """The exact dense Hessian (``dim`` products, built in blocks) and its full spectrum.
 
     What the entropy-sgd seed computed for its LeNet: all eigenvalues of H averaged over a
@@ -27,8 +27,6 @@ class HessianExact(Probe):
     name = "hessian-exact"
     help = "all eigenvalues of the dense Hessian (small models, up to max_params parameters)"
     schedule = "every:1000"
-    data = "subset"
-    at = "after_backward"
     options = CURVATURE_OPTIONS + (
         Option("max_params", int, DEFAULT_MAX_PARAMS, "refuse models with more selected parameters", minimum=1),
     )
@@ -44,12 +42,9 @@ class HessianExact(Probe):
     def check(self, ctx):
         self._check_size(ctx)
 
-    def batches(self, ctx, state) -> list[Any]:
-        return curvature_batches(self, ctx, state)
-
     def measure(self, ctx, state) -> dict[str, Any]:
         self._check_size(ctx)
-        op = make_operator(self, ctx, self.batches(ctx, state))
+        op = self.operator(ctx, self.batches(ctx, state))
         matrix = dense_matrix(op, max_params=self.opts.max_params)
         op.release()
         values = dense_spectrum(matrix=matrix).eigenvalues
