@@ -30,9 +30,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "lscape.plugins.progress",
     "lscape.plugins.grad_norm",
     "lscape.plugins.noise.probes",
-    "lscape.plugins.sharpness", "lscape.plugins.hessian", "lscape.plugins.hessian_exact",
+    "lscape.plugins.curvature.sharpness", "lscape.plugins.curvature.hessian", "lscape.plugins.curvature.hessian_exact",
     "lscape.plugins.workloads",
-    "lscape.plugins.optimizers", "lscape.plugins.eos", "lscape.plugins.diffusion", "lscape.plugins.landscape",
+    "lscape.plugins.optimizers", "lscape.plugins.curvature.eos", "lscape.plugins.diffusion", "lscape.plugins.landscape",
     "lscape.plugins.tensorboard", "lscape.plugins.wandb",
 )
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from lscape import Option, Output, hookimpl
 from lscape.curvature import hutchinson, hutchpp, lanczos, slq_density
-from lscape.plugins.curvature.base import CURVATURE_OPTIONS, WarmStart, CurvatureProbe
+from lscape.plugins.curvature.base import CURVATURE_OPTIONS, CurvatureProbe, WarmStart
 from lscape.schedule import Schedule
 
 __all__ = ["Hessian", "plot_hessian"]

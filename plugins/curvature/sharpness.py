@@ -10,7 +10,6 @@ from lscape import Option, Output, hookimpl
 from lscape.curvature import lanczos
 from lscape.plugins.curvature.base import CURVATURE_OPTIONS, WHICH_OUTPUT, CurvatureProbe, WarmStart
 
-
 __all__ = ["Sharpness", "plot_sharpness"]
 
 
