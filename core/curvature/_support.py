@@ -88,12 +88,15 @@ def resolve_params(model: nn.Module, params: Any) -> list[tuple[str, nn.Paramete
     elif isinstance(params, str) or (
         isinstance(params, (list, tuple)) and params and all(isinstance(p, str) for p in params)
     ):
-        patterns = lparams._patterns(params)  # "layer2.*,fc.*" is two patterns
-        try:
+        patterns = [t.strip() for t in params.split(",") if t.strip()] if isinstance(params, str) else list(params)
+        try:  # "layer2.*,fc.*" is two patterns
             chosen = lparams.select_parameters(model, include=patterns)
         except ValueError as err:
-            frozen = [n for n, p in model.named_parameters() if not p.requires_grad
-                      and any(lparams._match(n, pat) for pat in lparams._patterns(patterns))]
+            try:
+                frozen = [n for n, p in lparams.select_parameters(model, include=patterns, requires_grad=False)
+                          if not p.requires_grad]
+            except ValueError:
+                frozen = []
             if frozen:
                 raise CurvatureArgumentError(
                     f"params={','.join(patterns)} selects only frozen parameters ({', '.join(frozen[:3])}"
