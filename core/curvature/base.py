@@ -98,11 +98,7 @@ class CurvatureOperator:
         self.model = model
         self.adapter = as_adapter(loss_fn)
         self.loss_fn = self.adapter.loss_fn
-        if self.needs_output_loss and not self.adapter.separable:
-            raise CurvatureArgumentError(f"kind={self.name} needs the loss as a function of the model's output (a "
-                                         f"separable loss), not the model's own loss: pass a loss function, or use "
-                                         f"kind=hessian", "loss_fn")
-        self.validate()
+        self.check_loss(self.adapter)
         self.batches = as_batches(batches)
         self.named_params = resolve_params(model, params)
         self.names = [n for n, _ in self.named_params]
@@ -132,8 +128,14 @@ class CurvatureOperator:
             raise CurvatureArgumentError("the curvature operator needs at least one non-empty batch", "batches")
         self._cached: list[tuple[float, list[torch.Tensor]]] | None = None
 
-    def validate(self) -> None:
-        """Raise :class:`CurvatureArgumentError` when the matrix cannot be formed for this loss (``self.adapter``)."""
+    @classmethod
+    def check_loss(cls, adapter: BatchAdapter) -> None:
+        """Raise :class:`CurvatureArgumentError` when the matrix cannot be formed for this loss
+        (a :class:`lscape.batch.BatchAdapter`); callers may ask before building an operator."""
+        if cls.needs_output_loss and not adapter.separable:
+            raise CurvatureArgumentError(f"kind={cls.name} needs the loss as a function of the model's output (a "
+                                         f"separable loss), not the model's own loss: pass a loss function, or use "
+                                         f"kind=hessian", "loss_fn")
 
     # -- the flat-vector contract -----------------------------------------------------------
 

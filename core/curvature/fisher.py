@@ -29,8 +29,10 @@ class MonteCarloFisher(CurvatureOperator):
         self.mc_samples = int(mc_samples)
         super().__init__(*args, **kwargs)
 
-    def validate(self) -> None:
-        if ce_like(self.loss_fn) is None:
+    @classmethod
+    def check_loss(cls, adapter: Any) -> None:
+        super().check_loss(adapter)
+        if ce_like(adapter.loss_fn) is None:
             raise CurvatureArgumentError("kind=fisher (Monte-Carlo Fisher) samples labels from a softmax: it needs a "
                                          "cross-entropy loss; use kind=empirical-fisher or kind=ggn for other losses",
                                          "loss_fn")

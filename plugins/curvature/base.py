@@ -15,13 +15,21 @@ from typing import Any
 import torch
 
 from lscape import Option, Probe
-from lscape.curvature import CurvatureOperator, HessianOperator, METHODS, collect_operators, operator_names
+from lscape.batch import as_adapter
+from lscape.curvature import (
+    METHODS,
+    CurvatureOperator,
+    HessianOperator,
+    collect_operators,
+    operator_class,
+    operator_names,
+)
 from lscape.data import derived_seed
 from lscape.errors import UsageError
 from lscape.params import select_parameters
 
 __all__ = ["CurvatureProbe", "WarmStart", "CURVATURE_OPTIONS", "KIND_CHOICES", "WHICH_OUTPUT", "make_operator",
-           "curvature_batches", "check_curvature", "parse_groups", "groups_of", "loss_adapter", "usage_error"]
+           "curvature_batches", "check_curvature", "selected_dim", "parse_groups", "groups_of", "loss_adapter", "usage_error"]
 
 #: the array a selected extreme eigenvalue is stored as
 WHICH_OUTPUT = {"LA": "lambda_max", "SA": "lambda_min", "LM": "lambda_abs_max"}
@@ -113,8 +121,11 @@ def parse_groups(spec: str | None, model: Any) -> list[tuple[str, list[str]]]:
         if "=" not in part:
             raise UsageError(f"groups: {part.strip()!r} is not NAME=PATTERN (or blocks=PATTERN)")
         name, patterns = (t.strip() for t in part.split("=", 1))
-        chosen = [n for n, _ in select_parameters(model, include=[p for p in patterns.split(",") if p] or None)] \
-            if patterns else []
+        try:
+            chosen = [n for n, _ in select_parameters(model, include=[p for p in patterns.split(",") if p] or None)] \
+                if patterns else []
+        except ValueError:  # a pattern that matches nothing
+            chosen = []
         if not name or not chosen:
             raise UsageError(f"groups: group {name or '?'} selects no trainable parameter ({patterns})")
         groups[name] = chosen
@@ -162,7 +173,7 @@ def usage_error(probe: Probe, err: ValueError) -> UsageError:
     if argument in ("params", "kind", "method", "chunk", "mode", "mc_samples", "fd_eps", "max_params"):
         return UsageError(f"bad value for {probe.name}.{argument}: {err}")
     if argument == "loss_fn":
-        return UsageError(f"{probe.name}: {err} (the loss is --loss; --loss model is the model's own loss)")
+        return UsageError(f"{probe.name}: {err} (the run's loss is --loss, e.g. --loss ce)")
     return UsageError(f"{probe.name}: {err}")
 
 
@@ -193,6 +204,15 @@ def curvature_batches(probe: Probe, ctx: Any, state: Any) -> list[Any]:
     return probe.measurement_subset(ctx, purpose="curvature")
 
 
+def selected_dim(probe: Probe, ctx: Any) -> int:
+    """The number of parameters the probe's ``params`` option selects (a pattern that selects
+    nothing is bad input naming the option)."""
+    try:
+        return sum(p.numel() for _, p in select_parameters(ctx.model, getattr(probe.opts, "params", None)))
+    except ValueError as err:
+        raise UsageError(f"bad value for {probe.name}.params: {err}") from None
+
+
 def check_curvature(probe: Probe, ctx: Any) -> None:
     """Bad curvature options are bad input before the store exists (groups, k, kind vs loss)."""
     from lscape.limits import require_at_most, require_memory
@@ -200,10 +220,7 @@ def check_curvature(probe: Probe, ctx: Any) -> None:
     probe._groups = parse_groups(getattr(probe.opts, "groups", None), ctx.model)
     k = getattr(probe.opts, "k", None)
     if k is not None:
-        try:
-            dim = sum(p.numel() for _, p in select_parameters(ctx.model, probe.opts.params))
-        except ValueError as err:
-            raise UsageError(f"bad value for {probe.name}.params: {err}") from None
+        dim = selected_dim(probe, ctx)
         require_at_most(k, dim, f"{probe.name}.k", "the number of selected parameters")
         # the Lanczos basis: about 3k vectors of the parameters' size (block, spare, restarts)
         require_memory(3 * k * dim * 4, f"{probe.name}: a Lanczos basis for k={k} over {dim} parameters",
@@ -213,6 +230,10 @@ def check_curvature(probe: Probe, ctx: Any) -> None:
     if kind != "hessian" and not getattr(adapter, "separable", True):
         raise UsageError(f"{probe.name}: kind={kind} needs a loss of the model's output (a separable "
                          f"loss); name a loss (--loss ce) instead of --loss model, or use kind=hessian")
+    try:
+        operator_class(kind).check_loss(as_adapter(adapter))
+    except ValueError as err:  # e.g. kind=fisher without a cross-entropy loss
+        raise usage_error(probe, err) from None
 
 
 def groups_of(probe: Probe, ctx: Any) -> list[tuple[str, list[str]]]:

@@ -10,8 +10,7 @@ from lscape import Option, Output, hookimpl
 from lscape.curvature import DEFAULT_MAX_PARAMS, dense_matrix, dense_spectrum
 from lscape.errors import UsageError
 from lscape.limits import require_memory
-from lscape.params import select_parameters
-from lscape.plugins.curvature.base import CURVATURE_OPTIONS, CurvatureProbe
+from lscape.plugins.curvature.base import CURVATURE_OPTIONS, CurvatureProbe, selected_dim
 
 __all__ = ["HessianExact", "plot_hessian_exact"]
 
@@ -40,6 +39,7 @@ class HessianExact(CurvatureProbe):
     )
 
     def check(self, ctx):
+        super().check(ctx)
         self._check_size(ctx)
 
     def measure(self, ctx, state) -> dict[str, Any]:
@@ -59,7 +59,7 @@ class HessianExact(CurvatureProbe):
         }
 
     def _check_size(self, ctx) -> None:
-        dim = sum(p.numel() for _, p in select_parameters(ctx.model, self.opts.params))
+        dim = selected_dim(self, ctx)
         if dim > self.opts.max_params:
             raise UsageError(
                 f"hessian-exact: the model has {dim} selected parameters, above max_params={self.opts.max_params}; "

@@ -145,3 +145,29 @@ def test_an_unknown_kind_lists_the_registered_matrices(tmp_path):
         lscape.run(out=str(tmp_path / "bad.zarr"), **WORKLOAD, steps=1, plugins=["sharpness"],
                    plugin_options={"sharpness": {"kind": "no-such"}})
     assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_the_probe_layer_says_library_errors_in_options_and_flags():
+    """lscape.curvature raises ValueError in its own words; the probes name options and flags."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lscape.batch import BatchAdapter
+    from lscape.plugins.curvature.base import check_curvature, make_operator
+    from lscape.plugins.curvature.sharpness import Sharpness
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    batches = [(torch.randn(4, 3), torch.randn(4, 2))]
+    ctx = SimpleNamespace(model=model, adapter=BatchAdapter(F.mse_loss), config=SimpleNamespace(seed=0))
+    with pytest.raises(ValueError, match="cross-entropy") as raised:
+        HessianOperator(model, F.mse_loss, batches, kind="fisher")
+    assert "--" not in str(raised.value) and not isinstance(raised.value, UsageError)
+    with pytest.raises(UsageError, match=r"sharpness: kind=fisher .*cross-entropy.*--loss"):
+        check_curvature(Sharpness(kind="fisher"), ctx)
+    with pytest.raises(UsageError, match=r"sharpness: kind=ggn needs a loss of the model's output .*--loss model"):
+        check_curvature(Sharpness(kind="ggn"), SimpleNamespace(model=model, adapter=BatchAdapter(None)))
+    with pytest.raises(UsageError, match=r"bad value for sharpness.params: .*frozen"):
+        model[0].weight.requires_grad_(False)
+        make_operator(Sharpness(params="0.weight"), ctx, batches)
