@@ -114,6 +114,17 @@ def register_commands(cli):
     """
 
 
+@hookspec
+def register_curvature_operators(register):
+    """Register curvature matrices: each becomes a ``kind`` of every curvature probe and of
+    ``lscape.curvature.HessianOperator``.
+
+    :param register: ``register(name, cls)`` with ``cls`` a subclass of
+        ``lscape.curvature.CurvatureOperator`` (``lscape.curvature.register_operator``).
+    :returns: nothing.
+    """
+
+
 # ---------------------------------------------------------------------------------------
 # Run events: fired by the engine, in this order, on active plugins only. ``ctx`` is the
 # ``lscape.RunContext`` (model, data, loss, optimizer, store, config, device); ``state``

@@ -35,9 +35,12 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "lscape.plugins.noise.grad_noise",
     "lscape.plugins.noise.grad_stats",
     # curvature
-    "lscape.plugins.sharpness", "lscape.plugins.hessian", "lscape.plugins.hessian_exact",
+    "lscape.plugins.curvature.sharpness",
+    "lscape.plugins.curvature.hessian",
+    "lscape.plugins.curvature.hessian_exact",
+    "lscape.plugins.curvature.eos",
     # optim
-    "lscape.plugins.optimizers", "lscape.plugins.eos",
+    "lscape.plugins.optimizers",
     # diffusion
     "lscape.plugins.diffusion.trajectory",
     "lscape.plugins.diffusion.diffusion",
@@ -151,6 +154,12 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
             reg.plots.setdefault(group, []).append(Entry(group, fn, "", _src))
 
         _call(impl, "register_plots", register=register)
+    from .curvature.registry import register_operator
+
+    # matrices go to the one operator table every probe's `kind` reads (a module loaded with
+    # --plugin my.module included)
+    for impl in pm.hook.register_curvature_operators.get_hookimpls():
+        _call(impl, "register_curvature_operators", register=register_operator)
     return reg
 
 

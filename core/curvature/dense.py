@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lscape.curvature._support import resolve_params
+from lscape.curvature.errors import CurvatureArgumentError
 from lscape.curvature.operator import HessianOperator
-from lscape.errors import UsageError
 
 __all__ = ["DEFAULT_MAX_PARAMS", "DenseSpectrum", "dense_matrix", "dense_hessian", "dense_spectrum"]
 
@@ -29,13 +30,13 @@ class DenseSpectrum:
 def dense_matrix(op: Any, max_params: int = DEFAULT_MAX_PARAMS, block: int = 64) -> torch.Tensor:
     """The operator as a dense symmetric (dim, dim) matrix, built ``block`` columns at a time.
 
-    Raises :class:`lscape.errors.UsageError` above ``max_params`` rows.
+    Raises ``ValueError`` above ``max_params`` rows.
     """
     dim = int(op.dim)
     if dim > max_params:
-        raise UsageError(
+        raise CurvatureArgumentError(
             f"the dense Hessian of {dim} parameters exceeds the limit of {max_params}; "
-            "select a parameter subset, raise max_params, or use the stochastic estimators (slq_density)"
+            "select a parameter subset, raise max_params, or use the stochastic estimators (slq_density)", "max_params"
         )
     dtype = getattr(op, "dtype", torch.float32)
     device = getattr(op, "device", torch.device("cpu"))
@@ -62,9 +63,9 @@ def dense_hessian(
     """The exact dense Hessian (or GGN) of the size-weighted mean loss over ``batches``.
 
     Same arguments as :class:`lscape.curvature.HessianOperator`; raises
-    :class:`lscape.errors.UsageError` when the selection has more than ``max_params`` entries.
+    ``ValueError`` when the selection has more than ``max_params`` entries.
     """
-    dim = sum(p.numel() for _, p in _named(model, params))
+    dim = sum(p.numel() for _, p in resolve_params(model, params))
     if dim > max_params:
         dense_matrix(_Sized(dim), max_params)  # raises the one clear error
     op = HessianOperator(model, loss_fn, batches, params=params, mode=mode, method=method, kind=kind)
@@ -99,8 +100,3 @@ class _Sized:
     def __init__(self, dim: int):
         self.dim = dim
 
-
-def _named(model: nn.Module, params: Any):
-    from lscape.curvature.operator import _resolve_params
-
-    return _resolve_params(model, params)

@@ -88,9 +88,9 @@ def test_probe_groups_open_as_labelled_xarray_datasets(measured):
 
 def test_plots_draw_lambda_max_top_k_and_density(measured, tmp_path):
     pytest.importorskip("matplotlib")
-    from lscape.plugins.hessian import plot_hessian
-    from lscape.plugins.hessian_exact import plot_hessian_exact
-    from lscape.plugins.sharpness import plot_sharpness
+    from lscape.plugins.curvature.hessian import plot_hessian
+    from lscape.plugins.curvature.hessian_exact import plot_hessian_exact
+    from lscape.plugins.curvature.sharpness import plot_sharpness
 
     paths = plot_sharpness([measured], tmp_path) + plot_hessian([measured], tmp_path) + plot_hessian_exact([measured], tmp_path)
     names = {p.name for p in paths}

@@ -6,15 +6,15 @@ from typing import Any
 
 import numpy as np
 
-from lscape import Option, Output, Probe, hookimpl
+from lscape import Option, Output, hookimpl
 from lscape.curvature import hutchinson, hutchpp, lanczos, slq_density
-from lscape.plugins.sharpness import CURVATURE_OPTIONS, WarmStart, check_curvature, curvature_batches, groups_of, make_operator
+from lscape.plugins.curvature.base import CURVATURE_OPTIONS, CurvatureProbe, WarmStart
 from lscape.schedule import Schedule
 
 __all__ = ["Hessian", "plot_hessian"]
 
 
-class Hessian(WarmStart, Probe):
+class Hessian(WarmStart, CurvatureProbe):
     """The Hessian spectrum of the training loss with exact Hessian-vector products.
 
     - top-k (on ``schedule``): Lanczos with full reorthogonalisation, warm-started,
@@ -38,8 +38,6 @@ class Hessian(WarmStart, Probe):
     name = "hessian"
     help = "top-k Hessian eigenvalues (Lanczos), trace (Hutch++) and spectral density (SLQ)"
     schedule = "every:100"
-    data = "subset"
-    at = "after_backward"
     options = CURVATURE_OPTIONS + (
         Option("k", int, 5, "number of top eigenvalues", minimum=1),
         Option("which", str, "LA", "LA largest, LM largest magnitude, SA smallest", choices=("LA", "LM", "SA")),
@@ -88,12 +86,9 @@ class Hessian(WarmStart, Probe):
         self.density_schedule = Schedule.parse(self.opts.density_schedule or main)
         self._due: tuple[int, dict[str, bool]] | None = None
 
-    def check(self, ctx):
-        check_curvature(self, ctx)
-
     def store_attrs(self) -> dict[str, Any]:
         attrs = super().store_attrs()
-        attrs["groups"] = [name for name, _ in (getattr(self, "_groups", None) or [])]
+        attrs["groups"] = self.group_names()
         attrs["trace_schedule"] = str(self.trace_schedule)
         attrs["density_schedule"] = str(self.density_schedule)
         return attrs
@@ -109,9 +104,6 @@ class Hessian(WarmStart, Probe):
         self._due = (state.step, parts)
         return any(parts.values())
 
-    def batches(self, ctx, state) -> list[Any]:
-        return curvature_batches(self, ctx, state)
-
     def measure(self, ctx, state) -> dict[str, Any]:
         if self._due is not None and self._due[0] == state.step:
             parts = self._due[1]
@@ -120,7 +112,7 @@ class Hessian(WarmStart, Probe):
                      "density": self.density_schedule.kind != "never"}
         self._due = None
         batches = self.batches(ctx, state)
-        op = make_operator(self, ctx, batches)
+        op = self.operator(ctx, batches)
         seed = self.opts.seed + int(state.step)
         values: dict[str, Any] = {}
         if parts["top"]:
@@ -136,7 +128,7 @@ class Hessian(WarmStart, Probe):
                         nodes=density.nodes, weights=density.weights, sigma=density.sigma,
                         density_products=density.num_products)
         op.release()
-        groups = groups_of(self, ctx)
+        groups = self.groups(ctx)
         if groups:
             self.record(ctx, state.step, group="groups", **self._per_group(ctx, batches, groups, parts, seed))
         return values
@@ -163,7 +155,7 @@ class Hessian(WarmStart, Probe):
             out["group_grid"] = np.full((n, self.opts.density_points), np.nan)
             out["group_density"] = np.full((n, self.opts.density_points), np.nan)
         for g, (name, names) in enumerate(groups):
-            op = make_operator(self, ctx, batches, params=names)
+            op = self.operator(ctx, batches, params=names)
             if parts["top"]:
                 kk = min(k, op.dim)
                 result = lanczos(op, k=kk, which=self.opts.which, tol=self.opts.tol,

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 
 from lscape import Option, Output, Probe, hookimpl
-from lscape.curvature import HessianOperator, gradient, lanczos
+from lscape.curvature import METHODS, gradient, lanczos
 from lscape.params import flat_parameters, set_flat_parameters
+from lscape.plugins.curvature.base import WarmStart, loss_adapter, make_operator
 from lscape.plugins.optim.sam import sam_edge
-from lscape.plugins.sharpness import WarmStart
 
 __all__ = ["EdgeOfStability", "plot_eos"]
 
@@ -41,8 +41,7 @@ class EdgeOfStability(WarmStart, Probe):
         Option("warm_start", bool, True, "start Lanczos from the previous measurement's eigenvectors"),
         Option("norm", bool, True, "also measure ‖H‖ = largest |λ| (the sam_edge seed's number) by Lanczos LM"),
         Option("method", str, "auto", "Hessian-vector products: exact (auto) or central finite differences "
-               "of exact gradients (the seed's)", choices=("auto", "double-backward", "forward-over-reverse",
-                                                           "finite-difference")),
+               "of exact gradients (the seed's)", choices=METHODS),
         Option("fd_eps", float, 1e-3, "finite-difference step ε (method=finite-difference)", minimum=0.0),
         Option("compat", str, "default", "original: the sam_edge seed's finite-difference HVP, divided by "
                "2ε + 1e-5 (biases every eigenvalue by about −0.5% at ε = 1e-3)", choices=("default", "original")),
@@ -77,8 +76,8 @@ class EdgeOfStability(WarmStart, Probe):
         mode = self.opts.mode
         original = self.opts.compat == "original"
         method = "finite-difference" if original else self.opts.method
-        op = HessianOperator(ctx.model, getattr(ctx, "adapter", None) or ctx.loss_fn, batches, mode=mode,
-                             method=method, fd_eps=self.opts.fd_eps or 1e-3, fd_offset=1e-5 if original else 0.0)
+        op = make_operator(self, ctx, batches, method=method, fd_eps=self.opts.fd_eps or 1e-3,
+                           fd_offset=1e-5 if original else 0.0, seed=0)
         g = op.gradient()
         loss = op.loss()
         k = min(self.opts.k, op.dim)
@@ -103,8 +102,7 @@ class EdgeOfStability(WarmStart, Probe):
             theta = flat_parameters(op.params)
             set_flat_parameters(op.params, theta + rho * g / (gn + 1e-5))
             try:
-                s = gradient(ctx.model, getattr(ctx, "adapter", None) or ctx.loss_fn, batches, params=op.params,
-                             mode=mode)
+                s = gradient(ctx.model, loss_adapter(ctx), batches, params=op.params, mode=mode)
             finally:
                 set_flat_parameters(op.params, theta)
         else:

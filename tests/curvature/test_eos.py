@@ -52,7 +52,7 @@ def test_sam_tracks_the_sam_edge_well_below_two_over_lr(tmp_path):
 
 
 def test_eos_records_top_k_time_and_makes_the_four_figures(tmp_path):
-    from lscape.plugins.eos import plot_eos
+    from lscape.plugins.curvature.eos import plot_eos
 
     reader = _run(tmp_path, "k", lr=0.1, steps=6, plugins=["eos"], plugin_options={"eos": {"every": 2, "k": 3, "rho": 0.1}})
     d = reader.read("eos")

@@ -21,7 +21,7 @@ from lscape.curvature import (
     power_iteration,
     slq_density,
 )
-from lscape.errors import UsageError
+from lscape.curvature.errors import CurvatureArgumentError
 
 ce = nn.functional.cross_entropy
 
@@ -122,8 +122,9 @@ def test_parameter_subset_is_a_block_of_the_full_hessian(mlp_case):
     torch.testing.assert_close(sub, full[start:stop, start:stop], rtol=1e-10, atol=1e-12)
     by_tensor = HessianOperator(model, ce, batches, params=[model[2].weight, model[2].bias])
     assert by_tensor.names == ["2.weight", "2.bias"]
-    with pytest.raises(UsageError):
+    with pytest.raises(CurvatureArgumentError, match="no parameter matches nothing_called_this") as raised:
         HessianOperator(model, ce, batches, params="nothing_called_this")
+    assert raised.value.argument == "params" and isinstance(raised.value, ValueError)
 
 
 def test_ggn_equals_jacobian_transpose_output_hessian_jacobian():
@@ -311,7 +312,7 @@ def test_dense_spectrum_matches_reference_and_refuses_big_models():
     spectrum = dense_spectrum(model, ce, batches, eigenvectors=True)
     torch.testing.assert_close(spectrum.eigenvalues, torch.linalg.eigvalsh(reference_hessian(model, ce, batches)))
     assert spectrum.eigenvectors.shape == (len(spectrum.eigenvalues),) * 2
-    with pytest.raises(UsageError, match="exceeds the limit of 100"):
+    with pytest.raises(ValueError, match="exceeds the limit of 100"):
         dense_hessian(model, ce, batches, max_params=100)
 
 

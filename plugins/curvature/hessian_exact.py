@@ -6,17 +6,16 @@ from typing import Any
 
 import numpy as np
 
-from lscape.limits import require_memory
-from lscape import Option, Output, Probe, hookimpl
+from lscape import Option, Output, hookimpl
 from lscape.curvature import DEFAULT_MAX_PARAMS, dense_matrix, dense_spectrum
 from lscape.errors import UsageError
-from lscape.params import select_parameters
-from lscape.plugins.sharpness import CURVATURE_OPTIONS, curvature_batches, make_operator
+from lscape.limits import require_memory
+from lscape.plugins.curvature.base import CURVATURE_OPTIONS, CurvatureProbe, selected_dim
 
 __all__ = ["HessianExact", "plot_hessian_exact"]
 
 
-class HessianExact(Probe):
+class HessianExact(CurvatureProbe):
     """The exact dense Hessian (``dim`` products, built in blocks) and its full spectrum.
 
     What the entropy-sgd seed computed for its LeNet: all eigenvalues of H averaged over a
@@ -27,8 +26,6 @@ class HessianExact(Probe):
     name = "hessian-exact"
     help = "all eigenvalues of the dense Hessian (small models, up to max_params parameters)"
     schedule = "every:1000"
-    data = "subset"
-    at = "after_backward"
     options = CURVATURE_OPTIONS + (
         Option("max_params", int, DEFAULT_MAX_PARAMS, "refuse models with more selected parameters", minimum=1),
     )
@@ -42,14 +39,12 @@ class HessianExact(Probe):
     )
 
     def check(self, ctx):
+        super().check(ctx)
         self._check_size(ctx)
-
-    def batches(self, ctx, state) -> list[Any]:
-        return curvature_batches(self, ctx, state)
 
     def measure(self, ctx, state) -> dict[str, Any]:
         self._check_size(ctx)
-        op = make_operator(self, ctx, self.batches(ctx, state))
+        op = self.operator(ctx, self.batches(ctx, state))
         matrix = dense_matrix(op, max_params=self.opts.max_params)
         op.release()
         values = dense_spectrum(matrix=matrix).eigenvalues
@@ -64,7 +59,7 @@ class HessianExact(Probe):
         }
 
     def _check_size(self, ctx) -> None:
-        dim = sum(p.numel() for _, p in select_parameters(ctx.model, self.opts.params))
+        dim = selected_dim(self, ctx)
         if dim > self.opts.max_params:
             raise UsageError(
                 f"hessian-exact: the model has {dim} selected parameters, above max_params={self.opts.max_params}; "

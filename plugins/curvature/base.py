@@ -1,0 +1,278 @@
+"""What every curvature probe shares: the options that say which matrix (``kind`` from the
+operator registry), over which parameters and in which mode; warm starts; the shared
+measurement subset; the checks before the store exists; the operator itself.
+
+The library (:mod:`lscape.curvature`) raises ``ValueError`` in its own words; this layer
+says the same in the user's words (options and flags) as :class:`lscape.errors.UsageError`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lscape import Option, Probe
+from lscape.batch import as_adapter
+from lscape.curvature import (
+    METHODS,
+    CurvatureOperator,
+    HessianOperator,
+    collect_operators,
+    operator_class,
+    operator_names,
+)
+from lscape.data import derived_seed
+from lscape.errors import UsageError
+from lscape.params import select_parameters
+
+__all__ = ["CurvatureProbe", "WarmStart", "CURVATURE_OPTIONS", "KIND_CHOICES", "WHICH_OUTPUT", "make_operator",
+           "curvature_batches", "check_curvature", "selected_dim", "parse_groups", "groups_of", "loss_adapter", "usage_error"]
+
+#: the array a selected extreme eigenvalue is stored as
+WHICH_OUTPUT = {"LA": "lambda_max", "SA": "lambda_min", "LM": "lambda_abs_max"}
+
+
+class KindChoices(Sequence):
+    """The registered curvature matrices (:mod:`lscape.curvature.registry`), read when asked,
+    so that a matrix registered after this module was imported is a valid ``kind``. A name
+    not (yet) registered is looked up once more after calling every plugin's
+    ``register_curvature_operators`` hook (built-in and installed plugins)."""
+
+    _collected = False
+
+    def _names(self) -> tuple[str, ...]:
+        if not KindChoices._collected:
+            self.collect()
+        return operator_names()
+
+    @staticmethod
+    def collect() -> None:
+        from lscape.manager import get_plugin_manager
+
+        KindChoices._collected = True
+        collect_operators(get_plugin_manager())
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        if name in operator_names():
+            return True
+        self.collect()
+        return name in operator_names()
+
+    def __repr__(self) -> str:
+        return f"KindChoices({', '.join(self._names())})"
+
+
+#: the ``kind`` choices of every curvature probe: the operator registry, live
+KIND_CHOICES = KindChoices()
+
+#: Options every curvature probe shares: which matrix, over which parameters, in which mode.
+CURVATURE_OPTIONS = (
+    Option("mode", str, "eval", "module mode during products (eval: running BN stats, no dropout)",
+           choices=("eval", "train")),
+    Option("params", str, None, "parameter subset: comma-separated glob patterns on names (default: all)"),
+    Option("groups", str, None, "per-group spectra: 'blocks=PATTERN' (one group per module matching, e.g. "
+           "blocks=layer*) or 'NAME=PATTERN[,PATTERN];NAME=...' (stored with a group dimension)"),
+    Option("kind", str, "hessian", "matrix: the Hessian, the Gauss-Newton matrix, the Monte-Carlo Fisher "
+           "(cross-entropy), the empirical Fisher, or any registered curvature matrix", choices=KIND_CHOICES),
+    Option("method", str, "auto", "Hessian-vector products (finite-difference: an explicit option)",
+           choices=METHODS),
+    Option("chunk", int, None, "split batches into chunks of at most this many samples (memory)", minimum=1),
+)
+
+
+def parse_groups(spec: str | None, model: Any) -> list[tuple[str, list[str]]]:
+    """``[(group name, [parameter names])]`` from a ``groups`` option (see CURVATURE_OPTIONS).
+
+    ``blocks=PATTERN``: the parameters under each module whose dotted name matches PATTERN
+    (the shortest matching prefix of each parameter name), in registration order;
+    ``NAME=PATTERN,...;NAME=...``: explicit groups of glob patterns. Trainable parameters only.
+    """
+    if not spec:
+        return []
+    spec = spec.strip()
+    names = [n for n, _ in select_parameters(model)]
+    groups: dict[str, list[str]] = {}
+    if spec.startswith("blocks="):
+        pattern = spec[len("blocks="):].strip()
+        if not pattern:
+            raise UsageError("groups=blocks=PATTERN needs a pattern, e.g. groups=blocks=layer*")
+        for n in names:
+            parts = n.split(".")
+            for d in range(1, len(parts)):
+                prefix = ".".join(parts[:d])
+                if fnmatch.fnmatchcase(prefix, pattern):
+                    groups.setdefault(prefix, []).append(n)
+                    break
+        if not groups:
+            raise UsageError(f"groups=blocks={pattern} matches no module holding trainable parameters")
+        return list(groups.items())
+    for part in spec.split(";"):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise UsageError(f"groups: {part.strip()!r} is not NAME=PATTERN (or blocks=PATTERN)")
+        name, patterns = (t.strip() for t in part.split("=", 1))
+        try:
+            chosen = [n for n, _ in select_parameters(model, include=[p for p in patterns.split(",") if p] or None)] \
+                if patterns else []
+        except ValueError:  # a pattern that matches nothing
+            chosen = []
+        if not name or not chosen:
+            raise UsageError(f"groups: group {name or '?'} selects no trainable parameter ({patterns})")
+        groups[name] = chosen
+    return list(groups.items())
+
+
+class WarmStart:
+    """Probe mixin: keeps the eigenvectors of the previous measurement, and the next few Ritz
+    vectors, so the next Lanczos starts from them (option ``warm_start``; Lanczos also adds a
+    fresh random direction and verifies, so a swap or a near-tie is not hidden), and saves
+    them in checkpoints so a resumed run starts where it stopped."""
+
+    _v0: torch.Tensor | None = None
+
+    def warm_vectors(self, op: CurvatureOperator, key: str | None = None) -> torch.Tensor | None:
+        """The previous start block, if warm starts are on and it fits ``op``."""
+        v0 = self._v0.get(key) if isinstance(self._v0, dict) else (self._v0 if key is None else None)
+        return v0 if self.opts.warm_start and v0 is not None and v0.shape[-1] == op.dim else None
+
+    def keep_vectors(self, result: Any, key: str | None = None) -> None:
+        block = result.warm_start() if hasattr(result, "warm_start") else result.eigenvectors
+        block = block.detach().clone()
+        if key is None and not isinstance(self._v0, dict):
+            self._v0 = block
+            return
+        if not isinstance(self._v0, dict):
+            self._v0 = {} if self._v0 is None else {None: self._v0}
+        self._v0[key] = block
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"v0": self._v0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._v0 = state.get("v0")
+
+
+def loss_adapter(ctx: Any) -> Any:
+    """The run's batch→loss adapter (``ctx.adapter``), or its plain loss where there is none."""
+    return getattr(ctx, "adapter", None) or ctx.loss_fn
+
+
+def usage_error(probe: Probe, err: ValueError) -> UsageError:
+    """A library error about an operator argument, said in the probe's options and the run's flags."""
+    argument = getattr(err, "argument", None)
+    if argument in ("params", "kind", "method", "chunk", "mode", "mc_samples", "fd_eps", "max_params"):
+        return UsageError(f"bad value for {probe.name}.{argument}: {err}")
+    if argument == "loss_fn":
+        return UsageError(f"{probe.name}: {err} (the run's loss is --loss, e.g. --loss ce)")
+    return UsageError(f"{probe.name}: {err}")
+
+
+def make_operator(probe: Probe, ctx: Any, batches: list[Any], params: Any = None, **overrides: Any) -> CurvatureOperator:
+    """The curvature operator a probe's options describe, on ``batches`` at the current θ
+    (over ``params`` when given: one group of a per-group measurement); ``overrides`` replace
+    arguments the options would give. Bad arguments are :class:`UsageError` naming the option."""
+    opts = probe.opts
+    arguments = dict(params=params if params is not None else getattr(opts, "params", None),
+                     mode=opts.mode, method=opts.method, kind=getattr(opts, "kind", "hessian"),
+                     chunk=getattr(opts, "chunk", None),
+                     seed=derived_seed(getattr(getattr(ctx, "config", None), "seed", 0), "curvature", probe.name) % (2**31))
+    arguments.update(overrides)
+    try:
+        return HessianOperator(ctx.model, loss_adapter(ctx), batches, **arguments)
+    except ValueError as err:
+        raise usage_error(probe, err) from err
+
+
+def curvature_batches(probe: Probe, ctx: Any, state: Any) -> list[Any]:
+    """The probe's batches; with ``data=subset`` one fixed subset shared by all curvature probes.
+
+    ``sharpness``, ``hessian`` and ``hessian-exact`` then describe the same matrix, so their
+    numbers can be compared (λ_max from Lanczos against the dense spectrum, say).
+    """
+    if probe.opts.data != "subset":
+        return Probe.batches(probe, ctx, state)
+    return probe.measurement_subset(ctx, purpose="curvature")
+
+
+def selected_dim(probe: Probe, ctx: Any) -> int:
+    """The number of parameters the probe's ``params`` option selects (a pattern that selects
+    nothing is bad input naming the option)."""
+    try:
+        return sum(p.numel() for _, p in select_parameters(ctx.model, getattr(probe.opts, "params", None)))
+    except ValueError as err:
+        raise UsageError(f"bad value for {probe.name}.params: {err}") from None
+
+
+def check_curvature(probe: Probe, ctx: Any) -> None:
+    """Bad curvature options are bad input before the store exists (groups, k, kind vs loss)."""
+    from lscape.limits import require_at_most, require_memory
+
+    probe._groups = parse_groups(getattr(probe.opts, "groups", None), ctx.model)
+    k = getattr(probe.opts, "k", None)
+    if k is not None:
+        dim = selected_dim(probe, ctx)
+        require_at_most(k, dim, f"{probe.name}.k", "the number of selected parameters")
+        # the Lanczos basis: about 3k vectors of the parameters' size (block, spare, restarts)
+        require_memory(3 * k * dim * 4, f"{probe.name}: a Lanczos basis for k={k} over {dim} parameters",
+                       f"{probe.name}.k", ctx.device)
+    adapter = loss_adapter(ctx)
+    kind = getattr(probe.opts, "kind", "hessian")
+    if kind != "hessian" and not getattr(adapter, "separable", True):
+        raise UsageError(f"{probe.name}: kind={kind} needs a loss of the model's output (a separable "
+                         f"loss); name a loss (--loss ce) instead of --loss model, or use kind=hessian")
+    try:
+        operator_class(kind).check_loss(as_adapter(adapter))
+    except ValueError as err:  # e.g. kind=fisher without a cross-entropy loss
+        raise usage_error(probe, err) from None
+
+
+def groups_of(probe: Probe, ctx: Any) -> list[tuple[str, list[str]]]:
+    """The probe's parameter groups (option ``groups``), parsed once."""
+    if getattr(probe, "_groups", None) is None:
+        probe._groups = parse_groups(getattr(probe.opts, "groups", None), ctx.model)
+    return probe._groups
+
+
+class CurvatureProbe(Probe):
+    """Base of the curvature probes: measured by default on the fixed subset shared by every
+    curvature probe, after the backward pass, with :data:`CURVATURE_OPTIONS` (which matrix,
+    parameters, groups, mode, product method, chunk). Probes that warm-start Lanczos add the
+    :class:`WarmStart` mixin (``class Sharpness(WarmStart, CurvatureProbe)``).
+
+    A subclass sets ``name``, ``options = CURVATURE_OPTIONS + (...)``, ``outputs`` and
+    ``measure``, in which ``self.operator(ctx, batches)`` is the matrix the options describe
+    and ``self.groups(ctx)`` the parameter groups (``[]`` without ``groups``).
+    """
+
+    data = "subset"
+    at = "after_backward"
+    options = CURVATURE_OPTIONS
+    _groups: list[tuple[str, list[str]]] | None = None
+
+    def check(self, ctx) -> None:
+        check_curvature(self, ctx)
+
+    def batches(self, ctx, state) -> list[Any]:
+        return curvature_batches(self, ctx, state)
+
+    def operator(self, ctx, batches: list[Any], params: Any = None, **overrides: Any) -> CurvatureOperator:
+        """The curvature operator of the probe's options on ``batches`` (see :func:`make_operator`)."""
+        return make_operator(self, ctx, batches, params=params, **overrides)
+
+    def groups(self, ctx) -> list[tuple[str, list[str]]]:
+        """The parameter groups of option ``groups`` (``[]`` without it)."""
+        return groups_of(self, ctx)
+
+    def group_names(self) -> list[str]:
+        """The names of the parameter groups (stored as the attribute ``groups``)."""
+        return [name for name, _ in (self._groups or [])]
