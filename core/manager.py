@@ -32,7 +32,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "lscape.plugins.noise.probes",
     "lscape.plugins.sharpness", "lscape.plugins.hessian", "lscape.plugins.hessian_exact",
     "lscape.plugins.workloads",
-    "lscape.plugins.optimizers", "lscape.plugins.eos", "lscape.plugins.diffusion", "lscape.plugins.landscape",
+    "lscape.plugins.optim.sam", "lscape.plugins.optim.smoothout", "lscape.plugins.optim.entropy_sgd",
+    "lscape.plugins.eos", "lscape.plugins.diffusion", "lscape.plugins.landscape",
     "lscape.plugins.tensorboard", "lscape.plugins.wandb",
 )
 
