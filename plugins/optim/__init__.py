@@ -1,7 +1,8 @@
 """The optimizer-variant plugins: ``sam`` (sam.py), ``smoothout`` (smoothout.py) and
 ``entropy-sgd`` (entropy_sgd.py), thin step owners around the algorithms of ``lscape.optim``.
 
-The names below are ``lscape.optim``'s, kept here so that older imports keep working.
+``VariantStep`` is the base class of such a step owner (CONTRIBUTING.md: "Add an optimizer
+variant"). The other names are ``lscape.optim``'s, kept here so that older imports keep working.
 """
 
 from lscape.optim import (
@@ -15,8 +16,10 @@ from lscape.optim import (
     smoothout_coefficient,
     smoothout_noise,
 )
+from lscape.plugins.optim._variant import VariantStep
 
 __all__ = [
+    "VariantStep",
     "SAM",
     "SmoothOut",
     "EntropySGD",
