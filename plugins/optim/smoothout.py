@@ -14,17 +14,8 @@ import torch
 from lscape import Option, Output, hookimpl
 from lscape.batch import batch_size_of, index_batch, shard
 from lscape.errors import UsageError
-from lscape.optim import (
-    DISTRIBUTIONS,
-    SCHEDULES,
-    SHAPES,
-    NoisyReLU,
-    SmoothOut,
-    ghost_closures,
-    noisy_relus,
-    smoothout_coefficient,
-    smoothout_noise,
-)
+from lscape.optim import DISTRIBUTIONS, SCHEDULES, SHAPES, SmoothOut, ghost_closures, noisy_relus
+from lscape.optim import NoisyReLU, smoothout_coefficient, smoothout_noise  # kept for older imports
 from lscape.plugins.optim._variant import VariantStep
 
 __all__ = ["SmoothOutStep", "SmoothOut", "smoothout_coefficient", "smoothout_noise", "ghost_closures", "NoisyReLU",
