@@ -267,3 +267,72 @@ def test_the_old_names_are_the_new_classes():
         assert opt.base is base and opt.rho == 0.1 and isinstance(opt, torch.optim.Optimizer)
     with pytest.raises(TypeError, match="base_optimizer must be"):
         lscape.optim.SAM([theta], "sgd")
+
+
+@pytest.mark.slow
+def test_lightning_trains_checkpoints_and_resumes_a_variant_with_its_scheduler(tmp_path):
+    """SAM returned by `configure_optimizers` with a StepLR: Lightning steps it through its
+    closure, the scheduler moves its lr, and a checkpoint resumes it with its counter; the
+    weights are a hand loop's with the same optimizer and schedule."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 5, generator=g)
+    data = TensorDataset(x, (x[:, 0] > 0).long())
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+
+    def make(params):
+        opt = lscape.optim.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net()
+            self.calls = 0
+
+        def training_step(self, batch, batch_idx):
+            self.calls += 1
+            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            opt, sched = make(self.parameters())
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def trainer(epochs):
+        return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, enable_checkpointing=False,
+                          default_root_dir=str(tmp_path))
+
+    module = Tiny()
+    first = trainer(1)
+    first.fit(module, DataLoader(data, batch_size=8))
+    assert module.calls == 8  # 4 steps, two closure calls each
+    ckpt = tmp_path / "one.ckpt"
+    first.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
+    assert saved["variant"]["t"] == 4 and saved["base"]["param_groups"][0]["lr"] == 0.05
+
+    resumed = Tiny()
+    second = trainer(2)
+    second.fit(resumed, DataLoader(data, batch_size=8), ckpt_path=str(ckpt))
+    opt = second.optimizers[0]
+    assert isinstance(opt, lscape.optim.SAM) and opt.t == 8 and opt.param_groups[0]["lr"] == 0.025
+
+    model = net()
+    hand, sched = make(model.parameters())
+    for _ in range(2):
+        for xb, yb in DataLoader(data, batch_size=8):
+            def closure():
+                hand.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                return loss
+            hand.step(closure)
+        sched.step()
+    for a, b in zip(resumed.net.parameters(), model.parameters()):
+        assert torch.equal(a.detach(), b.detach())
