@@ -42,8 +42,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
             base_optimizer = options.pop("base")
         if base_optimizer is None and isinstance(params, torch.optim.Optimizer):
             params, base_optimizer = None, params
+        built = isinstance(base_optimizer, torch.optim.Optimizer)
+        if not (built or isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer class or instance, got {base_optimizer!r}")
         base_kwargs, own = split_options(type(self), base_optimizer, options)
-        if isinstance(base_optimizer, torch.optim.Optimizer):
+        if built:
             if params is not None:
                 given = {id(p) for p in _flat_params(params)}
                 held = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
@@ -52,13 +55,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
             # the base keeps its own groups; these copies only satisfy Optimizer.__init__
             super().__init__([{"params": list(g["params"])} for g in base_optimizer.param_groups], {})
             base = base_optimizer
-        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+        else:
             if params is None:
                 raise TypeError("building the base optimizer from its class needs params")
             super().__init__(params, {})
             base = base_optimizer(self.param_groups, **base_kwargs)  # the same group dicts
-        else:
-            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer class or instance, got {base_optimizer!r}")
         self.base = base
         self.relink()
         base.register_load_state_dict_post_hook(self._base_loaded)
