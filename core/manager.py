@@ -40,7 +40,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "lscape.plugins.curvature.hessian_exact",
     "lscape.plugins.curvature.eos",
     # optim
-    "lscape.plugins.optimizers",
+    "lscape.plugins.optim.sam",
+    "lscape.plugins.optim.smoothout",
+    "lscape.plugins.optim.entropy_sgd",
     # diffusion
     "lscape.plugins.diffusion.trajectory",
     "lscape.plugins.diffusion.diffusion",

@@ -10,7 +10,7 @@ from lscape import Option, Output, Probe, hookimpl
 from lscape.curvature import METHODS, gradient, lanczos
 from lscape.params import flat_parameters, set_flat_parameters
 from lscape.plugins.curvature.base import WarmStart, loss_adapter, make_operator
-from lscape.plugins.optim.sam import sam_edge
+from lscape.optim import sam_edge
 
 __all__ = ["EdgeOfStability", "plot_eos"]
 

@@ -1,154 +1,65 @@
-"""Sharpness-aware minimisation (Foret et al. 2021) and its adaptive form ASAM (Kwon et al. 2021)."""
+"""`sam`: sharpness-aware minimisation (and ASAM) as a step owner around the run's optimizer.
+
+The algorithm is :class:`lscape.optim.SAM`; this module adds the plugin: options, the
+per-group ρ option, and the SAM-edge recorded next to ‖g‖ and ‖e‖.
+"""
 
 from __future__ import annotations
 
 import math
 
-import torch
-from torch import nn
+from lscape import Option, Output, hookimpl
+from lscape.errors import UsageError
+from lscape.optim import SAM, sam_edge
+from lscape.plugins.optim._variant import VariantStep
 
-from lscape.plugins.optim.wrapped import WrappedOptimizer, batchnorm_stats_frozen
-
-__all__ = ["SAM", "sam_edge"]
-
-
-class SAM(WrappedOptimizer):
-    """Normalised SAM around any base optimizer, the same minibatch for both passes.
-
-    One step, with g = ∇L_B(θ) from the first closure call::
-
-        e = ρ g / (‖g‖ + eps)                      (SAM)
-        e = ρ T²g / (‖T g‖ + eps),  T = |θ| + eta  (ASAM, ``adaptive=True``, elementwise)
-        second closure call at θ + e   ->  p.grad = ∇L_B(θ + e)
-        θ restored exactly, then base.step()       (momentum, weight decay: the base's)
-
-    ρ per parameter group: a base param group with a ``"rho"`` entry uses it (davda54/sam's
-    per-group ``rho``); ‖g‖ (or ‖Tg‖) stays the norm over all parameters, so
-    e_p = ρ_group(p) · g_p / (‖g‖ + eps).
-
-    ASAM's T for parameters that are not weights: ``asam_bias="scaled"`` (default, davda54/sam)
-    scales every parameter; ``"unscaled"`` is Kwon et al.'s own code (SamsungLabs/ASAM), where
-    only parameters whose name contains ``weight`` get T = |θ| + eta and the others (biases)
-    T = 1; it needs ``model`` for the names.
-
-    When ``model`` is given, BatchNorm running statistics are updated by the first pass
-    (at θ) only: the pass at the perturbed point θ + e leaves them as they were, so they
-    move once per step, as in plain training. ρ = 0 is the base optimizer exactly.
-
-    After each step ``stats`` holds ``grad_norm`` (‖g‖ of the minibatch gradient at θ, the
-    quantity in the SAM-edge formula) and ``perturbation_norm`` (‖e‖).
-    """
-
-    def __init__(
-        self,
-        base: torch.optim.Optimizer,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
-        eps: float = 1e-5,
-        model: nn.Module | None = None,
-        asam_bias: str = "scaled",
-    ):
-        super().__init__(base)
-        if rho < 0:
-            raise ValueError(f"rho must be >= 0, got {rho}")
-        for i, group in enumerate(base.param_groups):
-            if "rho" in group and not (isinstance(group["rho"], (int, float)) and group["rho"] >= 0):
-                raise ValueError(f"param group {i}: rho must be a number >= 0, got {group['rho']!r}")
-        if asam_bias not in ("scaled", "unscaled"):
-            raise ValueError(f"asam_bias must be 'scaled' or 'unscaled', got {asam_bias!r}")
-        if asam_bias == "unscaled" and model is None:
-            raise ValueError("asam_bias='unscaled' needs the model: it picks the weights by parameter name")
-        self.asam_bias = asam_bias
-        self._unscaled = ({id(p) for n, p in model.named_parameters() if "weight" not in n}
-                          if asam_bias == "unscaled" else set())
-        self.rho = float(rho)
-        self.adaptive = bool(adaptive)
-        self.eta = float(eta)
-        self.eps = float(eps)
-        self.model = model
-        self._cache: dict[str, list[torch.Tensor]] = {}
-
-    def step(self, closure):
-        """One SAM update; returns the loss at θ (before the step)."""
-        self._require_closure(closure)
-        loss = closure()
-        params, rhos = [], []
-        for group in self.base.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    params.append(p)
-                    rhos.append(float(group.get("rho", self.rho)))
-        with torch.no_grad():
-            grads = [p.grad for p in params]
-            grad_norm = _global_norm(grads)
-            if self.adaptive:
-                scale = torch._foreach_add(torch._foreach_abs(params), self.eta)
-                if self._unscaled:  # Kwon et al.: T = 1 for parameters that are not weights
-                    scale = [torch.ones_like(t) if id(p) in self._unscaled else t for p, t in zip(params, scale)]
-                scaled = torch._foreach_mul(grads, scale)
-                denom = _global_norm(scaled)
-                e = torch._foreach_mul(scaled, scale)
-            else:
-                denom = grad_norm
-                e = self._buffers("e", grads)
-                torch._foreach_copy_(e, grads)
-            # a tensor factor keeps the step free of device synchronisation
-            if len(set(rhos)) <= 1:
-                torch._foreach_mul_(e, (rhos[0] if rhos else self.rho) / (denom + self.eps))
-            else:
-                for rho in sorted(set(rhos)):
-                    torch._foreach_mul_([t for t, r in zip(e, rhos) if r == rho], rho / (denom + self.eps))
-            # kept as tensors; converted to floats only when someone reads ``stats``
-            self._norms = (grad_norm, _global_norm(e))
-            # copy back instead of subtracting e: restores θ bit for bit
-            saved = self._buffers("saved", params)
-            torch._foreach_copy_(saved, params)
-            torch._foreach_add_(params, e)
-        with batchnorm_stats_frozen(self.model):
-            closure()
-        with torch.no_grad():
-            torch._foreach_copy_(params, saved)
-        self.base.step()
-        self.variant_state["t"] += 1
-        return loss
-
-    def _buffers(self, key: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
-        # reused across steps: fresh allocations every step cost page faults on CPU
-        cached = self._cache.get(key)
-        if cached is None or len(cached) != len(like) or any(c.shape != t.shape or c.dtype != t.dtype or c.device != t.device
-                                                             for c, t in zip(cached, like)):
-            cached = self._cache[key] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
-        return cached
-
-    @property
-    def stats(self) -> dict[str, float]:
-        """``grad_norm`` ‖g‖ and ``perturbation_norm`` ‖e‖ of the last step (computed on read)."""
-        if self._norms is None:
-            return {}
-        grad_norm, pert_norm = self._norms
-        return {"grad_norm": float(grad_norm), "perturbation_norm": float(pert_norm)}
-
-    @stats.setter
-    def stats(self, value) -> None:
-        self._norms = None
+__all__ = ["SamStep", "SAM", "sam_edge"]
 
 
-def sam_edge(grad_norm: float, lr: float, rho: float) -> float:
-    """The SAM-edge (Long & Bartlett 2023): the root λ of ηλ(1 + ρλ/‖g‖) = 2.
+class SamStep(VariantStep):
+    """Sharpness-aware minimisation (normalised, same minibatch twice; adaptive=true: ASAM)."""
 
-    ``(‖g‖ / 2ρ)(√(1 + 8ρ/(η‖g‖)) − 1)``, and 2/η when ρ = 0 (plain gradient descent).
-    """
-    if rho == 0:
-        return 2.0 / lr
-    if grad_norm <= 0:
-        return 0.0
-    x = 8.0 * rho / (lr * grad_norm)
-    # (√(1+x) − 1) = x / (√(1+x) + 1) avoids cancellation when x is small
-    return grad_norm / (2.0 * rho) * x / (math.sqrt(1.0 + x) + 1.0)
+    name = "sam"
+    help = "SAM / ASAM around the base optimizer: gradient at θ + ρ g/‖g‖ on the same minibatch"
+    options = (
+        Option("rho", float, 0.05, "radius ρ of the ascent step", minimum=0.0),
+        Option("adaptive", bool, False, "ASAM: scale the ascent elementwise by |θ| + eta"),
+        Option("eta", float, 0.01, "η of ASAM's T = |θ| + η", minimum=0.0),
+        Option("eps", float, 1e-5, "added to ‖g‖ in the normalisation", minimum=0.0),
+        Option("group_rho", str, None, "ρ per optimizer param group, comma-separated in group order "
+               "(default: rho for all; a group's own 'rho' entry is used too)"),
+        Option("asam_bias", str, "scaled", "ASAM's T on non-weights: scaled (|θ| + η, davda54/sam) or unscaled "
+               "(T = 1 for parameters whose name lacks 'weight', Kwon et al.'s code)", choices=("scaled", "unscaled")),
+    )
+    outputs = (
+        Output("grad_norm", long_name="minibatch gradient norm ‖g‖ at θ"),
+        Output("perturbation_norm", long_name="ascent step ‖e‖"),
+        Output("sam_edge", units="1/lr", long_name="SAM-edge (‖g‖/2ρ)(√(1+8ρ/(η‖g‖))−1)"),
+    )
+
+    def build(self, ctx):
+        o = self.opts
+        if o.group_rho is not None:
+            try:
+                values = [float(v) for v in str(o.group_rho).split(",")]
+                if not all(math.isfinite(v) and v >= 0 for v in values):
+                    raise ValueError
+            except ValueError:
+                raise UsageError(f"bad value for sam.group_rho: '{o.group_rho}' (comma-separated numbers >= 0)") from None
+            groups = ctx.optimizer.param_groups
+            if len(values) != len(groups):
+                raise UsageError(f"sam.group_rho gives {len(values)} values but the optimizer has {len(groups)} "
+                                 "param groups")
+            for group, value in zip(groups, values):
+                group["rho"] = value
+        return SAM(ctx.optimizer, rho=o.rho, adaptive=o.adaptive, eta=o.eta, eps=o.eps, model=ctx.model,
+                   asam_bias=o.asam_bias)
+
+    def row(self, ctx, state):
+        lr = state.lr if state.lr is not None else ctx.lr
+        return {**self.optim.stats, "sam_edge": sam_edge(self.optim.stats["grad_norm"], lr, self.opts.rho)}
 
 
-def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+@hookimpl
+def register_step_owners(register):
+    register(SamStep)

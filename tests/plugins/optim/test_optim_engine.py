@@ -85,7 +85,7 @@ def test_smoothout_tanh_schedule_needs_the_run_length(tmp_path):
 
 
 def test_step_owner_state_survives_a_checkpoint_round_trip():
-    from lscape.plugins.optimizers import EntropySgdStep
+    from lscape.plugins.optim.entropy_sgd import EntropySgdStep
 
     a, b = EntropySgdStep(L=1), EntropySgdStep(L=1)
 

@@ -161,7 +161,7 @@ def test_anneal_index_and_tanh_scale_are_the_seeds_options():
     assert smoothout_coefficient("anneal", 8, anneal_index=1.0) == pytest.approx((1 / 9**1.0) ** 0.5, rel=1e-15)
     assert smoothout_coefficient("tanh", 2, 10, tanh_scale=3.0) == pytest.approx((math.tanh(3.0 * (0.2 - 0.5)) + 1) / 2,
                                                                                  rel=1e-15)
-    from lscape.plugins.optimizers import SmoothOutStep
+    from lscape.plugins.optim.smoothout import SmoothOutStep
 
     step = SmoothOutStep(ss_schedule="anneal", anneal_index="0.3", tanh_scale="4")
     from types import SimpleNamespace
@@ -177,7 +177,7 @@ def test_anneal_index_and_tanh_scale_are_the_seeds_options():
 def test_batch_multiplier_accumulates_ghost_chunks_of_several_minibatches_into_one_update():
     from types import SimpleNamespace
 
-    from lscape.plugins.optimizers import SmoothOutStep
+    from lscape.plugins.optim.smoothout import SmoothOutStep
 
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
@@ -235,7 +235,7 @@ def test_noisy_relu_draws_a_slope_in_a_b_in_train_mode_only():
     act.eval()
     assert torch.equal(act(x), torch.relu(x))
     from lscape.errors import UsageError
-    from lscape.plugins.optimizers import SmoothOutStep
+    from lscape.plugins.optim.smoothout import SmoothOutStep
 
     with pytest.raises(UsageError, match="relu_noise"):
         SmoothOutStep(relu_noise="1.5:0.5")

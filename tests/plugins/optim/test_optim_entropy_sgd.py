@@ -215,7 +215,7 @@ def test_without_nesterov_the_aliased_buffer_and_the_copied_one_have_their_own_f
 def test_original_mode_needs_an_sgd_base_and_the_plugin_passes_its_options():
     with pytest.raises(ValueError, match="torch.optim.SGD"):
         EntropySGD(torch.optim.Adam([nn.Parameter(torch.zeros(2))]), compat="original")
-    from lscape.plugins.optimizers import EntropySgdStep
+    from lscape.plugins.optim.entropy_sgd import EntropySgdStep
 
     names = {o.name for o in EntropySgdStep.all_options()}
     assert {"nesterov", "dampening", "weight_decay", "compat"} <= names

@@ -201,7 +201,7 @@ def test_sam_plugin_sets_group_rho_and_refuses_a_wrong_count():
     from types import SimpleNamespace
 
     from lscape.errors import UsageError
-    from lscape.plugins.optimizers import SamStep
+    from lscape.plugins.optim.sam import SamStep
 
     a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1)
