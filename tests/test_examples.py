@@ -13,7 +13,7 @@ from lscape.config import load_toml
 from lscape.manager import build_registry, get_plugin_manager
 from lscape.options import resolve_options
 
-from test_workloads import write_cifar10, write_mnist
+from helpers_files import write_cifar10, write_mnist
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.toml"))
 
