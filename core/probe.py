@@ -247,10 +247,10 @@ class Probe(Plugin):
         if key not in ctx.cache:
             if self.opts.batches is not None:
                 batches = fixed_batches(dataset, size, self.opts.batches, derived_seed(ctx.config.seed, "subset", purpose),
-                                        ctx.device, workers=ctx.cache.get("workers", 0))
+                                        ctx.device, workers=ctx.workers)
             else:
                 batches = fixed_subset(dataset, samples, size, derived_seed(ctx.config.seed, "subset", purpose),
-                                       ctx.device, workers=ctx.cache.get("workers", 0))
+                                       ctx.device, workers=ctx.workers)
             ctx.cache[key] = [shard(b, ctx.rank, ctx.world_size) for b in batches]
         batches = ctx.cache[key]
         from .batch import batch_size_of
@@ -268,7 +268,7 @@ class Probe(Plugin):
         key = f"full:{split}:{size}"
         if key not in ctx.cache:
             ctx.cache[key] = [shard(b, ctx.rank, ctx.world_size)
-                              for b in full_batches(dataset, size, ctx.device, workers=ctx.cache.get("workers", 0))]
+                              for b in full_batches(dataset, size, ctx.device, workers=ctx.workers)]
         self._data_attrs = {"measure_samples": len(dataset), "measure_batch_size": size}
         return ctx.cache[key]
 
