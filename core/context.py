@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .config import RunConfig
+from .limits import ProbeTimer
 from .store import RunStore
 
 if TYPE_CHECKING:  # these modules import this one
@@ -59,6 +60,8 @@ class RunContext:
     #: loaders kept between evaluation passes (``lscape.data.full_batches(cache=...)``),
     #: closed at the run's end
     fetchers: dict[Any, Fetcher] = field(default_factory=dict)
+    #: estimates how long each probe will take, after its first measurement
+    probe_timer: ProbeTimer = field(default_factory=ProbeTimer)
 
     def __post_init__(self) -> None:
         if self.adapter is None:

@@ -20,7 +20,6 @@ from .data import derived_seed, fixed_batches, full_batches, shard
 from .errors import UsageError
 from . import activity
 from .hookspecs import hookimpl
-from .limits import ProbeTimer
 from .manager import first_line
 from .options import Option, Output, resolve_options
 from .schedule import Schedule
@@ -194,7 +193,7 @@ class Probe(Plugin):
                                         training_precision=getattr(ctx.config, "precision", "fp32"))
             self.record(ctx, state.step, **values)
         # a long probe says so once: its first measurement's time times the ones still due
-        ctx.cache.setdefault("probe_timer", ProbeTimer()).first(self, ctx, state.step, time.perf_counter() - started)
+        ctx.probe_timer.first(self, ctx, state.step, time.perf_counter() - started)
         return values
 
     # -- for subclasses ------------------------------------------------------------------
