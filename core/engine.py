@@ -3,14 +3,14 @@
 ``Engine(config).run()`` is what ``lscape run`` and ``lscape.run()`` do. Everything that
 can be checked is checked in ``prepare()`` before the store is created, so bad input
 writes nothing. The hook events are fired in their order by ``lscape.events.EventDriver``;
-checkpoints are ``lscape.checkpoint``, resuming ``lscape.resume``, and the plugin set-up and
-store attributes shared with ``lscape measure`` and ``lscape.attach`` ``lscape.lifecycle``.
+checkpoints are ``lscape.checkpoint``, resuming ``lscape.resume``, the step's precision, LR
+schedule and ``--until-loss`` ``lscape.training``, and what ``lscape measure`` and
+``lscape.attach`` share with the engine (plugin set-up, store attributes, evaluation)
+``lscape.lifecycle``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -24,9 +24,9 @@ from . import __version__
 from .batch import batch_size_of, chunks, shard
 from .build import build_adapter, build_data, build_loss, build_model, build_optimizer, require_trust, store_imports
 from .checkpoint import latest_checkpoint, checkpoint_name, load_checkpoint, plugin_states, save_checkpoint
-from .config import RunConfig, parse_step_schedule
+from .config import RunConfig
 from .context import RunContext, StepState
-from .data import BatchStream, close_fetchers, default_workers, derived_seed, fixed_subset
+from .data import BatchStream, close_fetchers, default_workers, derived_seed
 from .errors import DivergedError, UsageError
 from .events import EventDriver, Interrupted, call_hook
 from .lifecycle import (activate_plugins, broadcast, check_workload, default_out, evaluate, gc_frozen,
@@ -37,13 +37,11 @@ from .probe import Plugin, StepOwner
 from .resume import ResumePoint, config_for_resume, extension_attrs, mark_resumed, objects_for, restore
 from .schedule import Schedule
 from .store import RunStore, store_exists
+from .training import NULL_CONTEXT, Precision, UntilLoss, apply_regime, finite, set_lr
 
 # ``evaluate``, ``load_checkpoint``, ``call_hook`` and ``Interrupted`` were defined here before
 # lscape.lifecycle, lscape.checkpoint and lscape.events held them: the old imports still work.
 __all__ = ["Engine", "RunResult", "Interrupted", "evaluate", "load_checkpoint", "call_hook"]
-
-#: samples of the fixed training subset that ``--until-loss`` evaluates
-UNTIL_LOSS_SAMPLES = 1024
 
 
 @dataclass
@@ -82,7 +80,7 @@ class Engine:
         self._nan_every = 1
         self._owns_group = False
         self._resumed = ResumePoint()
-        self._until_loss_batches: list[Any] | None = None
+        self._until_loss = UntilLoss()
 
     @property
     def step(self) -> int:
@@ -167,7 +165,7 @@ class Engine:
             raise UsageError(f"--precision fp16 (a GradScaler) does not combine with the step owner "
                              f"'{ctx.step_owner.name}'; use --precision bf16")
         self.ctx = ctx
-        self.events = EventDriver(self.pm, ctx, on_new_epoch=self._apply_regime)
+        self.events = EventDriver(self.pm, ctx, on_new_epoch=lambda epoch: apply_regime(cfg.regime, optimizer, epoch))
         self._prepared = True
         if world > 1:
             torch.distributed.barrier()  # every rank checked --out before rank 0 creates it
@@ -273,7 +271,7 @@ class Engine:
             batch = shard(batch, ctx.rank, ctx.world_size)
             step = self.step
             state = events.begin_step(lambda e: StepState(
-                step=step, epoch=e, batch=batch, lr=self._set_lr(step, e), time=elapsed, epoch_end=epoch_end,
+                step=step, epoch=e, batch=batch, lr=set_lr(cfg, optimizer, step, e, ctx.total_steps), time=elapsed, epoch_end=epoch_end,
                 extras={"global_batch_size": state_size}), epoch=epoch)
             if not model.training:  # submodules a user froze in eval mode stay so
                 model.train()
@@ -285,7 +283,7 @@ class Engine:
                 if scaler is not None:
                     scaler.step(optimizer)  # skips non-finite steps itself
                     scaler.update()
-                elif cfg.on_nan == "continue" or every > 1 or _finite(loss):
+                elif cfg.on_nan == "continue" or every > 1 or finite(loss):
                     optimizer.step()
             else:
                 loss = owner.step(closure, ctx, state)
@@ -297,7 +295,7 @@ class Engine:
             # NaN/inf checks cost a host sync: every step on CPU, every `every` steps on CUDA
             # (the window's losses are kept on the device and the first bad one is named)
             if every == 1:
-                diverged = not _finite(state.loss)
+                diverged = not finite(state.loss)
                 if diverged:
                     self._divergence = (step, float(state.loss))
             else:
@@ -316,40 +314,10 @@ class Engine:
                 raise DivergedError(f"loss became {value} at step {at}{late}; stopped (on_nan = stop)")
             if ckpt_schedule.due(step, epoch_end=epoch_end, now=time.time() - ctx.start_time) and ctx.is_main:
                 self.save_checkpoint()
-            if cfg.until_loss is not None and self.step % cfg.until_loss_every == 0 and self._until_loss_reached():
+            if cfg.until_loss is not None and self.step % cfg.until_loss_every == 0 and \
+                    self._until_loss.reached(ctx, self.step - 1):
                 return "completed"
         return "interrupted"
-
-    def _until_loss_reached(self) -> bool:
-        """``--until-loss``: the training loss on a fixed subset (``UNTIL_LOSS_SAMPLES`` samples,
-        eval mode, no gradients) after this step, recorded in group ``until-loss``; True once
-        it is at or below the target (the reason goes into the root attributes)."""
-        ctx, cfg = self.ctx, self.config
-        if self._until_loss_batches is None:
-            size = int(cfg.micro_batch_size or max(ctx.batch_size, 256))
-            self._until_loss_batches = fixed_subset(ctx.train_set, UNTIL_LOSS_SAMPLES, size,
-                                                    derived_seed(cfg.seed, "until-loss"), ctx.device)
-        modes = [(m, m.training) for m in ctx.model.modules()]
-        ctx.model.eval()
-        total, n = 0.0, 0
-        try:
-            with torch.no_grad():
-                for batch in self._until_loss_batches:
-                    k = batch_size_of(batch)
-                    total += float(ctx.adapter.loss(ctx.model, batch)) * k
-                    n += k
-        finally:
-            for m, training in modes:
-                m.training = training
-        loss = total / max(n, 1)
-        if ctx.store is not None:
-            ctx.store.group("until-loss").append(self.step - 1, loss=loss)
-        if loss > cfg.until_loss:
-            return False
-        if ctx.store is not None:
-            ctx.store.update_attrs(stopped_by={"until_loss": cfg.until_loss, "loss": loss, "step": self.step - 1,
-                                               "samples": n})
-        return True
 
     def _closure(self, ctx: RunContext, state: StepState) -> Callable[[], torch.Tensor]:
         model, adapter, optimizer = self._forward, ctx.adapter, ctx.optimizer
@@ -381,7 +349,7 @@ class Engine:
                 weight = batch_size_of(piece) / n_local if len(pieces) > 1 else 1.0
                 last = i == len(pieces) - 1
                 # one all-reduce per step under DDP, after the last chunk
-                sync = model.no_sync() if world > 1 and not last and hasattr(model, "no_sync") else _NULL
+                sync = model.no_sync() if world > 1 and not last and hasattr(model, "no_sync") else NULL_CONTEXT
                 with sync:
                     with precision.autocast():
                         loss = adapter.loss(model, piece)
@@ -413,34 +381,6 @@ class Engine:
         self._divergence = (pending[first][0], float(values[first]))
         return True
 
-    def _set_lr(self, step: int, epoch: int) -> float:
-        cfg = self.config
-        optimizer = self.ctx.optimizer
-        kind = cfg.lr_schedule.split(":", 1)[0]
-        if kind == "constant":
-            return float(optimizer.param_groups[0]["lr"])
-        if kind == "step":
-            milestones, gamma = parse_step_schedule(cfg.lr_schedule)
-            lr = cfg.lr * gamma ** sum(epoch >= m for m in milestones)
-        else:  # cosine over the whole run
-            total = max(1, self.ctx.total_steps or 1)
-            lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * min(step, total) / total))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    def _apply_regime(self, epoch: int) -> None:
-        # Every entry with key <= epoch applies, in order; settings are sticky.
-        regime = self.config.regime
-        if not regime:
-            return
-        for key, settings in regime.items():
-            if int(key) <= epoch:
-                for group in self.ctx.optimizer.param_groups:
-                    for name, value in settings.items():
-                        if name in group:
-                            group[name] = value
-
     # -- checkpoints ---------------------------------------------------------------------
 
     def save_checkpoint(self) -> str:
@@ -462,30 +402,3 @@ class Engine:
             "lscape_version": __version__,
         }
         return save_checkpoint(ctx.store, state, self.step, self.epoch)
-
-
-_NULL = contextlib.nullcontext()
-
-
-def _finite(value: Any) -> bool:
-    """Whether a loss (float or tensor) is finite; a host sync for a device tensor."""
-    return math.isfinite(float(value))
-
-
-class Precision:
-    """Training precision: ``fp32``, or autocast to ``bf16``/``fp16`` (fp16 with a GradScaler,
-    whose state is checkpointed). Probes run outside it, in the parameters' dtype."""
-
-    def __init__(self, name: str, device: torch.device):
-        self.name = name
-        self.device = device
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
-        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
-
-    def autocast(self) -> Any:
-        if self.dtype is None:
-            return _NULL
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
