@@ -91,8 +91,10 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
     names ``module:factory`` code is imported only with ``trust_store=True`` (or the same
     names given as overrides).
     """
-    from .engine import Engine, RunResult, _now
     from .context import StepState
+    from .engine import Engine, RunResult
+    from .events import call_hook
+    from .lifecycle import utc_now
     from .probe import Probe
 
     plugins = list(plugins)
@@ -127,7 +129,7 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
     states = _model_states(reader, source, checkpoints)
     for _, _, model_state in states:  # before the store exists: a state of another model is bad input
         _check_fits(ctx.model, model_state, source, cfg.model)
-    attrs = engine._root_attrs()
+    attrs = engine.root_attrs()
     attrs.update({"kind": "measure", "source": None if source is None else str(source)})
     ctx.store = RunStore.create(out, attrs)
     status = "completed"
@@ -138,13 +140,13 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
             batch, _, _ = ctx.stream.next()
             state = StepState(step=step, epoch=epoch, batch=batch)
             for probe in probes:
-                engine._call(lambda **kw: probe.run_measure(**kw), ctx=ctx, state=state)
+                call_hook(lambda **kw: probe.run_measure(**kw), ctx=ctx, state=state)
     except BaseException:
         status = "failed"
         raise
     finally:
         ctx.store.flush()
-        ctx.store.update_attrs(status=status, end_time=_now())
+        ctx.store.update_attrs(status=status, end_time=utc_now())
         ctx.store.close()  # releases the writer lock
     return RunResult(out, status, len(states))
 
@@ -193,7 +195,7 @@ def _replace_killed_measure(out: str) -> None:
 
 
 def _model_states(reader: RunReader | None, source: Any, which: str) -> list[tuple[int, int, Any]]:
-    from .engine import load_checkpoint
+    from .checkpoint import checkpoint_names, latest_checkpoint, load_checkpoint
 
     if reader is None:
         if source is None:
@@ -208,11 +210,11 @@ def _model_states(reader: RunReader | None, source: Any, which: str) -> list[tup
             raise UsageError(f"cannot load {source} as a state dict: {message_line(e, 160)}") from e
         return [(0, 0, state.get("model", state) if isinstance(state, dict) else state)]
     root = reader.root
-    names = sorted(root["checkpoints"].array_keys()) if "checkpoints" in root.group_keys() else []
+    names = checkpoint_names(root)
     if not names:
         raise UsageError(f"{reader.path} has no checkpoints to measure")
     if which == "latest":
-        chosen = [root["checkpoints"].attrs.get("latest", names[-1])]
+        chosen = [latest_checkpoint(root) or names[-1]]
     elif which == "all":
         chosen = names
     else:

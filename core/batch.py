@@ -12,7 +12,7 @@ measures. Batches may be
   whole dict with the ``model`` loss, which takes the ``.loss`` of the model's output
   (a ``ModelOutput``, or any object or dict with a ``loss``);
 - anything else, through a user adapter ``fn(model, batch) -> (output, target)`` given as
-  ``--adapter module:fn`` (or registered by a plugin with ``register_adapters``).
+  ``--adapter module:fn`` (``adapter=`` in ``lscape.run``/``lscape.attach``).
 
 Outputs that are a ``ModelOutput``/dict give their ``logits`` to a named loss; a tuple
 output gives its first element (torchvision's Inception/GoogLeNet aux outputs, HF

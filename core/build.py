@@ -78,7 +78,7 @@ def build_data(spec: str, options: Mapping[str, Any], table: Mapping[str, Entry]
     """``(train, eval)`` from a data factory (a Dataset, or ``{"train": ..., "eval": ...}``),
     or from the objects themselves (``lscape.run(data=...)``: a Dataset, a DataLoader or such a dict)."""
     if not isinstance(spec, str):
-        out, spec = _data_objects(spec), f"<{type(spec).__name__} object>"
+        out, spec = data_objects(spec), f"<{type(spec).__name__} object>"
     else:
         factory = resolve(spec, table, "data")
         out = call_with_accepted(factory, options, {"seed": seed}, f"data '{spec}'")
@@ -256,13 +256,13 @@ class CollatedDataset(Dataset):
         return getattr(self.dataset, name)
 
 
-def _data_objects(obj: Any) -> Any:
+def data_objects(obj: Any) -> Any:
     """Datasets from objects: a DataLoader gives its dataset (with its collate function;
     lscape draws the order itself, seeded and checkpointed), a dict maps train/eval."""
     from torch.utils.data import DataLoader, default_collate
 
     if isinstance(obj, Mapping):
-        return {k: _data_objects(v) for k, v in obj.items()}
+        return {k: data_objects(v) for k, v in obj.items()}
     if isinstance(obj, DataLoader):
         if obj.collate_fn is not None and obj.collate_fn is not default_collate and \
                 getattr(obj.collate_fn, "__name__", "") != "default_collate":

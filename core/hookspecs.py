@@ -2,15 +2,27 @@
 
 Implementations take only the arguments they name (pluggy passes the rest by keyword), so
 new arguments never break old plugins. Never give a hook implementation's argument a
-default value: pluggy then does not pass it.
+default value: pluggy then does not pass it. The annotations say what each argument is
+(``Register`` is the ``register`` callback a registration hook receives); every hook returns
+nothing.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from .context import RunContext, StepState
 
 hookspec = pluggy.HookspecMarker("lscape")
 hookimpl = pluggy.HookimplMarker("lscape")
+
+#: the callback a registration hook receives: ``register(name, obj, help="")`` or ``register(cls)``
+Register = Callable[..., None]
 
 # ---------------------------------------------------------------------------------------
 # Registration hooks: called once, when the plugin manager is built, on every loaded
@@ -20,7 +32,7 @@ hookimpl = pluggy.HookimplMarker("lscape")
 
 
 @hookspec
-def register_models(register):
+def register_models(register: Register) -> None:
     """Register model factories.
 
     :param register: ``register(name, factory, help="")``. ``factory(**options)`` returns
@@ -32,7 +44,7 @@ def register_models(register):
 
 
 @hookspec
-def register_datasets(register):
+def register_datasets(register: Register) -> None:
     """Register data set factories.
 
     :param register: ``register(name, factory, help="")``. ``factory(**options)`` returns a
@@ -43,7 +55,7 @@ def register_datasets(register):
 
 
 @hookspec
-def register_losses(register):
+def register_losses(register: Register) -> None:
     """Register loss functions.
 
     :param register: ``register(name, fn, help="")`` with ``fn(output, target)`` returning
@@ -53,7 +65,7 @@ def register_losses(register):
 
 
 @hookspec
-def register_optimizers(register):
+def register_optimizers(register: Register) -> None:
     """Register base optimizers (subclasses of ``torch.optim.Optimizer``).
 
     :param register: ``register(name, factory, help="")`` with
@@ -63,7 +75,7 @@ def register_optimizers(register):
 
 
 @hookspec
-def register_step_owners(register):
+def register_step_owners(register: Register) -> None:
     """Register optimizer variants that own the training step (SAM, Entropy-SGD, ...).
 
     :param register: ``register(cls)`` with ``cls`` a subclass of ``lscape.StepOwner``.
@@ -73,7 +85,7 @@ def register_step_owners(register):
 
 
 @hookspec
-def register_probes(register):
+def register_probes(register: Register) -> None:
     """Register measurement plugins.
 
     :param register: ``register(cls)`` with ``cls`` a subclass of ``lscape.Probe``; it is
@@ -83,7 +95,7 @@ def register_probes(register):
 
 
 @hookspec
-def register_plugins(register):
+def register_plugins(register: Register) -> None:
     """Register run plugins that are neither probes nor step owners (training metrics,
     progress display, analyses that read other plugins' data).
 
@@ -94,7 +106,7 @@ def register_plugins(register):
 
 
 @hookspec
-def register_plots(register):
+def register_plots(register: Register) -> None:
     """Register figure makers for ``lscape plot``.
 
     :param register: ``register(group, fn)``: ``fn(runs, out_dir)`` is called with the list
@@ -105,7 +117,7 @@ def register_plots(register):
 
 
 @hookspec
-def register_commands(cli):
+def register_commands(cli: click.Group) -> None:
     """Add commands to the ``lscape`` command line.
 
     :param cli: the top-level ``click.Group``; call ``cli.command()`` or
@@ -126,14 +138,15 @@ def register_curvature_operators(register):
 
 
 # ---------------------------------------------------------------------------------------
-# Run events: fired by the engine, in this order, on active plugins only. ``ctx`` is the
+# Run events: fired by the engine (and lscape.attach), in this order
+# (lscape.events.EventDriver), on active plugins only. ``ctx`` is the
 # ``lscape.RunContext`` (model, data, loss, optimizer, store, config, device); ``state``
 # the ``lscape.StepState`` of the current step (step, epoch, batch, loss, lr).
 # ---------------------------------------------------------------------------------------
 
 
 @hookspec
-def on_run_start(ctx):
+def on_run_start(ctx: RunContext) -> None:
     """After model, data, optimizer and store are built, before the first step.
 
     :param ctx: the run context.
@@ -141,7 +154,7 @@ def on_run_start(ctx):
 
 
 @hookspec
-def on_epoch_start(ctx, epoch):
+def on_epoch_start(ctx: RunContext, epoch: int) -> None:
     """Before the first step of an epoch.
 
     :param ctx: the run context.
@@ -150,7 +163,7 @@ def on_epoch_start(ctx, epoch):
 
 
 @hookspec
-def on_step_start(ctx, state):
+def on_step_start(ctx: RunContext, state: StepState) -> None:
     """Before the forward pass of a training step; ``state.batch`` is the minibatch.
 
     :param ctx: the run context.
@@ -159,7 +172,7 @@ def on_step_start(ctx, state):
 
 
 @hookspec
-def on_after_backward(ctx, state):
+def on_after_backward(ctx: RunContext, state: StepState) -> None:
     """After the first backward pass of a step, before the update: ``.grad`` holds
     ∇L_B(θ_step) on ``state.batch`` and ``state.loss`` the loss at θ_step.
 
@@ -169,7 +182,7 @@ def on_after_backward(ctx, state):
 
 
 @hookspec
-def on_step_end(ctx, state):
+def on_step_end(ctx: RunContext, state: StepState) -> None:
     """After the optimizer update; ``state.step`` is still the index of the step just
     taken, the parameters are θ_{step+1}.
 
@@ -179,7 +192,7 @@ def on_step_end(ctx, state):
 
 
 @hookspec
-def on_epoch_end(ctx, epoch):
+def on_epoch_end(ctx: RunContext, epoch: int) -> None:
     """After the last step of an epoch.
 
     :param ctx: the run context.
@@ -188,7 +201,7 @@ def on_epoch_end(ctx, epoch):
 
 
 @hookspec
-def on_evaluate(ctx, state, metrics):
+def on_evaluate(ctx: RunContext, state: StepState, metrics: dict[str, float]) -> None:
     """After the engine evaluated the model on held-out data.
 
     :param ctx: the run context.
@@ -198,7 +211,7 @@ def on_evaluate(ctx, state, metrics):
 
 
 @hookspec
-def on_run_end(ctx, status):
+def on_run_end(ctx: RunContext, status: str) -> None:
     """Once, when the run stops for any reason, before the store's final flush.
 
     :param ctx: the run context.
@@ -207,7 +220,7 @@ def on_run_end(ctx, status):
 
 
 @hookspec
-def on_exception(ctx, error):
+def on_exception(ctx: RunContext, error: BaseException) -> None:
     """When a run fails with an exception (before ``on_run_end``).
 
     :param ctx: the run context.

@@ -20,7 +20,6 @@ from .data import derived_seed, fixed_batches, full_batches, shard
 from .errors import UsageError
 from . import activity
 from .hookspecs import hookimpl
-from .limits import ProbeTimer
 from .manager import first_line
 from .options import Option, Output, resolve_options
 from .schedule import Schedule
@@ -194,7 +193,7 @@ class Probe(Plugin):
                                         training_precision=getattr(ctx.config, "precision", "fp32"))
             self.record(ctx, state.step, **values)
         # a long probe says so once: its first measurement's time times the ones still due
-        ctx.cache.setdefault("probe_timer", ProbeTimer()).first(self, ctx, state.step, time.perf_counter() - started)
+        ctx.probe_timer.first(self, ctx, state.step, time.perf_counter() - started)
         return values
 
     # -- for subclasses ------------------------------------------------------------------
@@ -247,10 +246,10 @@ class Probe(Plugin):
         if key not in ctx.cache:
             if self.opts.batches is not None:
                 batches = fixed_batches(dataset, size, self.opts.batches, derived_seed(ctx.config.seed, "subset", purpose),
-                                        ctx.device, workers=ctx.cache.get("workers", 0))
+                                        ctx.device, workers=ctx.workers)
             else:
                 batches = fixed_subset(dataset, samples, size, derived_seed(ctx.config.seed, "subset", purpose),
-                                       ctx.device, workers=ctx.cache.get("workers", 0))
+                                       ctx.device, workers=ctx.workers)
             ctx.cache[key] = [shard(b, ctx.rank, ctx.world_size) for b in batches]
         batches = ctx.cache[key]
         from .batch import batch_size_of
@@ -268,7 +267,7 @@ class Probe(Plugin):
         key = f"full:{split}:{size}"
         if key not in ctx.cache:
             ctx.cache[key] = [shard(b, ctx.rank, ctx.world_size)
-                              for b in full_batches(dataset, size, ctx.device, workers=ctx.cache.get("workers", 0))]
+                              for b in full_batches(dataset, size, ctx.device, workers=ctx.workers)]
         self._data_attrs = {"measure_samples": len(dataset), "measure_batch_size": size}
         return ctx.cache[key]
 

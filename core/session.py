@@ -15,8 +15,9 @@ Per step the events are ``on_epoch_start`` (first step of an epoch), ``on_step_s
 evaluated inside the step), ``on_step_end`` (θ_{t+1}) and ``on_epoch_end``. Everything that
 can be checked (plugin names and options, ``Plugin.check``, a probe that needs training data
 when none was given, an existing store) is checked in ``attach`` before the store exists.
-The plugin resolution, registration, hook calling, store attributes and checkpoint state
-are the engine's own functions.
+The events are fired in order by ``lscape.events.EventDriver``, as the engine's are; the
+plugin resolution, registration and store attributes are ``lscape.lifecycle``'s, the plugin
+states ``lscape.checkpoint``'s, shared with the engine.
 """
 
 from __future__ import annotations
@@ -29,12 +30,18 @@ import pluggy
 import torch
 from torch import nn
 
+from . import __version__
 from .batch import BatchAdapter, batch_size_of
+from .checkpoint import load_plugin_states, plugin_states, truncate_after
 from .config import RunConfig
 from .context import RunContext, StepState
+from .data import close_fetchers
 from .errors import DivergedError, UsageError
+from .events import EventDriver
+from .lifecycle import evaluate, mark_ended, root_attrs
 from .manager import get_plugin_manager
 from .probe import Plugin
+from .resume import mark_resumed
 from .store import GroupWriter, RunStore, store_exists
 
 __all__ = ["attach", "Session"]
@@ -64,12 +71,13 @@ def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | No
     ``session.load_state_dict`` with what ``state_dict`` returned before the first step.
     """
     from .build import build_loss
-    from .engine import _broadcast, _default_out, activate_plugins, make_plugins, plugin_registry, resolve_plugins
+    from .lifecycle import activate_plugins, make_plugins, plugin_registry, resolve_plugins
+    from .lifecycle import broadcast as _broadcast, default_out as _default_out
 
     if not isinstance(model, nn.Module):
         raise UsageError(f"attach needs the nn.Module being trained, got {type(model).__name__}")
     plugins = [plugins] if isinstance(plugins, str) else list(plugins)
-    from .build import _data_objects
+    from .build import data_objects as _data_objects
 
     loader = train_data if isinstance(train_data, torch.utils.data.DataLoader) else None
     # a DataLoader gives its data set, with its collate function when it has its own (padding)
@@ -154,24 +162,16 @@ class Session:
     ``step_end()``. ``epoch_end()``, ``evaluate(metrics)``, ``close(status)``; as a context
     manager an exception marks the store ``failed`` (naming the error), Ctrl-C
     ``interrupted``. ``state_dict``/``load_state_dict`` go into the user's checkpoints.
+    The order of the events is ``lscape.events.EventDriver``'s (``session.events``).
     """
 
     def __init__(self, ctx: RunContext, pm: pluggy.PluginManager, plugins: list[Plugin], versions: dict[str, str],
                  resume: bool = False):
-        from .engine import call_hook, root_attrs
-
         self.ctx, self.pm, self.plugins = ctx, pm, plugins
-        self.step_count = 0  # updates done (StepState.step of the next step)
-        self.epoch = 0
-        self.position = 0  # steps done in the current epoch
-        self._epoch_open = False
-        self._state: StepState | None = None  # the step between after_backward and step_end
-        self._last: StepState | None = None
+        self.events = EventDriver(pm, ctx)
         self._closed = False
         self._frozen = False
         self._eval: GroupWriter | None = None
-        self._call = call_hook
-        self._hook = pm.hook
         if not ctx.is_main:  # under torchrun every rank measures, rank 0 writes
             ctx.store = None
         elif resume:
@@ -186,7 +186,22 @@ class Session:
         # run, so it is kept out of the garbage collector's full passes until close()
         gc.freeze()
         self._frozen = True
-        self._call(self._hook.on_run_start, ctx=ctx)
+        self.events.run_start()
+
+    @property
+    def step_count(self) -> int:
+        """Updates done (``StepState.step`` of the next step)."""
+        return self.events.step
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next step."""
+        return self.events.next_epoch
+
+    @property
+    def in_step(self) -> bool:
+        """Whether a step is open (between ``after_backward`` and ``step_end``)."""
+        return self.events.state is not None
 
     # -- the step ------------------------------------------------------------------------
 
@@ -213,15 +228,10 @@ class Session:
             if owner is None and ctx.optimizer is None:
                 raise UsageError("session.step(closure=...) steps the optimizer, but attach got none")
             state = self._begin(batch)
-            calls = 0
 
             def wrapped():
-                nonlocal calls
                 value = closure()
-                if calls == 0:
-                    state.loss = _loss(value)
-                    self._fire_after_backward(state)
-                calls += 1
+                self.events.after_backward(_loss(value))  # the first call's only
                 return value
 
             if owner is not None:
@@ -236,51 +246,34 @@ class Session:
         """``on_step_start`` and ``on_after_backward`` at θ_t, after the loop's backward pass
         (for loops that step themselves; then call :meth:`step_end`)."""
         state = self._begin(batch)
-        state.loss = _loss(loss)
-        self._fire_after_backward(state)
+        self.events.after_backward(_loss(loss))
         return state
 
     def step_end(self) -> None:
         """``on_step_end`` (θ_{t+1}) and, at an epoch's last step, ``on_epoch_end``."""
-        state = self._state
-        if state is None:
-            raise UsageError("session.step_end() without a step: call session.after_backward(batch, loss) first")
-        ctx = self.ctx
-        self._call(self._hook.on_step_end, ctx=ctx, state=state)
-        self._state, self._last = None, state
-        self.step_count += 1
-        self.position += 1
-        if state.epoch_end:
-            self._end_epoch()
+        self.events.end_step()
 
     def epoch_end(self) -> None:
         """The end of the loop's epoch: ``on_epoch_end`` (unless the last step already ended
         it, with a known ``steps_per_epoch``); the next step starts a new epoch."""
-        if self._state is not None:
+        if self.in_step:
             raise UsageError("session.epoch_end() inside a step: call session.step_end() first")
-        if self._epoch_open:
-            self._end_epoch()
+        self.events.end_epoch()
 
     def evaluate(self, metrics: Mapping[str, float] | None = None) -> dict[str, float]:
         """The loop's own evaluation numbers (or, with none, lscape's ``evaluate`` on
         ``eval_data``): ``on_evaluate``. Inside a step (between ``after_backward`` and
         ``step_end``) they join that step's row of ``train`` as in the engine; after a step
         they are recorded in the group ``eval`` at that step."""
-        from .engine import evaluate as evaluate_set
-
         ctx = self.ctx
         if metrics is None:
             if ctx.eval_set is None:
                 raise UsageError("session.evaluate() without metrics evaluates on eval_data: pass eval_data= to "
                                  "attach, or give the loop's own metrics")
-            metrics = evaluate_set(ctx)
+            metrics = evaluate(ctx)
         metrics = {k: float(v) for k, v in dict(metrics).items()}
-        state = self._state
-        inside = state is not None
-        if state is None:
-            state = self._last or StepState(step=self.step_count, epoch=self.epoch, time=time.time() - ctx.start_time)
-        state.extras.update(metrics)
-        self._call(self._hook.on_evaluate, ctx=ctx, state=state, metrics=metrics)
+        inside = self.in_step
+        state = self.events.evaluate(metrics)
         if not inside and ctx.store is not None:
             if self._eval is None:
                 self._eval = ctx.store.group("eval", attrs={"source": "session.evaluate"})
@@ -291,20 +284,16 @@ class Session:
 
     def close(self, status: str = "completed", error: str | None = None) -> None:
         """``on_run_end``, then flush the store and mark its status (idempotent)."""
-        from .engine import mark_ended
-
         if self._closed:
             return
         self._closed = True
         ctx = self.ctx
         try:
-            self._call(self._hook.on_run_end, ctx=ctx, status=status)
+            self.events.run_end(status)
         except Exception as e:  # the store must still be flushed and marked
             status, error = "failed", error or str(e)
         try:
-            from .data import close_fetchers
-
-            close_fetchers(ctx.cache)  # loader workers kept for full passes
+            close_fetchers(ctx.fetchers)  # loader workers kept for full passes
             if ctx.store is not None:
                 mark_ended(ctx.store, status, error, self.step_count)
                 ctx.store.close()  # releases the writer lock now, not at garbage collection
@@ -324,10 +313,7 @@ class Session:
         elif isinstance(error, DivergedError):
             self.close("diverged", str(error))
         elif isinstance(error, Exception):
-            try:
-                self._call(self._hook.on_exception, ctx=self.ctx, error=error)
-            except Exception:
-                pass
+            self.events.exception(error)
             self.close("failed", f"{type(error).__name__}: {error}")
         else:
             self.close("interrupted")
@@ -339,64 +325,45 @@ class Session:
         """What the session needs to continue exactly: counters and every plugin's state
         (warm starts, θ_0, noise samplers); put it in the loop's own checkpoint. The store is
         flushed, so what it holds is consistent with this state."""
-        from . import __version__
-        from .engine import plugin_states
-
         if self.ctx.store is not None:
             self.ctx.store.flush()
-        return {"step": self.step_count, "epoch": self.epoch, "position": self.position,
-                "epoch_open": self._epoch_open, "elapsed": time.time() - self.ctx.start_time,
+        events = self.events
+        return {"step": events.step, "epoch": events.next_epoch, "position": events.position,
+                "epoch_open": events.epoch_open, "elapsed": time.time() - self.ctx.start_time,
                 "plugins": plugin_states(self.plugins), "lscape_version": __version__}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state_dict()``: counters and plugin states; with ``resume=True``
         the store's rows after that step are dropped (they are recorded again)."""
-        from .engine import _now, _truncate_after, load_plugin_states
-
-        if self._state is not None or self._last is not None:
+        events = self.events
+        if events.state is not None or events.last is not None:
             raise UsageError("session.load_state_dict() must come before the first step")
-        self.step_count, self.epoch = int(state["step"]), int(state["epoch"])
-        self.position, self._epoch_open = int(state.get("position", 0)), bool(state.get("epoch_open", False))
+        events.restore(int(state["step"]), int(state["epoch"]), bool(state.get("epoch_open", False)),
+                       int(state.get("position", 0)))
         self.ctx.start_time = time.time() - float(state.get("elapsed", 0.0))
         load_plugin_states(self.plugins, dict(state.get("plugins", {})))
         store = self.ctx.store
         if store is not None:
-            _truncate_after(store, self.step_count)
-            store.update_attrs(status="running", resumed_at=_now())
+            truncate_after(store, events.step)
+            mark_resumed(store)
 
     # -- internals -----------------------------------------------------------------------
 
     def _begin(self, batch: Any) -> StepState:
         if self._closed:
             raise UsageError("the session is closed")
-        if self._state is not None:
-            raise UsageError("a step is still open: call session.step_end() after session.after_backward()")
         ctx = self.ctx
-        if ctx.config.batch_size == 0:  # not known at attach: the first batch tells
+        if not self.in_step and ctx.config.batch_size == 0:  # not known at attach: the first batch tells
             ctx.config.batch_size = batch_size_of(batch)
             if ctx.store is not None:
                 ctx.store.update_attrs(config=ctx.config.to_dict())
-        if not self._epoch_open:
-            self._epoch_open = True
-            self._call(self._hook.on_epoch_start, ctx=ctx, epoch=self.epoch)
+        events = self.events
         spe = ctx.steps_per_epoch
-        state = StepState(step=self.step_count, epoch=self.epoch, batch=batch,
-                          lr=float(ctx.optimizer.param_groups[0]["lr"]) if _has_lr(ctx.optimizer) else None,
-                          time=time.time() - ctx.start_time,
-                          epoch_end=spe is not None and self.position + 1 >= spe,
-                          extras={"global_batch_size": batch_size_of(batch)})
-        self._state = state
-        self._call(self._hook.on_step_start, ctx=ctx, state=state)
-        return state
-
-    def _fire_after_backward(self, state: StepState) -> None:
-        self._call(self._hook.on_after_backward, ctx=self.ctx, state=state)
-
-    def _end_epoch(self) -> None:
-        self._call(self._hook.on_epoch_end, ctx=self.ctx, epoch=self.epoch)
-        self.epoch += 1
-        self.position = 0
-        self._epoch_open = False
+        return events.begin_step(lambda epoch: StepState(
+            step=events.step, epoch=epoch, batch=batch,
+            lr=float(ctx.optimizer.param_groups[0]["lr"]) if _has_lr(ctx.optimizer) else None,
+            time=time.time() - ctx.start_time, epoch_end=spe is not None and events.position + 1 >= spe,
+            extras={"global_batch_size": batch_size_of(batch)}))
 
 
 class _NoTrainData:

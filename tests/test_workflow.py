@@ -42,7 +42,7 @@ def test_a_run_stopped_by_a_signal_checkpoints_where_it_stopped(tmp_path):
         @lscape.hookimpl
         def on_step_end(self, ctx, state):
             if state.step == 4:
-                engine._stop_requested = True  # what SIGINT/SIGTERM do
+                engine.request_stop()  # what SIGINT/SIGTERM do
 
     engine = Engine(lscape.api.make_config(steps=100, out=str(tmp_path / "s.zarr"), **TINY))
     engine.prepare()

@@ -47,7 +47,7 @@ class LscapeTrainerCallback(TrainerCallback):
     def _forward_hook(self, module, args, kwargs, output) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return  # evaluation, or a probe's own forward passes
-        if self.session is not None and self.session._state is not None:
+        if self.session is not None and self.session.in_step:
             return  # inside the step's probes
         self._batch = dict(kwargs) if kwargs else (args[0] if len(args) == 1 else tuple(args))
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
@@ -81,7 +81,7 @@ class LscapeTrainerCallback(TrainerCallback):
         self.session.after_backward(self._batch, loss)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.session is not None and self.session._state is not None:
+        if self.session is not None and self.session.in_step:
             self.session.step_end()
 
     def on_epoch_end(self, args, state, control, **kwargs):

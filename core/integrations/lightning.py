@@ -71,11 +71,11 @@ class LscapeCallback(pl.Callback):
         session = self.session
         # a closure optimizer (lscape.optim.SAM) runs the closure more than once per step:
         # the step's probes run at its first call, at θ_t
-        if session is not None and session._state is None:
+        if session is not None and not session.in_step:
             session.after_backward(self._batch, self._loss)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.session is not None and self.session._state is not None:
+        if self.session is not None and self.session.in_step:
             self.session.step_end()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

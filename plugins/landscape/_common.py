@@ -57,7 +57,7 @@ def load_model_state(path: str, checkpoint: str = "latest", device: Any = "cpu")
     """The model state dict of a run store's checkpoint (``latest`` or a step) or of a ``.pt`` file."""
     if os.path.isdir(path):
         import zarr
-        from lscape.engine import load_checkpoint
+        from lscape.checkpoint import load_checkpoint
 
         root = zarr.open_group(path, mode="r")
         name = None

@@ -11,7 +11,7 @@ __all__ = ["checkpoint_states", "pca_directions", "trajectory_matrix"]
 
 def checkpoint_states(root: Any) -> list[tuple[int, dict[str, torch.Tensor]]]:
     """``(step, model state dict)`` of every checkpoint in an open zarr run group, by step."""
-    from lscape.engine import load_checkpoint
+    from lscape.checkpoint import load_checkpoint
 
     if "checkpoints" not in root.group_keys():
         return []

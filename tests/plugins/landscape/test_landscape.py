@@ -288,7 +288,8 @@ def test_eps_sharpness_probe_measures_on_the_eval_set_with_split_eval():
 
     ctx = SimpleNamespace(model=model, loss_fn=nn.functional.cross_entropy, train_set=train, eval_set=held,
                           adapter=BatchAdapter(nn.functional.cross_entropy),
-                          batch_size=8, device="cpu", cache={}, config=SimpleNamespace(seed=0), rank=0, world_size=1)
+                          batch_size=8, device="cpu", cache={}, workers=0, config=SimpleNamespace(seed=0), rank=0,
+                          world_size=1)
     state = SimpleNamespace(step=0, batch=None)
     probe = EpsSharpness(split="eval", data="full", repeats=2, eps=1e-3)
     probe.check(ctx)
