@@ -73,7 +73,8 @@ def _run_options(*names: str, measuring: bool = False):
             elif flag.is_flag:
                 kw.update(is_flag=True, default=opt.default)
             else:
-                kw.update(default=None if measuring else opt.default, metavar=flag.metavar,
+                kw.update(default=None if measuring else opt.default,
+                          metavar=flag.metavar or getattr(opt.type, "metavar", None),
                           type=click.Choice(opt.choices) if opt.choices else str)
             if opt.name == "plugins":
                 kw["shell_complete"] = lambda ctx, param, incomplete: _complete_plugins(incomplete)

@@ -42,6 +42,16 @@ OPTION = "lscape.option"
 
 # -- value parsers: raise ValueError/TypeError (``{option}`` in a message is replaced) ---
 
+def kind(what: str, metavar: str | None = None):
+    """Marks a parser with the words for a value of its kind, for the error when a value is
+    not of that kind (``--lr must be a number``), and its placeholder in ``--help``."""
+    def mark(parse):
+        parse.what, parse.metavar = what, metavar
+        return parse
+    return mark
+
+
+@kind("text")
 def text(value: Any) -> str:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
@@ -50,6 +60,7 @@ def text(value: Any) -> str:
     return value
 
 
+@kind("a path", "PATH")
 def path(value: Any) -> str:
     out = text(value)
     if not out.strip():
@@ -57,16 +68,19 @@ def path(value: Any) -> str:
     return out
 
 
+@kind("true or false")
 def flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(value)
     return value
 
 
+@kind("an integer", "N")
 def integer(value: Any) -> int:
     return to_int(value)
 
 
+@kind("a number", "X")
 def real(value: Any) -> float:
     """A float that torch can cast to the parameters' float32 without overflowing."""
     if isinstance(value, bool):
@@ -77,6 +91,7 @@ def real(value: Any) -> float:
     return out
 
 
+@kind("a positive integer or 'full'", "N|full")
 def parse_batch_size(value: Any) -> int | str:
     if isinstance(value, str) and value.strip().lower() == "full":
         return "full"
@@ -93,12 +108,14 @@ def parse_lr_schedule(value: Any) -> str:
     return out
 
 
+@kind("a schedule", "SCHEDULE")
 def schedule(value: Any) -> str:
     out = text(value)
     Schedule.parse(out)
     return out
 
 
+@kind("cpu or cuda", "DEVICE")
 def parse_device(value: Any) -> str:
     out = text(value)
     if out not in ("cpu", "cuda") and not out.startswith("cuda:"):
@@ -110,6 +127,7 @@ def parse_precision(value: Any) -> str:
     return text(value).strip().lower()
 
 
+@kind("true/false or a torch.compile backend name")
 def compile_mode(value: Any) -> bool | str:
     """true/false, or a torch.compile backend name (not a word for true or false)."""
     if isinstance(value, bool):
@@ -120,13 +138,15 @@ def compile_mode(value: Any) -> bool | str:
     return out
 
 
+@kind("a table of KEY = VALUE")
 def table(value: Any) -> dict[str, Any]:
-    """A table of KEY = VALUE (a ``dict``); a list of ``KEY=VALUE`` texts from the CLI too."""
+    """A table of KEY = VALUE (a ``dict`` with text keys)."""
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise TypeError(value)
     return dict(value)
 
 
+@kind("a table of tables, one per plugin")
 def tables(value: Any) -> dict[str, dict[str, Any]]:
     """One table of options per plugin."""
     out = table(value)
@@ -136,6 +156,7 @@ def tables(value: Any) -> dict[str, dict[str, Any]]:
     return {k: dict(v) for k, v in out.items()}
 
 
+@kind("a list of plugin names")
 def names(value: Any) -> list[str]:
     """A list of plugin names (one name alone is a list of one)."""
     if isinstance(value, str):
@@ -145,6 +166,7 @@ def names(value: Any) -> list[str]:
     return list(value)
 
 
+@kind("a list of plugin names")
 def plugin_names(value: Any) -> list[str]:
     out = names(value)
     for name in out:
@@ -153,23 +175,11 @@ def plugin_names(value: Any) -> list[str]:
     return out
 
 
+@kind("a duration such as 30m", "DURATION")
 def duration(value: Any) -> float:
     if isinstance(value, bool):
         raise TypeError(value)
     return parse_duration(value)
-
-
-def _what(**words: str) -> None:
-    """The words for a value of the right kind, for errors (``--lr must be a number``)."""
-    for name, what in words.items():
-        globals()[name].what = what
-
-
-_what(text="text", path="a path", flag="true or false", integer="an integer", real="a number",
-      parse_batch_size="a positive integer or 'full'", parse_device="cpu or cuda", table="a table of KEY = VALUE",
-      tables="a table of tables, one per plugin", names="a list of plugin names",
-      plugin_names="a list of plugin names", duration="a duration such as 30m",
-      compile_mode="true/false or a torch.compile backend name")
 
 
 # -- command-line forms of the options that take several values --------------------------
