@@ -78,7 +78,7 @@ def _run_options(*names: str, measuring: bool = False):
                           type=click.Choice(opt.choices) if opt.choices else str)
             if opt.name == "plugins":
                 kw["shell_complete"] = lambda ctx, param, incomplete: _complete_plugins(incomplete)
-            command = click.option(*filter(None, (flag.short, opt.flag)), opt.name, **kw)(command)
+            command = click.option(opt.flag, opt.name, **kw)(command)
         return command
 
     return decorate

@@ -41,11 +41,10 @@ def in_file(path: Any) -> Spelling:
 @dataclass(frozen=True)
 class Flag:
     """How a run option appears on the command line (see ``lscape.cli``): its flag (by
-    default ``--`` and the name with dashes), a short form, whether it is repeatable,
+    default ``--`` and the name with dashes), whether it is repeatable,
     and ``convert`` turning the repeated values (a tuple of text) into the option's value."""
 
     name: str | None = None
-    short: str | None = None
     metavar: str | None = None
     is_flag: bool = False
     multiple: bool = False
