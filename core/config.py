@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import UsageError, did_you_mean
-from .options import PYTHON, Flag, Option, Spelling, in_file, parse_key_values, to_int
+from .options import PYTHON, Flag, Option, Spelling, in_file, parse_key_values
 from .schedule import Schedule, parse_duration
 
 __all__ = ["RunConfig", "load_toml", "run_options", "LR_SCHEDULES", "PRECISIONS"]
@@ -77,7 +77,10 @@ def flag(value: Any) -> bool:
 
 @kind("an integer", "N")
 def integer(value: Any) -> int:
-    return to_int(value)
+    """An int, its text, or an integral float (not a bool, not "1e3")."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)
 
 
 @kind("a number", "X")
@@ -95,6 +98,8 @@ def real(value: Any) -> float:
 def parse_batch_size(value: Any) -> int | str:
     if isinstance(value, str) and value.strip().lower() == "full":
         return "full"
+    if isinstance(value, float):  # a size is counted, not measured
+        raise TypeError(value)
     return integer(value)
 
 
@@ -104,7 +109,10 @@ def parse_lr_schedule(value: Any) -> str:
     if kind not in LR_SCHEDULES:
         raise ValueError(f"bad {{option}} '{out}': use constant, step:EPOCH,EPOCH:GAMMA or cosine")
     if kind == "step":
-        parse_step_schedule(out)
+        try:
+            parse_step_schedule(out)
+        except UsageError:
+            raise ValueError(f"bad {{option}} '{out}': use step:EPOCH,EPOCH:GAMMA, e.g. step:30,60:0.1") from None
     return out
 
 
