@@ -137,12 +137,18 @@ def parse_precision(value: Any) -> str:
 
 @kind("true/false or a torch.compile backend name")
 def compile_mode(value: Any) -> bool | str:
-    """true/false, or a torch.compile backend name (not a word for true or false)."""
+    """true/false, or the name of a registered torch.compile backend."""
     if isinstance(value, bool):
         return value
     out = text(value)
     if not out.strip() or out.strip().lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
         raise ValueError(value)
+    import torch
+
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if out not in backends:
+        raise ValueError(f"{{option}} must be true/false or a torch.compile backend name, got '{out}'"
+                         f"{did_you_mean(out, backends)}")
     return out
 
 

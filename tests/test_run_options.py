@@ -74,6 +74,8 @@ def test_options_checked_together_are_named_as_given(cli, tmp_path):
     ("model = [1]", "'model' must be text, got [1]"),
     ('model_opts = "widths=4"', "'model_opts' must be a table of KEY = VALUE, got 'widths=4'"),
     ("seed = 1.5", "'seed' must be an integer, got 1.5"),
+    ("batch_size = 16.0", "'batch_size' must be a positive integer or 'full', got 16.0"),
+    ('compile = "00"', "'compile' must be true/false or a torch.compile backend name, got '00'"),
     ('plugins = "grad-norm"\ndisable = 3', "'disable' must be a list of plugin names, got 3"),
 ])
 def test_a_toml_value_of_the_wrong_type_is_refused_when_the_file_is_read(tmp_path, line, says):
