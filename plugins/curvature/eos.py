@@ -9,13 +9,13 @@ import torch
 from lscape import Option, Output, Probe, hookimpl
 from lscape.curvature import METHODS, gradient, lanczos
 from lscape.params import flat_parameters, set_flat_parameters
-from lscape.plugins.curvature.base import WarmStart, loss_adapter, make_operator
+from lscape.plugins.curvature.base import RecordsProducts, WarmStart, loss_adapter, make_operator
 from lscape.plugins.optim.sam import sam_edge
 
 __all__ = ["EdgeOfStability", "plot_eos"]
 
 
-class EdgeOfStability(WarmStart, Probe):
+class EdgeOfStability(WarmStart, RecordsProducts, Probe):
     """λ_max (top-k) of the training loss's Hessian with the stability thresholds 2/η and SAM-edge.
 
     On the step's minibatch (the full batch under ``--batch-size full``), at θ_step with
