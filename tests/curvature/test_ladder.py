@@ -220,3 +220,21 @@ def test_sharpness_probe_records_the_product_and_matches_the_differentiable_mode
     assert attrs["hvp_method"] == "double-backward" and attrs["hvp_method_reason"].startswith("asked for")
     assert abs(forced - exact) > 0.05 * exact  # the silent error the ladder catches
     assert np.isfinite(value)
+
+
+def test_piecewise_linear_float32_model_keeps_double_backward_marked_unverified():
+    # ReLU and max-pooling: the finite-difference step crosses kinks, so the reference is too
+    # inaccurate to judge; the exact product is kept and the reason says it is unverified
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(4 * 3 * 3, 5))
+    batches = [(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,)))]
+    forced = HessianOperator(cnn, ce, batches, method="double-backward")
+    op = HessianOperator(cnn, ce, batches)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(op.matvec(v), forced.matvec(v))
+    assert op.method == "double-backward"
+    if not op.method_check["conclusive"]:
+        assert "unverified" in op.method_reason
+    else:
+        assert "agrees" in op.method_reason
