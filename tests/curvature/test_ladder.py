@@ -234,7 +234,5 @@ def test_piecewise_linear_float32_model_keeps_double_backward_marked_unverified(
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
     assert torch.equal(op.matvec(v), forced.matvec(v))
     assert op.method == "double-backward"
-    if not op.method_check["conclusive"]:
-        assert "unverified" in op.method_reason
-    else:
-        assert "agrees" in op.method_reason
+    assert op.method_check["conclusive"] is False and "unverified" in op.method_reason
+    assert op.method_check["fd_error"] > 0.05  # measured 0.46: the reason the check cannot judge
