@@ -63,11 +63,12 @@ class CurvatureOperator:
     whose product uses it (default: at most 8 listed batches and no ``chunk``; a cached
     operator describes the parameters at its first product); ``seed`` fixes dropout masks
     (train mode) and any sampling; ``chunk`` splits every batch into pieces of at most that
-    many samples; ``fd_eps``/``fd_offset`` the finite-difference step (None: the per-dtype rule of
-    :func:`lscape.curvature.products.fd_step`) and denominator offset, ``fd_richardson``
-    Richardson-extrapolated finite differences. With ``method="auto"`` the first product
-    chooses the product (:func:`lscape.curvature.products.ladder`) and records it in
-    ``method``, ``method_reason`` and ``method_check``; see :meth:`describe`. After each product ``peak_memory`` holds the peak CUDA bytes (None on the CPU).
+    many samples; ``fd_eps``/``fd_offset`` the finite-difference step (None: the per-dtype
+    rule of :func:`lscape.curvature.products.fd_step`) and denominator offset;
+    ``fd_richardson`` Richardson-extrapolated finite differences. With ``method="auto"``
+    the first product chooses the product (:func:`lscape.curvature.products.ladder`) and
+    records it in ``method``, ``method_reason`` and ``method_check``; see :meth:`describe`.
+    After each product ``peak_memory`` holds the peak CUDA bytes (None on the CPU).
     """
 
     #: the registry name of the matrix (``kind``)

@@ -28,7 +28,8 @@ from lscape.data import derived_seed
 from lscape.errors import UsageError
 from lscape.params import select_parameters
 
-__all__ = ["CurvatureProbe", "WarmStart", "RecordsProducts", "record_products", "CURVATURE_OPTIONS", "KIND_CHOICES", "WHICH_OUTPUT", "make_operator",
+__all__ = ["CurvatureProbe", "WarmStart", "RecordsProducts", "record_products",
+           "CURVATURE_OPTIONS", "KIND_CHOICES", "WHICH_OUTPUT", "make_operator",
            "curvature_batches", "check_curvature", "selected_dim", "parse_groups", "groups_of", "loss_adapter", "usage_error"]
 
 #: the array a selected extreme eigenvalue is stored as

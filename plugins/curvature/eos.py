@@ -41,7 +41,8 @@ class EdgeOfStability(WarmStart, RecordsProducts, Probe):
         Option("warm_start", bool, True, "start Lanczos from the previous measurement's eigenvectors"),
         Option("norm", bool, True, "also measure ‖H‖ = largest |λ| (the sam_edge seed's number) by Lanczos LM"),
         Option("method", str, "auto", "Hessian-vector products: auto (double backward, checked against finite "
-               "differences on the first product), or forced; finite-difference with fd_eps is the seed's", choices=METHODS),
+               "differences on the first product), or forced; finite-difference with fd_eps is the seed's",
+               choices=METHODS),
         Option("fd_eps", float, 1e-3, "finite-difference step ε (method=finite-difference)", minimum=0.0),
         Option("compat", str, "default", "original: the sam_edge seed's finite-difference HVP, divided by "
                "2ε + 1e-5 (biases every eigenvalue by about −0.5% at ε = 1e-3)", choices=("default", "original")),
