@@ -181,8 +181,8 @@ def lanczos(
     basis = Basis(dim, store, bdev)
     budget = int(memory_budget) if memory_budget is not None else _default_budget(bdev)
     extra = 2 * k + spare + (len(starts) if starts is not None else 0) + fresh + 2  # remainders, final vectors
-    capacity = max(budget // basis.bytes_per_vector - extra, k + spare + 4)
-    keep_on_restart = min(k + spare + 1, capacity - 2)
+    keep_on_restart = k + spare + 1
+    capacity = max(budget // basis.bytes_per_vector - extra, keep_on_restart + max(verify, 1) + 2)
     reorth = "full" if capacity >= max_iter else "thick-restart"
     num_products = 0
     restarts = 0
@@ -223,6 +223,7 @@ def lanczos(
     verified: bool | None = None if verify == 0 else False
     tighten = 1.0  # internal tolerance factor, lowered when the true residuals disagree
     floor_hit: list[tuple[float, float]] = []  # (value, true residual) of pairs stuck at the products' floor
+    history: list[tuple[float, torch.Tensor]] = []  # (worst relative residual, wanted Ritz values) per pass
     while True:
         theta, S, res = ritz(basis.T, basis.B)
         m = len(basis)
@@ -232,6 +233,17 @@ def lanczos(
         bound = torch.maximum(tol * tighten * _gap_scale(theta), torch.full_like(theta, floor))
         ok = res <= bound
         done = m >= k and bool(ok[wanted].all()) and m >= min_iter
+        worst_rel = float((res[wanted] / theta[wanted].abs().clamp_min(1e-300)).max())
+        history.append((worst_rel, theta[wanted].clone()))
+        stall = max(30, 6 * k)
+        if not done and not verifying and len(history) > stall and _stalled(history, stall):
+            # No progress in `stall` passes and the Ritz values stand still: the products' own
+            # rounding is the floor.
+            final = _final_pairs(op, basis, theta, S, wanted, dtype, device)
+            num_products += len(wanted)
+            floor_hit = [(float(v), float(r)) for v, r in zip(final[1], final[2])
+                         if float(r) > tol * abs(float(v))]
+            break
         if verifying:
             changed = snapshot is not None and (
                 len(snapshot) != len(wanted)
@@ -267,8 +279,7 @@ def lanczos(
         if m >= capacity:  # the budget is full: thick restart on the wanted and spare Ritz vectors
             basis.restart(S[:, select(theta, min(keep_on_restart, m), which)])
             restarts += 1
-            fresh_seq.clear()
-            verifying, snapshot = 0, None
+            fresh_seq.clear()  # a verification round goes on from the kept vectors' residuals
             continue
         if verifying:
             # Grow the fresh direction's Krylov sequence: a random start, then its last product.
@@ -361,6 +372,21 @@ def _final_pairs(op, basis: Basis, theta, S, wanted, dtype, device) -> tuple[tor
         values[i] = float(dots64(y[i][None], hy)[0]) / max(float(dots64(y[i][None], y[i])[0]), 1e-300)
         residuals[i] = norm64(hy - float(values[i]) * y[i])
     return y, values, residuals
+
+
+def _stalled(history: list[tuple[float, torch.Tensor]], stall: int) -> bool:
+    """The residuals did not halve over the last ``stall`` passes while the wanted Ritz values
+    moved less than those residuals: what a floor of product rounding looks like (a slow but
+    real convergence moves the Ritz values)."""
+    recent, before = history[-stall:], history[:-stall]
+    best_recent, best_before = min(r for r, _ in recent), min(r for r, _ in before)
+    if best_recent <= 0.5 * best_before:
+        return False
+    first, last = recent[0][1], recent[-1][1]
+    if first.shape != last.shape:
+        return False
+    moved = float(((last - first).abs() / last.abs().clamp_min(1e-300)).max())
+    return moved < best_recent
 
 
 def _unit(m: int, i: int) -> torch.Tensor:
