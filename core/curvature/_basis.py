@@ -91,7 +91,7 @@ class _Blocks:
         c = coef[:, None] if vec else coef
         out = torch.zeros(c.shape[1], self.dim, dtype=self.dtype, device=self.device)
         for start, v in self._views():
-            out += c[start : start + len(v)].T.to(self.dtype).to(self.device) @ v
+            out.addmm_(c[start : start + len(v)].T.to(self.dtype).to(self.device), v)  # in place: no temporary
         return out[0] if vec else out
 
     def replace(self, rows: torch.Tensor) -> None:
@@ -125,11 +125,22 @@ class Basis:
         return self.Q.peak_rows + self.peak_u
 
     def orthogonalise(self, v: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """v minus its projection on Q (two block passes), and the norm left (float64)."""
+        """v minus its projection on Q, and the norm left (float64).
+
+        One block pass, and a second only when the first removed much ("twice is enough",
+        Kahan–Parlett: when ‖v‖ stays above 0.7 of what it was, one pass is already
+        orthogonal to working precision). Residual directions are orthogonal to Q by
+        construction, so they cost one pass (two sweeps over the basis), not two.
+        """
+        n = norm64(v)
         for _ in range(2):
-            if len(self.Q):
-                v = v - self.Q.combine(self.Q.dots(v))
-        return v, norm64(v)
+            if not len(self.Q):
+                break
+            v = v - self.Q.combine(self.Q.dots(v))
+            before, n = n, norm64(v)
+            if n > 0.7 * before:
+                break
+        return v, n
 
     def new_direction(self, direction: torch.Tensor) -> torch.Tensor | None:
         """The unit vector ``direction`` adds to the basis, or None if it is (numerically) in it."""
