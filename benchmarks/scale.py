@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 MODELS = {"tiny": 64, "mlp5m": 2200, "mlp25m": 4950, "gpt2": None}
 TASKS = ("lmax", "top5", "trace")
-LIBS = ("lscape", "pyhessian", "eigenthings-lanczos", "eigenthings-power", "reference")
+LIBS = ("lscape", "lscape-budget", "pyhessian", "eigenthings-lanczos", "eigenthings-power", "reference")
 TOL = 1e-3
 
 
@@ -166,7 +166,7 @@ def worker(lib: str, task: str, model_name: str, device: str, sizes: dict) -> di
     cuda_base = torch.cuda.memory_allocated() / 2**20 if device == "cuda" else 0.0
     c0, t0 = cpu_s(), time.perf_counter()
     k = 5 if task == "top5" else 1
-    if lib in ("lscape", "reference"):
+    if lib in ("lscape", "lscape-budget", "reference"):
         from lscape.curvature import HessianOperator, hutchpp, lanczos
 
         op = HessianOperator(model, loss_fn, [(x, y)])
@@ -174,8 +174,10 @@ def worker(lib: str, task: str, model_name: str, device: str, sizes: dict) -> di
             est = hutchpp(op, n=99)
             out.update(values=[est.estimate], stderr=est.stderr)
         else:
+            # lscape-budget: a basis budget of 12 vectors (thick restart): memory and sweeps bounded
+            budget = 12 * dim * 4 if lib == "lscape-budget" else None
             r = lanczos(op, k=k, tol=1e-7 if lib == "reference" else TOL,
-                        max_iter=120 if lib == "reference" else None)
+                        max_iter=120 if lib == "reference" else None, memory_budget=budget)
             out.update(values=r.eigenvalues.tolist(), converged=r.converged.tolist(),
                        residuals=r.residuals.tolist(), memory=r.memory)
         out["products"] = op.num_products
@@ -270,10 +272,10 @@ def rel_err(values, ref) -> float | None:
 PLAN = {
     "tiny": {},  # a smoke test of every column: filled below from mlp5m
     # model: {task: libraries}; the reference is run where a float64 copy is affordable
-    "mlp5m": {"lmax": ["lscape", "pyhessian", "eigenthings-lanczos", "eigenthings-power"],
+    "mlp5m": {"lmax": ["lscape", "lscape-budget", "pyhessian", "eigenthings-lanczos", "eigenthings-power"],
               "top5": ["lscape", "pyhessian", "eigenthings-lanczos"],
               "trace": ["lscape", "pyhessian", "eigenthings-lanczos"]},
-    "mlp25m": {"lmax": ["lscape", "pyhessian", "eigenthings-lanczos"],
+    "mlp25m": {"lmax": ["lscape", "lscape-budget", "pyhessian", "eigenthings-lanczos"],
                "top5": ["lscape"]},
     "gpt2": {"lmax": ["lscape", "pyhessian"]},
 }

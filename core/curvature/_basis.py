@@ -50,8 +50,8 @@ def norm64(a: torch.Tensor) -> float:
 class _Blocks:
     """(m, dim) rows stored in fixed blocks of BLOCK rows: append, row access, block products."""
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device):
-        self.dim, self.dtype, self.device = dim, dtype, device
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, block: int = BLOCK):
+        self.dim, self.dtype, self.device, self.block = dim, dtype, device, block
         self.blocks: list[torch.Tensor] = []
         self.m = 0
         self.peak_rows = 0
@@ -60,24 +60,24 @@ class _Blocks:
         return self.m
 
     def allocated(self) -> int:
-        return len(self.blocks) * BLOCK
+        return len(self.blocks) * self.block
 
     def append(self, row: torch.Tensor) -> None:
         if self.m == self.allocated():
-            self.blocks.append(torch.empty(BLOCK, self.dim, dtype=self.dtype, device=self.device))
+            self.blocks.append(torch.empty(self.block, self.dim, dtype=self.dtype, device=self.device))
             self.peak_rows = max(self.peak_rows, self.allocated())
-        self.blocks[self.m // BLOCK][self.m % BLOCK] = row
+        self.blocks[self.m // self.block][self.m % self.block] = row
         self.m += 1
 
     def row(self, i: int) -> torch.Tensor:
-        return self.blocks[i // BLOCK][i % BLOCK]
+        return self.blocks[i // self.block][i % self.block]
 
     def _views(self):
         for b, block in enumerate(self.blocks):
-            n = min(BLOCK, self.m - b * BLOCK)
+            n = min(self.block, self.m - b * self.block)
             if n <= 0:
                 break
-            yield b * BLOCK, block[:n]
+            yield b * self.block, block[:n]
 
     def dots(self, w: torch.Tensor) -> torch.Tensor:
         """Q w as float64 (m,)."""
@@ -97,7 +97,7 @@ class _Blocks:
     def replace(self, rows: torch.Tensor) -> None:
         """Make ``rows`` the whole content (keeping the storage already allocated)."""
         self.m = 0
-        keep = -(-len(rows) // BLOCK)
+        keep = -(-len(rows) // self.block)
         del self.blocks[keep:]
         for r in rows:
             self.append(r)
@@ -106,9 +106,9 @@ class _Blocks:
 class Basis:
     """Orthonormal basis Q, remainder block U and the float64 coefficients T, B (see the module doc)."""
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, block: int = BLOCK):
         self.dim, self.dtype, self.device = dim, dtype, device
-        self.Q = _Blocks(dim, dtype, device)
+        self.Q = _Blocks(dim, dtype, device, block)
         self.U = torch.zeros(0, dim, dtype=dtype, device=device)
         self.T = torch.zeros(0, 0, dtype=torch.float64)
         self.B = torch.zeros(0, 0, dtype=torch.float64)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from lscape.curvature import distributed
-from lscape.curvature._basis import Basis, dots64, norm64
+from lscape.curvature._basis import BLOCK, Basis, dots64, norm64
 from lscape.curvature._ritz import gap_scale as _gap_scale
 from lscape.curvature._ritz import ritz, select
 from lscape.errors import UsageError
@@ -178,11 +178,12 @@ def lanczos(
         spare = 1 if k == 1 else 2
     store = torch.float64 if (dtype == torch.float64 or 8 * dim * (max_iter + 1) <= _FLOAT64_BYTES) else dtype
     eps = float(torch.finfo(dtype).eps)
-    basis = Basis(dim, store, bdev)
+    bytes_per_vector = dim * torch.empty(0, dtype=store).element_size()
     budget = int(memory_budget) if memory_budget is not None else _default_budget(bdev)
     extra = 2 * k + spare + (len(starts) if starts is not None else 0) + fresh + 2  # remainders, final vectors
     keep_on_restart = k + spare + 1
-    capacity = max(budget // basis.bytes_per_vector - extra, keep_on_restart + max(verify, 1) + 2)
+    capacity = max(budget // bytes_per_vector - extra, keep_on_restart + max(verify, 1) + 2)
+    basis = Basis(dim, store, bdev, block=min(BLOCK, capacity))  # blocks never overshoot the capacity
     reorth = "full" if capacity >= max_iter else "thick-restart"
     num_products = 0
     restarts = 0

@@ -149,4 +149,4 @@ def test_a_small_memory_budget_thick_restarts_without_losing_accuracy():
     assert small.memory["capacity"] < full.iterations
     assert small.all_converged and small.verified
     torch.testing.assert_close(small.eigenvalues, ev[:3], rtol=1e-6, atol=0)
-    assert small.memory["basis_vectors"] <= 16 * math.ceil(small.memory["capacity"] / 16)
+    assert small.memory["basis_vectors"] <= small.memory["capacity"]  # the budget bounds the storage
