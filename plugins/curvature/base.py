@@ -219,7 +219,7 @@ def record_products(probe: Probe, ctx: Any, operators: Sequence[CurvatureOperato
              "hvp_product_error": max(errors) if errors else None,
              "hvp_check": next((d["check"] for d in described if d["check"]), None)}
     probe.product_attrs = attrs
-    for writer in getattr(probe, "_writers", {}).values():  # the groups it wrote (main rank only)
+    for writer in probe.opened_groups():  # the groups it wrote (main rank only)
         writer.group.attrs.update(attrs)
     return attrs
 
