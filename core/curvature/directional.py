@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -268,7 +268,8 @@ def critical_sharpness(
     bracket's relative width 1 − η_lo/η_hi ≤ ``rtol`` (2⁻⁴, the authors' default) or
     ``max_loss_evals`` evaluations (L(θ) included) are spent. Without ``lr_guess`` the guess
     is the quadratic model's η_q = 2(−gᵀu)/(uᵀHu) from L(θ ± hû) (2 evaluations; growth 1.1
-    around it), which is also returned as ``quadratic`` = 2/η_q; with a guess the growth is 2.
+    around it, squared after each step that does not bracket), which is also returned as
+    ``quadratic`` = 2/η_q; with a guess the growth is a constant 2, as in the authors' code.
     """
     if max_loss_evals < 3:
         raise ValueError(f"max_loss_evals must be at least 3, not {max_loss_evals}")
@@ -307,6 +308,9 @@ def critical_sharpness(
             grow = growth if growth is not None else 2.0
         if grow <= 1:
             raise ValueError(f"growth must exceed 1, not {grow}")
+        # around the quadratic guess the factor squares after each step that does not bracket
+        # (1.1, 1.21, 1.46, 2.14, ...), so a poor guess still brackets within the budget
+        accelerate = lr_guess is None
         lo, hi = 0.0, math.inf
         eta = guess
         converged = False
@@ -322,10 +326,10 @@ def critical_sharpness(
                     converged = True
                     break
                 eta = (lo + hi) / 2
-            elif hi == math.inf:
-                eta *= grow
             else:
-                eta /= grow
+                eta = eta * grow if hi == math.inf else eta / grow
+                if accelerate:
+                    grow *= grow
         if hi == math.inf:  # never increased: η_c > lo
             mid, lower, upper = math.nan, 0.0, 2 / lo
         elif lo == 0:  # increased at every η tried: η_c < hi

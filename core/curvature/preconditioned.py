@@ -36,7 +36,7 @@ class PreconditionedOperator:
     def __init__(self, inner: Any, diag: torch.Tensor | Preconditioner, sign: float | None = None):
         info = diag if isinstance(diag, Preconditioner) else None
         p = info.diag if info is not None else torch.as_tensor(diag)
-        dim = int(inner.dim)
+        dim = _size(inner)
         if p.shape != (dim,):
             raise ValueError(f"the preconditioner has shape {tuple(p.shape)}, the operator acts on ({dim},)")
         if not bool(torch.isfinite(p).all()) or bool((p <= 0).any()):
@@ -51,7 +51,7 @@ class PreconditionedOperator:
 
     @property
     def dim(self) -> int:
-        return int(self.inner.dim)
+        return _size(self.inner)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -104,3 +104,15 @@ class PreconditionedOperator:
     def __repr__(self) -> str:
         rule = self.preconditioner.rule if self.preconditioner is not None else "diag"
         return f"PreconditionedOperator({rule}, sign={self.sign:+g}, inner={self.inner!r})"
+
+
+def _size(op: Any) -> int:
+    """The length of the operator's flat vectors (``dim``, or ``numel`` where an operator names it so)."""
+    size = getattr(op, "dim", None)
+    if size is None:
+        size = getattr(op, "numel", None)
+    if callable(size):
+        size = size()
+    if size is None:
+        raise TypeError(f"{type(op).__name__} has no dim (length of its flat vectors): not a curvature operator")
+    return int(size)
