@@ -24,7 +24,8 @@ import time
 import torch
 from torch import nn
 
-from lscape.curvature import HessianOperator, PreconditionedOperator, edge_threshold, lanczos, preconditioner
+from lscape.curvature import (HessianOperator, PreconditionedOperator, batch_sharpness, edge_threshold, lanczos,
+                              preconditioner, random_batches)
 
 
 def problem(seed: int = 0, n: int = 1000, d: int = 8, width: int = 32):
@@ -77,6 +78,49 @@ def run(kind: str, lr: float, steps: int, every: int, beta: float = 0.9) -> dict
     }
 
 
+def run_eoss(lr: float, steps: int, every: int, batch_size: int, estimates: int) -> dict:
+    """Mini-batch SGD (no momentum): batch sharpness (Andreyev & Beneventano 2024) against 2/η,
+    next to the full-batch λ_max; training batches from a shuffled sampler without replacement."""
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    threshold = edge_threshold(opt)
+    mse = nn.functional.mse_loss
+    gen = torch.Generator().manual_seed(1)
+    rows, order, pos = [], torch.randperm(len(x), generator=gen), 0
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        if pos + batch_size > len(x):
+            order, pos = torch.randperm(len(x), generator=gen), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        opt.zero_grad()
+        loss = mse(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        if not torch.isfinite(loss):
+            raise SystemExit(f"mini-batch SGD diverged at step {step} (lr={lr}); lower the learning rate")
+        if step % every == 0 or step == steps:
+            bs = batch_sharpness(model, mse, random_batches(x, y, batch_size, estimates, seed=step))
+            full = top(HessianOperator(model, mse, [(x, y)]))
+            with torch.no_grad():
+                full_loss = float(mse(model(x), y))
+            rows.append((step, full_loss, full, bs.value, bs.ratio_of_means))
+    late = rows[len(rows) * 3 // 4:]
+    return {"lr": lr, "batch_size": batch_size, "threshold": threshold, "rows": rows,
+            "late_bs": statistics.median(r[3] for r in late), "late_full": statistics.median(r[2] for r in late),
+            "seconds": time.perf_counter() - start}
+
+
+def report_eoss(res: dict) -> None:
+    t = res["threshold"]
+    print(f"== mini-batch SGD, lr={res['lr']}, batch size {res['batch_size']}: threshold {t.formula} = {t.value:.1f}")
+    print(f"{'step':>6} {'full loss':>10} {'lam_max(H)':>12} {'batch sharp.':>13} {'ratio of means':>15} {'BS/threshold':>13}")
+    for step, loss, full, bs, rom in res["rows"]:
+        print(f"{step:>6} {loss:>10.5f} {full:>12.3f} {bs:>13.3f} {rom:>15.3f} {bs / t.value:>13.3f}")
+    print(f"late (last quarter, median): batch sharpness / threshold = {res['late_bs'] / t.value:.3f}; "
+          f"full-batch lam_max / threshold = {res['late_full'] / t.value:.3f}; {res['seconds']:.1f} s")
+
+
 def report(res: dict) -> None:
     t = res["threshold"]
     name = "Adam" if res["kind"] == "adam" else "SGD heavy-ball"
@@ -92,12 +136,16 @@ def report(res: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["adam", "momentum"])
+    parser.add_argument("--only", choices=["adam", "momentum", "eoss"])
     parser.add_argument("--adam-lr", type=float, default=2e-3)
     parser.add_argument("--adam-steps", type=int, default=3000)
     parser.add_argument("--momentum-lr", type=float, default=0.1)
     parser.add_argument("--momentum-steps", type=int, default=4000)
     parser.add_argument("--every", type=int, default=25)
+    parser.add_argument("--sgd-lr", type=float, default=0.5)
+    parser.add_argument("--sgd-steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--estimates", type=int, default=20, help="mini-batches per batch-sharpness measurement")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, float32, 1 thread, full batch (1000 samples), tanh MLP 8-32-32-1, MSE")
@@ -105,6 +153,8 @@ def main() -> None:
         report(run("adam", args.adam_lr, args.adam_steps, args.every))
     if args.only in (None, "momentum"):
         report(run("momentum", args.momentum_lr, args.momentum_steps, args.every))
+    if args.only in (None, "eoss"):
+        report_eoss(run_eoss(args.sgd_lr, args.sgd_steps, 4 * args.every, args.batch_size, args.estimates))
 
 
 if __name__ == "__main__":
