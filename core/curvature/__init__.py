@@ -27,6 +27,11 @@ from lscape.curvature.lanczos import EigenResult, lanczos, power_iteration
 from lscape.curvature.operator import KINDS, METHODS, MODES, HessianOperator, gradient
 from lscape.curvature.registry import OPERATORS, collect_operators, operator_class, operator_names, register_operator
 from lscape.curvature.trace import TraceEstimate, hutchinson, hutchpp
+from lscape.curvature.preconditioner import (EdgeThreshold, Preconditioner, PreconditionerRule, edge_threshold,
+                                             preconditioner, register_preconditioner)
+from lscape.curvature.preconditioned import PreconditionedOperator
+from lscape.curvature.directional import (BatchSharpness, CriticalSharpness, DirectionalCurvature, batch_sharpness,
+                                          critical_sharpness, directional_curvature, random_batches)
 
 __all__ = [
     "HessianOperator",
@@ -60,4 +65,18 @@ __all__ = [
     "DenseSpectrum",
     "DEFAULT_MAX_PARAMS",
     "distributed",
+    "Preconditioner",
+    "PreconditionerRule",
+    "EdgeThreshold",
+    "preconditioner",
+    "edge_threshold",
+    "register_preconditioner",
+    "PreconditionedOperator",
+    "BatchSharpness",
+    "batch_sharpness",
+    "random_batches",
+    "DirectionalCurvature",
+    "directional_curvature",
+    "CriticalSharpness",
+    "critical_sharpness",
 ]
