@@ -8,6 +8,11 @@ and the dense helpers apply unchanged. It is the Hessian of φ ↦ L(Dφ) in the
 :meth:`PreconditionedOperator.to_parameters` maps a φ-direction back to θ (θ-direction D v).
 
 Cost: one product of the inner operator per product, plus two elementwise scalings.
+
+Two forms: :class:`PreconditionedOperator` wraps any operator and a given P (the library
+form); :class:`PreconditionedHessian` is the registered curvature matrix
+``kind="preconditioned"`` (a :class:`lscape.curvature.CurvatureOperator` built like every
+other kind, with the ``optimizer`` whose state holds P), which every curvature probe uses.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from typing import Any
 
 import torch
 
-from lscape.curvature.preconditioner import Preconditioner
+from lscape.curvature.errors import CurvatureArgumentError
+from lscape.curvature.hessian import Hessian
+from lscape.curvature.preconditioner import (NotSteppedError, Preconditioner, base_optimizer, preconditioner,
+                                             preconditioner_rule)
 
-__all__ = ["PreconditionedOperator"]
+__all__ = ["PreconditionedOperator", "PreconditionedHessian"]
 
 
 class PreconditionedOperator:
@@ -104,6 +112,80 @@ class PreconditionedOperator:
     def __repr__(self) -> str:
         rule = self.preconditioner.rule if self.preconditioner is not None else "diag"
         return f"PreconditionedOperator({rule}, sign={self.sign:+g}, inner={self.inner!r})"
+
+
+class PreconditionedHessian(Hessian):
+    """The preconditioned Hessian s·P^{-1/2} H P^{-1/2} as a curvature matrix (``kind="preconditioned"``).
+
+    P is read with :func:`lscape.curvature.preconditioner` from ``optimizer``'s state at its
+    last step, for the operator's parameters, with per-group learning rates folded in against
+    the reference ``lr`` (default: the first group's); s = −1 for ``maximize=True``. Its
+    eigenvalues are those of P⁻¹H, the matrix whose λ_max sits at an adaptive optimizer's edge
+    of stability (:func:`lscape.curvature.edge_threshold`). Products are the Hessian's (any
+    ``method``) between two elementwise scalings; :meth:`gradient` and eigenvectors are in
+    the coordinates φ = P^{1/2}θ (:meth:`to_parameters` maps back). ``preconditioner`` holds
+    what was read (rule, formula, step); ``matrix`` says it in words.
+
+    Raises :class:`lscape.curvature.CurvatureArgumentError` (argument ``"optimizer"``) for a
+    missing optimizer, one without a rule, or a parameter it does not hold, and
+    :class:`lscape.curvature.NotSteppedError` (a ``ValueError``) before its first step.
+    """
+
+    name = "preconditioned"
+    needs_optimizer = True
+
+    def __init__(self, *args: Any, optimizer: Any = None, lr: float | None = None, **kwargs: Any):
+        self.check_optimizer(optimizer)
+        super().__init__(*args, **kwargs)
+        try:
+            self.preconditioner = preconditioner(optimizer, self.params, lr)
+        except NotSteppedError:
+            raise
+        except ValueError as err:
+            raise CurvatureArgumentError(str(err), "optimizer") from None
+        self.sign = float(self.preconditioner.sign)
+        #: D = P^{-1/2} in the parameters' dtype
+        self.scale = self.preconditioner.diag.to(device=self.device, dtype=torch.float64).rsqrt().to(self.dtype)
+
+    @classmethod
+    def check_optimizer(cls, optimizer: Any) -> None:
+        if optimizer is None:
+            raise CurvatureArgumentError("kind=preconditioned needs the optimizer whose state holds the "
+                                         "preconditioner", "optimizer")
+        try:
+            preconditioner_rule(optimizer)
+        except ValueError as err:
+            raise CurvatureArgumentError(str(err), "optimizer") from None
+
+    @classmethod
+    def describe(cls, optimizer: Any = None) -> dict[str, str]:
+        """``matrix``, ``preconditioner_rule`` and ``preconditioner_formula`` for ``optimizer``."""
+        if optimizer is None:
+            return {"matrix": "P^-1/2 H P^-1/2"}
+        rule = preconditioner_rule(optimizer)
+        sign = "-" if any(g.get("maximize", False) for g in base_optimizer(optimizer).param_groups) else ""
+        return {"matrix": f"{sign}P^-1/2 H P^-1/2 ({rule.name})", "preconditioner_rule": rule.name,
+                "preconditioner_formula": rule.formula}
+
+    @property
+    def matrix(self) -> str:
+        """What the matrix is, in words (stored by the probes)."""
+        minus = "-" if self.sign < 0 else ""
+        return f"{minus}P^-1/2 H P^-1/2 ({self.preconditioner.rule})"
+
+    def apply(self, vs: torch.Tensor) -> torch.Tensor:
+        d = self.scale.to(vs.dtype)
+        out = super().apply(vs * d)
+        return out.mul_(self.sign * self.scale.to(out.dtype))
+
+    def gradient(self) -> torch.Tensor:
+        """The gradient in φ-coordinates, s·D ∇L."""
+        g = super().gradient()
+        return (self.sign * self.scale.to(g.dtype)) * g
+
+    def to_parameters(self, v: torch.Tensor) -> torch.Tensor:
+        """The parameter-space direction D v of a φ-space vector (an eigenvector, say)."""
+        return self.scale.to(v.dtype) * v
 
 
 def _size(op: Any) -> int:

@@ -61,10 +61,17 @@ __all__ = [
     "register_preconditioner",
     "preconditioner_rule",
     "base_optimizer",
+    "NotSteppedError",
 ]
 
 DiagFn = Callable[[dict, dict, torch.Tensor], torch.Tensor]
 ThresholdFn = Callable[[dict, float], "tuple[float, str]"]
+
+
+class NotSteppedError(ValueError):
+    """The optimizer has not taken a step yet, so its state holds no preconditioner (a
+    ``ValueError``; a measurement may simply wait for the first update, unlike the other
+    refusals, which do not go away)."""
 
 
 class EdgeThreshold(NamedTuple):
@@ -196,7 +203,7 @@ def preconditioner(optimizer: Any, params: Sequence[torch.Tensor] | None = None,
     states = [base.state.get(p, {}) for p in params]
     steps = [_step(s) for s in states]
     if rule.needs_state and (not any(states) or max(steps) == 0):
-        raise ValueError(f"the {type(base).__name__} optimizer has not stepped yet: its state holds no "
+        raise NotSteppedError(f"the {type(base).__name__} optimizer has not stepped yet: its state holds no "
                          f"preconditioner (measure after at least one optimizer step)")
     ref = float(lr) if lr is not None else _float(base.param_groups[0]["lr"])
     if ref <= 0:
