@@ -32,7 +32,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "lscape.plugins.noise.probes",
     "lscape.plugins.curvature.sharpness", "lscape.plugins.curvature.hessian", "lscape.plugins.curvature.hessian_exact",
     "lscape.plugins.workloads",
-    "lscape.plugins.optimizers", "lscape.plugins.curvature.eos", "lscape.plugins.diffusion", "lscape.plugins.landscape",
+    "lscape.plugins.optimizers", "lscape.plugins.curvature.eos",
+    "lscape.plugins.curvature.critical_sharpness", "lscape.plugins.diffusion", "lscape.plugins.landscape",
     "lscape.plugins.tensorboard", "lscape.plugins.wandb",
 )
 

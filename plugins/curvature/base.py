@@ -188,7 +188,7 @@ def make_operator(probe: Probe, ctx: Any, batches: list[Any], params: Any = None
     arguments the options would give. Bad arguments are :class:`UsageError` naming the option."""
     opts = probe.opts
     arguments = dict(params=params if params is not None else getattr(opts, "params", None),
-                     mode=opts.mode, method=opts.method, kind=getattr(opts, "kind", "hessian"),
+                     mode=opts.mode, method=getattr(opts, "method", "auto"), kind=getattr(opts, "kind", "hessian"),
                      chunk=getattr(opts, "chunk", None),
                      seed=derived_seed(getattr(getattr(ctx, "config", None), "seed", 0), "curvature", probe.name) % (2**31))
     arguments.update(overrides)
