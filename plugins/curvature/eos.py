@@ -39,10 +39,11 @@ class EdgeOfStability(WarmStart, Probe):
     ``lambda_max_preconditioned`` (by Lanczos for an adaptive optimizer, option
     ``preconditioned``; λ_max/c when P = c·I, as for SGD: no extra products; NaN before the
     optimizer's first update) and ``preconditioned_ratio`` = lambda_max_preconditioned / threshold.
-    With ``batch_sharpness=N`` also the batch sharpness E_B[g_BᵀH_Bg_B/‖g_B‖²] over N
-    mini-batches of the training batch size, drawn as an epoch's shuffle draws them (disjoint,
-    without replacement; a fresh draw every measurement, the training stream untouched), to
-    compare with 2/η (``threshold_gd``).
+    With ``batch_sharpness=N`` also the batch sharpness E_B[g_BᵀH_Bg_B/‖g_B‖²] (the mean of the
+    per-batch quotients, Andreyev & Beneventano's default estimator) over N mini-batches of
+    the training batch size, drawn as the training sampler draws them (disjoint batches of a
+    seeded shuffle, a further shuffle when N batches exceed one epoch; a fresh draw at every
+    measurement, the training stream untouched), to compare with 2/η (``threshold_gd``).
     """
 
     name = "eos"
@@ -215,9 +216,15 @@ class EdgeOfStability(WarmStart, Probe):
 
     def _batch_sharpness(self, ctx, state, method: str, original: bool) -> dict[str, Any]:
         """Batch sharpness over ``batch_sharpness`` fresh mini-batches of the training batch size."""
-        drawn = fixed_batches(ctx.train_set, ctx.batch_size, self.opts.batch_sharpness,
-                              derived_seed(ctx.config.seed, "batch-sharpness", int(state.step)), ctx.device,
-                              workers=ctx.cache.get("workers", 0))
+        # as the training sampler draws them: disjoint batches of a fresh shuffle, one more
+        # shuffle ("epoch") whenever the data holds fewer than the batches asked for
+        wanted, size = int(self.opts.batch_sharpness), min(ctx.batch_size, len(ctx.train_set))
+        per_epoch = max(1, len(ctx.train_set) // size)
+        drawn: list[Any] = []
+        for epoch in range(-(-wanted // per_epoch)):
+            seed = derived_seed(ctx.config.seed, "batch-sharpness", int(state.step), epoch)
+            drawn += fixed_batches(ctx.train_set, size, min(per_epoch, wanted - len(drawn)), seed, ctx.device,
+                                   workers=ctx.cache.get("workers", 0))
         drawn = [shard(b, ctx.rank, ctx.world_size) for b in drawn]
 
         def one_batch(model, loss_fn, batch, params=None, mode=None):
