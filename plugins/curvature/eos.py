@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from lscape import Option, Output, Probe, hookimpl
-from lscape.curvature import (METHODS, NotSteppedError, PreconditionedHessian, batch_sharpness, edge_threshold,
+from lscape.curvature import (METHODS, PreconditionedHessian, batch_sharpness, edge_threshold,
                               gradient, lanczos, preconditioner, preconditioner_rule)
 from lscape.data import derived_seed, fixed_batches, shard
 from lscape.errors import UsageError
@@ -196,8 +196,8 @@ class EdgeOfStability(WarmStart, Probe):
         pre, products = nan, 0
         try:
             p = preconditioner(ctx.optimizer, op.params, lr)
-        except NotSteppedError:  # before the first update there is no P
-            p = None
+        except ValueError:  # before the first update there is no P (NotSteppedError), or a
+            p = None        # parameter never updated has none: eos measures the rest regardless
         if p is not None:
             first = p.diag.reshape(-1)[0]
             if p.sign > 0 and bool((p.diag == first).all()):  # P = c·I (SGD): λ(P⁻¹H) = λ(H)/c
