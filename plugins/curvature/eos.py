@@ -272,7 +272,10 @@ def plot_eos(runs, out_dir):
         if not with_gd and not has_sam:
             note(f"{filename} not written: the SAM-edge is undefined (rho = 0)")
             continue
-        fig, ax = figure(title if has_sam else "Hessian eigenvalues and 2/η", "step", "eigenvalue")
+        own = with_gd and any(_differs(d, "threshold", "threshold_gd")
+                              and not _finite(d, "lambda_max_preconditioned", "lambda_max") for _, _, d in data)
+        fig, ax = figure(title if has_sam else "Hessian eigenvalues, 2/η and the optimizer's threshold" if own
+                         else "Hessian eigenvalues and 2/η", "step", "eigenvalue")
         for name, colour, d in data:
             eigenvalue_lines(ax, d["step"], d["top_eigenvalues"], name, colour if len(data) > 1 else None)
             if has_sam:
