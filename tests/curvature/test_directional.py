@@ -11,18 +11,7 @@ from lscape import params as lparams
 from lscape.curvature import (HessianOperator, PreconditionedOperator, batch_sharpness, critical_sharpness,
                               dense_hessian, directional_curvature, gradient, preconditioner, random_batches)
 
-mse = nn.functional.mse_loss
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
-
-
-def data(seed=1, n=24):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    return x, torch.sin(x.sum(1, keepdim=True))
+from test_preconditioned import data, mlp, mse  # the same small float64 tanh MLP and data
 
 
 class Counted(nn.Module):
