@@ -11,6 +11,7 @@ import torch
 
 from .config import RunConfig, load_toml
 from .build import require_trust, store_imports
+from .checkpoint import state_mismatch
 from .errors import UsageError, did_you_mean, message_line
 from .store import RunReader, RunStore, store_exists
 
@@ -158,18 +159,10 @@ def _check_fits(model: torch.nn.Module, state: Any, source: Any, name: str) -> N
         return
     if not isinstance(state, Mapping):
         raise UsageError(f"{source} holds a {type(state).__name__}, not a state dict")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
-    if not (missing or unexpected or shapes):
+    differs = state_mismatch(model, dict(state))
+    if not differs:
         return
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
-        if items:
-            parts.append(f"{len(items)} {label} ({', '.join(items[:2])}{', ...' if len(items) > 2 else ''})")
-    raise UsageError(f"{source} does not fit model '{name}': entries {'; '.join(parts)}; "
+    raise UsageError(f"{source} does not fit model '{name}': {differs}; "
                      "give the --model (and --model-opt) it was trained with")
 
 

@@ -34,7 +34,8 @@ from .lifecycle import (activate_plugins, broadcast, check_workload, default_out
                         run_device, stop_on_signals)
 from .manager import Registry, build_registry, get_plugin_manager
 from .probe import Plugin, StepOwner
-from .resume import ResumePoint, config_for_resume, extension_attrs, mark_resumed, objects_for, restore
+from .resume import (ResumePlan, ResumePoint, check_length, config_for_resume, extension_attrs, mark_resumed,
+                     objects_for, open_planned, plan_resume, restore_state)
 from .schedule import Schedule
 from .store import RunStore, store_exists
 from .training import NULL_CONTEXT, Precision, UntilLoss, apply_regime, finite, set_lr
@@ -80,6 +81,7 @@ class Engine:
         self._nan_every = 1
         self._owns_group = False
         self._resumed = ResumePoint()
+        self._plan: ResumePlan | None = None
         self._until_loss = UntilLoss()
 
     @property
@@ -164,6 +166,10 @@ class Engine:
         if self._precision.scaler is not None and ctx.step_owner is not None:
             raise UsageError(f"--precision fp16 (a GradScaler) does not combine with the step owner "
                              f"'{ctx.step_owner.name}'; use --precision bf16")
+        if cfg.resume:  # read only: every refusal comes before the store is touched
+            check_length(cfg, ctx.total_steps, self._extension)
+            self._plan = plan_resume(cfg.resume)
+            self._resumed = restore_state(self._plan, ctx, self.plugins, self._precision.scaler)
         self.ctx = ctx
         self.events = EventDriver(self.pm, ctx, on_new_epoch=lambda epoch: apply_regime(cfg.regime, optimizer, epoch))
         self._prepared = True
@@ -190,8 +196,9 @@ class Engine:
         ctx, cfg, events = self.ctx, self.config, self.events
         assert ctx is not None and events is not None
         if cfg.resume:
-            store = RunStore.open(cfg.resume, lock=ctx.is_main)  # one writer: a second --resume is refused
-            self._resumed = point = restore(store, ctx, self.plugins, self._precision.scaler)
+            # one writer: a second --resume is refused; the rows after the checkpoint go (rank 0)
+            store = open_planned(self._plan, lock=ctx.is_main) if ctx.is_main else RunStore.open(cfg.resume, lock=False)
+            point = self._resumed
             # the epoch goes on unless the checkpoint was taken at an epoch's end
             events.restore(point.step, point.epoch, epoch_open=point.step != 0 and ctx.stream.position != 0)
             if ctx.is_main:
