@@ -25,7 +25,7 @@ from .context import RunContext
 from .errors import UsageError, message_line
 from .lifecycle import utc_now
 from .probe import Plugin
-from .store import (LOCK_GROUP, RunReader, RunStore, WriterLock, committed_rows, local_path, missing_chunks,
+from .store import (LOCK_GROUP, ROWS_ATTR, RunReader, RunStore, WriterLock, committed_rows, local_path, missing_chunks,
                     stored_config, written_rows)
 
 __all__ = ["EXTENDABLE", "ResumePoint", "ResumePlan", "config_for_resume", "objects_for", "plan_resume",
@@ -79,13 +79,6 @@ def config_for_resume(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
         return stored, {}
     old = {k: getattr(stored.validate(), k) for k in EXTENDABLE}
     new = stored.merged(given).validate()
-    for key in ("steps", "epochs"):
-        value = getattr(new, key)
-        if value is None or key not in given:
-            continue
-        before = old[key] if key == "steps" else stored.total_epochs
-        if before is not None and value < before:
-            raise UsageError(f"--{key} can only be raised on resume: {path} was set to {before} {key}")
     if "time_limit" in given and old["time_limit"] is None:
         raise UsageError(f"--time-limit can only be raised on resume, and {path} has none (extend it with "
                          "--steps or --epochs)")
@@ -154,13 +147,15 @@ def plan_resume(path: str, check_lock: bool = True) -> ResumePlan:
     root = reader.root
     arrays, latest, damaged_group = _checkpoint_arrays(root, local)
     plan = ResumePlan(path, repair_group=damaged_group, seen=(latest, sorted(arrays)))
+    if damaged_group:
+        plan.passed.append(f"the metadata of {GROUP}/ is damaged (which checkpoint is the latest is lost)")
     latest_step = _step_of(latest)
     candidates = sorted(arrays, key=lambda n: _step_of(n) or -1, reverse=True)
     if latest in arrays:  # the pointer wins: a newer name is a stale leftover of another history
         candidates.remove(latest)
         candidates.insert(0, latest)
     elif latest is not None:
-        plan.passed.append(f"{latest} is absent (named by checkpoints.latest)")
+        plan.passed.append(f"checkpoint {latest} is absent (named by checkpoints.latest)")
     for name in candidates:
         step = _step_of(name)
         if name != latest and latest_step is not None and step is not None and step > latest_step:
@@ -168,7 +163,7 @@ def plan_resume(path: str, check_lock: bool = True) -> ResumePlan:
         try:
             state = _load(arrays[name])
         except Exception as e:
-            plan.passed.append(f"{name} is damaged ({type(e).__name__}: {message_line(e, 80)})")
+            plan.passed.append(f"checkpoint {name} is damaged ({type(e).__name__}: {message_line(e, 80)})")
             continue
         plan.state, plan.name, plan.step = state, name, int(state["step"])
         break
@@ -252,11 +247,14 @@ def _rows_and_lost_chunks(root: Any, local: str | None, step: int) -> tuple[int,
         if "step" in keys:
             steps = group["step"]
             n = committed_rows(group)
-            recorded = max(recorded, n)
             keep = written_rows(steps[:n], before=step)
+            published = group.attrs.get(ROWS_ATTR, steps.shape[0])
+            recorded = max(recorded, n, min(int(published), steps.shape[0]))
             for key in keys:
                 folder = os.path.join(local, *prefix.split("/"), key) if local is not None else None
-                for chunk in missing_chunks(group[key], keep, folder):
+                # a lost chunk of `step` hides which rows there are: all its published rows count
+                rows = min(int(published), steps.shape[0]) if key == "step" else keep
+                for chunk in missing_chunks(group[key], rows, folder):
                     lost.append(f"{prefix}/{key}/{chunk} is missing")
         for key in sorted(group.group_keys()):
             walk(group[key], f"{prefix}/{key}")
@@ -319,8 +317,8 @@ def open_planned(plan: ResumePlan, lock: bool = True) -> RunStore:
         group.attrs.update({"latest": plan.name})
     if plan.passed:
         where = f"resuming from {plan.name} (step {plan.step})" if plan.name else "restarting from step 0"
-        print(f"[lscape] {plan.path}: checkpoint {'; '.join(plan.passed)}: {where}; the rows after it are "
-              "recorded again", file=sys.stderr)
+        print(f"[lscape] {plan.path}: {'; '.join(plan.passed)}: {where}; the rows after it are recorded again",
+              file=sys.stderr)
     elif plan.name is None:
         print(f"[lscape] {plan.path} has no checkpoint and no rows yet: restarting it from step 0", file=sys.stderr)
     truncate_after(store, plan.step)
@@ -354,12 +352,14 @@ def check_length(cfg: RunConfig, total_steps: int | None, change: dict[str, Any]
     before anything is written."""
     if not cfg.resume or not change or total_steps is None:
         return
-    done = RunReader(cfg.resume).attrs.get("steps_done")
+    attrs = RunReader(cfg.resume).attrs
+    before, done = attrs.get("total_steps"), attrs.get("steps_done")
+    key = "steps" if cfg.steps is not None else "epochs"
+    given = f"--{key} {cfg.steps if key == 'steps' else cfg.epochs}{'' if key == 'steps' else f' ({total_steps} steps)'}"
+    if isinstance(before, int) and total_steps < before:
+        raise UsageError(f"{given} can only be raised on resume: {cfg.resume} was set to {before} steps")
     if isinstance(done, int) and total_steps < done:
-        key = "steps" if cfg.steps is not None else "epochs"
-        value = cfg.steps if key == "steps" else cfg.epochs
-        length = "" if key == "steps" else f" ({total_steps} steps)"
-        raise UsageError(f"--{key} {value}{length} is fewer than the {done} steps {cfg.resume} has done")
+        raise UsageError(f"{given} is fewer than the {done} steps {cfg.resume} has done")
 
 
 def restore_state(plan: ResumePlan, ctx: RunContext, plugins: list[Plugin],
