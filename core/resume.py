@@ -170,7 +170,8 @@ def plan_resume(path: str, check_lock: bool = True) -> ResumePlan:
     plan.later = [n for n in arrays if n != plan.name and (plan.state is None or (_step_of(n) or 0) >= plan.step)]
     recorded, lost = _rows_and_lost_chunks(root, local, plan.step)
     if plan.state is None and recorded:
-        why = "; ".join(plan.passed) if plan.passed else "it has no checkpoint"
+        why = (plan.passed[0] + (f", and {len(plan.passed) - 1} more" if len(plan.passed) > 1 else "")
+               if plan.passed else "it has no checkpoint")
         raise UsageError(f"{path} holds {recorded} recorded steps but no usable checkpoint ({why}): resuming "
                          "would train again from step 0 over them; refusing (start a new run with another --out)")
     if lost:
@@ -357,7 +358,8 @@ def check_length(cfg: RunConfig, total_steps: int | None, change: dict[str, Any]
     key = "steps" if cfg.steps is not None else "epochs"
     given = f"--{key} {cfg.steps if key == 'steps' else cfg.epochs}{'' if key == 'steps' else f' ({total_steps} steps)'}"
     if isinstance(before, int) and total_steps < before:
-        raise UsageError(f"{given} can only be raised on resume: {cfg.resume} was set to {before} steps")
+        raise UsageError(f"{given} is shorter than the {before} steps {cfg.resume} was set to: a resumed run's "
+                         "length can only be raised")
     if isinstance(done, int) and total_steps < done:
         raise UsageError(f"{given} is fewer than the {done} steps {cfg.resume} has done")
 

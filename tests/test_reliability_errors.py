@@ -29,11 +29,33 @@ def _damage_chunk(store: Path) -> None:
     chunk.write_bytes(b"not a chunk")
 
 
-def _damage_checkpoint(store: Path) -> None:
-    latest = json.loads((store / "checkpoints" / "zarr.json").read_text())["attributes"]["latest"]
-    for chunk in (store / "checkpoints" / latest / "c").rglob("*"):
+def _damage_checkpoints(store: Path) -> None:
+    # every one: a resume passes over a damaged latest checkpoint to the newest intact one
+    for chunk in (store / "checkpoints").rglob("c/*"):
         if chunk.is_file():
             chunk.write_bytes(os.urandom(64))
+
+
+def _lose_chunk(store: Path) -> None:
+    (store / "train" / "loss" / "c" / "0").unlink()
+
+
+def _edit_attrs(**attrs):
+    def edit(store: Path) -> None:
+        meta = json.loads((store / "zarr.json").read_text())
+        meta["attributes"].update(attrs)
+        (store / "zarr.json").write_text(json.dumps(meta))
+
+    edit.__name__ = f"_edit_{'_'.join(attrs)}"
+    return edit
+
+
+def _zarr_v2(store: Path) -> None:
+    import zarr
+
+    attrs = json.loads((store / "zarr.json").read_text())["attributes"]
+    shutil.rmtree(store)
+    zarr.open_group(str(store), mode="w", zarr_format=2).attrs.update(attrs)
 
 
 def _edit_config(store: Path) -> None:
@@ -70,7 +92,13 @@ CASES = [
     ("`interpolate.other` that does not exist", [*RUN, "--plugin", "interpolate", "-o", "interpolate.other=bad.pt",
                                                  "--out", "o.zarr"], None),
     ("a store that exists, without `--resume`", [*RUN, "--out", "done.zarr"], "store"),
-    ("`--resume` of a store with a damaged checkpoint", ["run", "--resume", "done.zarr"], _damage_checkpoint),
+    ("`--resume` of a store whose every checkpoint is damaged", ["run", "--resume", "done.zarr"], _damage_checkpoints),
+    ("`--resume` of a store that lost a chunk", ["run", "--resume", "done.zarr"], _lose_chunk),
+    ("`--resume` of a measurement store", ["run", "--resume", "done.zarr"], _edit_attrs(kind="measure")),
+    ("`--resume` of a zarr v2 group with lscape's attributes", ["run", "--resume", "done.zarr"], _zarr_v2),
+    ("`--resume` of a store whose config is not a table", ["run", "--resume", "done.zarr"],
+     _edit_attrs(config=["mlp"])),
+    ("`--resume --steps` below the run's length", ["run", "--resume", "done.zarr", "--steps", "2"], "store"),
     ("`--resume` of a store whose config was edited by hand", ["run", "--resume", "done.zarr"], _edit_config),
     ("`show` of a store with damaged metadata", ["show", "done.zarr"], _damage_metadata),
     ("`show` of a store with a damaged chunk", ["show", "done.zarr"], _damage_chunk),

@@ -180,8 +180,8 @@ def test_a_v3_group_without_lscape_run_attributes_is_refused(cli, tmp_path, attr
 @pytest.mark.parametrize("length", [["--steps", "7"], ["--epochs", "1"]])
 def test_a_length_below_the_steps_done_is_refused_for_steps_and_epochs(cli, tmp_path, done, length):
     store = _copy(done, tmp_path / "s.zarr")
-    line = _refused(cli, store, *length, match="can only be raised on resume")
-    assert line.startswith(f"error: {length[0]} {length[1]}") and "was set to 20 steps" in line
+    line = _refused(cli, store, *length, match="length can only be raised")
+    assert line.startswith(f"error: {length[0]} {length[1]}") and "than the 20 steps" in line
     # a store of no set length (a --time-limit run) that did 20 steps: shorter than done is refused too
     attrs = json.loads((store / "zarr.json").read_text())
     attrs["attributes"]["total_steps"] = None
