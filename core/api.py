@@ -68,11 +68,36 @@ def split_objects(overrides: dict[str, Any]) -> dict[str, Any]:
     loader = objects.get("data")
     loader = loader.get("train") if isinstance(loader, Mapping) else loader
     if isinstance(loader, DataLoader):
-        if overrides.get("batch_size") is None and loader.batch_size is not None:
-            overrides["batch_size"] = loader.batch_size
+        check_loader(loader)
+        # batch_size=16 or batch_sampler=BatchSampler(..., 16, drop_last): the same batches
+        batches = loader if loader.batch_size is not None else getattr(loader, "batch_sampler", None)
+        if overrides.get("batch_size") is None and getattr(batches, "batch_size", None) is not None:
+            overrides["batch_size"] = batches.batch_size
+        if overrides.get("drop_last") is None and getattr(batches, "batch_size", None) is not None:
+            overrides["drop_last"] = bool(batches.drop_last)
         if overrides.get("workers") is None:
             overrides["workers"] = loader.num_workers
     return objects
+
+
+def check_loader(loader: Any) -> None:
+    """What lscape takes from a DataLoader given as data: its dataset, collate function,
+    batch size, ``drop_last`` and workers. The order is lscape's own (seeded, reshuffled every
+    epoch, checkpointed for exact resume), so a loader's plain ``shuffle`` is replaced; a
+    sampler or batch sampler of its own (weighted, a subset, grouped by length) would be
+    silently dropped: refused in one line instead."""
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+    sampler = getattr(loader, "sampler", None)
+    if sampler is not None and type(sampler) not in (RandomSampler, SequentialSampler) and \
+            type(sampler).__name__ != "_InfiniteConstantSampler":
+        raise UsageError(f"the DataLoader given as data has its own sampler ({type(sampler).__name__}), which lscape "
+                         "cannot honour (it draws the order itself, seeded and checkpointed): pass the Dataset "
+                         "(a torch.utils.data.Subset for a subset) with batch_size=")
+    batches = getattr(loader, "batch_sampler", None)
+    if batches is not None and type(batches) is not BatchSampler:
+        raise UsageError(f"the DataLoader given as data has its own batch sampler ({type(batches).__name__}), which "
+                         "lscape cannot honour: pass the Dataset with batch_size=")
 
 
 def open_run(path: str | os.PathLike) -> RunReader:

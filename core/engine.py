@@ -22,7 +22,8 @@ import torch
 
 from . import __version__
 from .batch import batch_size_of, chunks, shard
-from .build import build_adapter, build_data, build_loss, build_model, build_optimizer, require_trust, store_imports
+from .build import (build_adapter, build_data, build_loss, build_model, build_optimizer, check_optimizer_params,
+                    require_trust, store_imports)
 from .checkpoint import latest_checkpoint, checkpoint_name, load_checkpoint, plugin_states, save_checkpoint
 from .config import RunConfig
 from .context import RunContext, StepState
@@ -129,6 +130,8 @@ class Engine:
                                     cfg.momentum, cfg.weight_decay,
                                     {**({"nesterov": True} if cfg.nesterov else {}), **cfg.optimizer_opts},
                                     reg.optimizers)
+        if isinstance(built["optimizer"], torch.optim.Optimizer):
+            check_optimizer_params(optimizer, model)
         batch_size = None if cfg.batch_size == "full" else int(cfg.batch_size)
         workers = default_workers(device) if cfg.workers is None else cfg.workers
         stream = BatchStream(train, batch_size, derived_seed(cfg.seed, "train-stream"), device, cfg.drop_last,
