@@ -28,7 +28,7 @@ from .checkpoint import latest_checkpoint, checkpoint_name, load_checkpoint, plu
 from .config import RunConfig
 from .context import RunContext, StepState
 from .data import BatchStream, close_fetchers, default_workers, derived_seed
-from .errors import DivergedError, UsageError
+from .errors import DivergedError, UsageError, warnings_held
 from .events import EventDriver, Interrupted, call_hook
 from .lifecycle import (activate_plugins, broadcast, check_workload, default_out, evaluate, gc_frozen,
                         init_distributed, make_plugins, mark_ended, plugin_registry, resolve_plugins, root_attrs,
@@ -98,7 +98,12 @@ class Engine:
     # -- building ------------------------------------------------------------------------
 
     def prepare(self) -> RunContext:
-        """Validate the config and build model, data, optimizer and plugins (no store yet)."""
+        """Validate the config and build model, data, optimizer and plugins (no store yet).
+        Warnings raised meanwhile are shown once the checks pass (a refusal is one line)."""
+        with warnings_held():
+            return self._prepare()
+
+    def _prepare(self) -> RunContext:
         cfg = self.config
         if cfg.resume:
             cfg, self._extension = config_for_resume(cfg)

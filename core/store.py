@@ -51,7 +51,7 @@ warnings.filterwarnings("ignore", message=rf"Object at ({'|'.join(TRACKER_FOLDER
                         category=UserWarning)
 
 __all__ = ["RunStore", "GroupWriter", "RunReader", "WriterLock", "store_exists", "to_numpy", "written_rows",
-           "committed_rows", "missing_chunks", "stored_config", "local_path"]
+           "committed_rows", "missing_chunks", "stored_config", "local_path", "check_local_path"]
 
 #: group attribute holding the number of rows every array of the group has written
 ROWS_ATTR = "rows"
@@ -79,7 +79,33 @@ def store_exists(path: str | os.PathLike) -> bool:
             return True
         except Exception:  # zarr raises several kinds for "nothing there"
             return False
-    return Path(text.removeprefix("file://")).exists()
+    local = text.removeprefix("file://")
+    check_local_path(local, text)
+    return Path(local).exists()
+
+
+def check_local_path(local: str, shown: str | None = None) -> None:
+    """One line, before anything is created, for a path no filesystem takes: a component
+    longer than the filesystem's name limit (255 bytes on most), a path longer than its path
+    limit, a NUL character."""
+    shown = shown or local
+    if "\0" in local:
+        raise UsageError(f"cannot use {shown!r}: a path cannot hold a NUL character")
+    absolute = os.path.abspath(local)
+    parent = absolute
+    while parent and not os.path.isdir(parent):  # the nearest folder that exists tells the limits
+        parent = os.path.dirname(parent)
+    try:
+        name_max, path_max = os.pathconf(parent, "PC_NAME_MAX"), os.pathconf(parent, "PC_PATH_MAX")
+    except (AttributeError, ValueError, OSError):  # no pathconf (Windows): the common limits
+        name_max, path_max = 255, 4096
+    for part in absolute.split(os.sep):
+        if len(os.fsencode(part)) > name_max:
+            raise UsageError(f"cannot use {shown[:60]}...: its name {part[:24]}... is {len(os.fsencode(part))} "
+                             f"bytes long, more than the {name_max} the filesystem allows")
+    if len(os.fsencode(absolute)) >= path_max:
+        raise UsageError(f"cannot use {shown[:60]}...: the path is {len(os.fsencode(absolute))} bytes long, more "
+                         f"than the {path_max} the filesystem allows")
 
 
 def written_rows(steps: np.ndarray, before: int | None = None) -> int:

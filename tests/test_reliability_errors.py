@@ -85,6 +85,7 @@ CASES = [
      None),
     ("a loss that raises", [*RUN, "--loss", "helpers_reliability:raising_loss", "--out", "o.zarr"], None),
     ("`--out` under a file", [*RUN, "--out", "afile/o.zarr"], "afile"),
+    ("`--out` with a 300-character name", [*RUN, "--out", "runs/" + "x" * 300 + ".zarr"], None),
     ("`--out` with an unknown protocol", [*RUN, "--out", "bogus://o.zarr"], None),
     ("`--plugin` naming a module without lscape hooks", [*RUN, "--plugin", "json", "--out", "o.zarr"], None),
     ("a `params` pattern that matches nothing", [*RUN, "--plugin", "sharpness", "-o", "sharpness.params=nosuch*",
@@ -199,3 +200,34 @@ def test_ctrl_c_while_the_cli_imports_is_one_line_and_exit_130(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_a_warning_raised_before_a_refusal_keeps_it_one_line(tmp_path):
+    """Torch (or user code) warning while the input is checked would turn one `error:` line
+    into three; the warning is shown only when the checks pass."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run([sys.executable, "-m", "lscape", *RUN, "--model", "helpers_reliability:warns_then_fails",
+                           "--out", str(tmp_path / "o.zarr")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_warnings_of_accepted_input_are_still_shown():
+    import warnings
+
+    from lscape.errors import UsageError, warnings_held
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with warnings_held():
+            warnings.warn("kept", UserWarning)
+        with pytest.raises(UsageError):
+            with warnings_held():
+                warnings.warn("dropped", UserWarning)
+                raise UsageError("bad input")
+    assert [str(w.message) for w in seen] == ["kept"]
