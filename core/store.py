@@ -544,8 +544,10 @@ class WriterLock:
         self.local, self.path, self._fd = local, path, fd
 
     @classmethod
-    def acquire(cls, local: str, path: str) -> "WriterLock":
-        """Take the lock of the store at ``local`` or raise a one-line ``UsageError``."""
+    def acquire(cls, local: str, path: str, announce: bool = True) -> "WriterLock":
+        """Take the lock of the store at ``local`` or raise a one-line ``UsageError``; a lock
+        its recorded writer left without releasing (a killed run) is taken over, saying so
+        (``announce``)."""
         try:
             import fcntl
         except ImportError:  # no flock: trust the recorded pid
@@ -563,6 +565,11 @@ class WriterLock:
                 # flock does not reach across hosts on every network filesystem
                 os.close(fd)
                 raise UsageError(_busy_message(path, holder, remote=True))
+            if announce and holder and holder.get("released") is False and holder.get("pid") != os.getpid():
+                import sys
+
+                print(f"[lscape] {path} was left locked by pid {holder.get('pid')} (since {holder.get('since')}), "
+                      "which is gone: taking the store over", file=sys.stderr)
         else:
             holder = _recorded_holder(local)
             if holder and not holder.get("released") and _holder_alive(holder, local):
@@ -573,7 +580,7 @@ class WriterLock:
     def check(cls, local: str, path: str) -> None:
         """Refuse (one line) when another process holds the lock of the store at ``local``,
         without taking it or writing anything: what a resume checks before its other checks."""
-        cls.acquire(local, path).release()
+        cls.acquire(local, path, announce=False).release()
 
     @classmethod
     def held(cls, local: str) -> bool | None:

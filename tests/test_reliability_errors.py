@@ -50,6 +50,12 @@ def _edit_attrs(**attrs):
     return edit
 
 
+def _edit_model(store: Path) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["config"]["model_opts"] = {"widths": 12}
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
 def _zarr_v2(store: Path) -> None:
     import zarr
 
@@ -99,6 +105,8 @@ CASES = [
     ("`--resume` of a zarr v2 group with lscape's attributes", ["run", "--resume", "done.zarr"], _zarr_v2),
     ("`--resume` of a store whose config is not a table", ["run", "--resume", "done.zarr"],
      _edit_attrs(config=["mlp"])),
+    ("`--resume` of a store whose config no longer fits its checkpoint", ["run", "--resume", "done.zarr"],
+     _edit_model),
     ("`--resume --steps` below the run's length", ["run", "--resume", "done.zarr", "--steps", "2"], "store"),
     ("`--resume` of a store whose config was edited by hand", ["run", "--resume", "done.zarr"], _edit_config),
     ("`show` of a store with damaged metadata", ["show", "done.zarr"], _damage_metadata),

@@ -229,3 +229,12 @@ def test_the_old_store_fixture_still_resumes_as_before(tmp_path):
     store = _copy(FIXTURE, tmp_path / "old.zarr")
     result = lscape.run(resume=str(store), steps=8, progress=False)
     assert result.status == "completed" and result.steps == 8
+
+
+def test_a_config_that_no_longer_fits_its_checkpoint_is_one_line(cli, tmp_path, done):
+    store = _copy(done, tmp_path / "s.zarr")
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["config"]["model_opts"] = {"widths": 24}
+    (store / "zarr.json").write_text(json.dumps(meta))
+    line = _refused(cli, store, match="does not fit the model its config builds")
+    assert "of another shape" in line and "step_000000020" in line
