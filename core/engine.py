@@ -39,7 +39,7 @@ from .resume import (ResumePlan, ResumePoint, check_length, config_for_resume, e
                      objects_for, open_planned, plan_resume, restore_state)
 from .schedule import Schedule
 from .store import RunStore, store_exists
-from .training import NULL_CONTEXT, Precision, UntilLoss, apply_regime, finite, set_lr
+from .training import NULL_CONTEXT, Precision, UntilLoss, apply_regime, finite, never_negative, set_lr
 
 # ``evaluate``, ``load_checkpoint``, ``call_hook`` and ``Interrupted`` were defined here before
 # lscape.lifecycle, lscape.checkpoint and lscape.events held them: the old imports still work.
@@ -130,6 +130,9 @@ class Engine:
         train, evaluation = build_data(built["data"], cfg.data_opts, reg.datasets, cfg.data_seed)
         model = build_model(built["model"], cfg.model_opts, reg.models, train).to(device)
         loss_fn = build_loss(built["loss"], reg.losses)
+        if cfg.until_loss is not None and cfg.until_loss < 0 and never_negative(loss_fn):
+            raise UsageError(f"--until-loss {cfg.until_loss:g} can never be reached: the loss '{cfg.loss}' is never "
+                             "negative (give a target >= 0)")
         adapter = build_adapter(built["adapter"], loss_fn)
         optimizer = build_optimizer(built["optimizer"], [p for p in model.parameters() if p.requires_grad], cfg.lr,
                                     cfg.momentum, cfg.weight_decay,

@@ -94,6 +94,8 @@ CASES = [
      None),
     ("a loss that raises", [*RUN, "--loss", "helpers_reliability:raising_loss", "--out", "o.zarr"], None),
     ("`--out` under a file", [*RUN, "--out", "afile/o.zarr"], "afile"),
+    ("`--until-loss` below what the loss can reach", [*RUN, "--until-loss", "-1", "--out", "o.zarr"], None),
+    ("`--workers 100000`", [*RUN, "--workers", "100000", "--out", "o.zarr"], None),
     ("`--out` with a 300-character name", [*RUN, "--out", "runs/" + "x" * 300 + ".zarr"], None),
     ("`--out` with an unknown protocol", [*RUN, "--out", "bogus://o.zarr"], None),
     ("`--plugin` naming a module without lscape hooks", [*RUN, "--plugin", "json", "--out", "o.zarr"], None),
