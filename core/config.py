@@ -369,7 +369,9 @@ class RunConfig:
     def stored(cls, reader: Any) -> "RunConfig":
         """The configuration a run store recorded (``reader`` a ``RunReader``), with its
         plugins and their options, as ``--resume`` and ``lscape measure`` rebuild it."""
-        data = dict(reader.attrs.get("config", {}))
+        from .store import stored_config
+
+        data = stored_config(reader)  # a config attribute that is no table is one line
         plugins = data.pop("plugins", None)
         plugin_options = data.pop("plugin_options", None) or {}
         data.pop("resume", None)
