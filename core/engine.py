@@ -181,6 +181,7 @@ class Engine:
             check_length(cfg, ctx.total_steps, self._extension)
             self._plan = plan_resume(cfg.resume)
             self._resumed = restore_state(self._plan, ctx, self.plugins, self._precision.scaler)
+            self._plan.state = None  # loaded: not a second copy of the model and optimizer for the whole run
         self.ctx = ctx
         self.events = EventDriver(self.pm, ctx, on_new_epoch=lambda epoch: apply_regime(cfg.regime, optimizer, epoch))
         self._prepared = True

@@ -175,8 +175,9 @@ def plan_resume(path: str, check_lock: bool = True) -> ResumePlan:
         raise UsageError(f"{path} holds {recorded} recorded steps but no usable checkpoint ({why}): resuming "
                          "would train again from step 0 over them; refusing (start a new run with another --out)")
     if lost:
-        raise UsageError(f"{path} has lost part of its record: {lost[0]}{f' (and {len(lost) - 1} more)' if len(lost) > 1 else ''}"
-                         "; resuming would keep the hole; restore the files, or start a new run with another --out")
+        more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
+        raise UsageError(f"{path} has lost part of its record: {lost[0]}{more}; resuming would keep the hole; "
+                         "restore the files, or start a new run with another --out")
     return plan
 
 
@@ -356,7 +357,7 @@ def check_length(cfg: RunConfig, total_steps: int | None, change: dict[str, Any]
     attrs = RunReader(cfg.resume).attrs
     before, done = attrs.get("total_steps"), attrs.get("steps_done")
     key = "steps" if cfg.steps is not None else "epochs"
-    given = f"--{key} {cfg.steps if key == 'steps' else cfg.epochs}{'' if key == 'steps' else f' ({total_steps} steps)'}"
+    given = f"--steps {cfg.steps}" if key == "steps" else f"--epochs {cfg.epochs} ({total_steps} steps)"
     if isinstance(before, int) and total_steps < before:
         raise UsageError(f"{given} is shorter than the {before} steps {cfg.resume} was set to: a resumed run's "
                          "length can only be raised")

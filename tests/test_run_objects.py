@@ -62,7 +62,8 @@ def test_a_dataloaders_drop_last_is_honoured(tmp_path, drop_last, steps):
 ])
 def test_a_dataloader_sampler_lscape_cannot_honour_is_refused(tmp_path, loader):
     with pytest.raises(UsageError, match="cannot honour"):
-        lscape.run(model=_model(), data=loader(_data()), loss="ce", steps=2, progress=False, out=str(tmp_path / "s.zarr"))
+        lscape.run(model=_model(), data=loader(_data()), loss="ce", steps=2, progress=False,
+                   out=str(tmp_path / "s.zarr"))
     assert not (tmp_path / "s.zarr").exists()
 
 
