@@ -229,7 +229,8 @@ def _model_states(reader: RunReader | None, source: Any, which: str) -> list[tup
     if not names:
         raise UsageError(f"{reader.path} has no checkpoints to measure")
     if which == "latest":
-        chosen = [latest_checkpoint(root) or names[-1]]
+        latest = latest_checkpoint(root)
+        chosen = [latest if latest in names else names[-1]]  # a latest that names nothing: the newest
     elif which == "all":
         chosen = names
     else:
@@ -243,5 +244,7 @@ def _model_states(reader: RunReader | None, source: Any, which: str) -> list[tup
     out = []
     for name in chosen:
         state = load_checkpoint(root, name)
+        if state is None:
+            raise UsageError(f"checkpoint {name} of {reader.path} cannot be read")
         out.append((int(state["step"]), int(state["epoch"]), state["model"]))
     return out

@@ -239,3 +239,11 @@ def test_a_config_that_no_longer_fits_its_checkpoint_is_one_line(cli, tmp_path, 
     (store / "zarr.json").write_text(json.dumps(meta))
     line = _refused(cli, store, match="does not fit the model its config builds")
     assert "of another shape" in line and "step_000000020" in line
+
+
+def test_measure_of_a_store_whose_latest_names_nothing_measures_the_newest(tmp_path, done):
+    store = _copy(done, tmp_path / "s.zarr")
+    _latest_names_nothing(store)
+    result = lscape.measure(str(store), ["grad-norm"], out=str(tmp_path / "m.zarr"))
+    assert result.status == "completed"
+    assert RunReader(result.path).read("grad-norm")["step"].tolist() == [20]
