@@ -11,6 +11,7 @@ import torch
 from .config import RunConfig, load_toml
 from .options import PYTHON
 from .build import require_trust, store_imports
+from .checkpoint import state_mismatch
 from .errors import UsageError, message_line
 from .store import RunReader, RunStore, store_exists
 
@@ -64,11 +65,36 @@ def split_objects(overrides: dict[str, Any]) -> dict[str, Any]:
     loader = objects.get("data")
     loader = loader.get("train") if isinstance(loader, Mapping) else loader
     if isinstance(loader, DataLoader):
-        if overrides.get("batch_size") is None and loader.batch_size is not None:
-            overrides["batch_size"] = loader.batch_size
+        check_loader(loader)
+        # batch_size=16 or batch_sampler=BatchSampler(..., 16, drop_last): the same batches
+        batches = loader if loader.batch_size is not None else getattr(loader, "batch_sampler", None)
+        if overrides.get("batch_size") is None and getattr(batches, "batch_size", None) is not None:
+            overrides["batch_size"] = batches.batch_size
+        if overrides.get("drop_last") is None and getattr(batches, "batch_size", None) is not None:
+            overrides["drop_last"] = bool(batches.drop_last)
         if overrides.get("workers") is None:
             overrides["workers"] = loader.num_workers
     return objects
+
+
+def check_loader(loader: Any) -> None:
+    """What lscape takes from a DataLoader given as data: its dataset, collate function,
+    batch size, ``drop_last`` and workers. The order is lscape's own (seeded, reshuffled every
+    epoch, checkpointed for exact resume), so a loader's plain ``shuffle`` is replaced; a
+    sampler or batch sampler of its own (weighted, a subset, grouped by length) would be
+    silently dropped: refused in one line instead."""
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+    sampler = getattr(loader, "sampler", None)
+    if sampler is not None and type(sampler) not in (RandomSampler, SequentialSampler) and \
+            type(sampler).__name__ != "_InfiniteConstantSampler":
+        raise UsageError(f"the DataLoader given as data has its own sampler ({type(sampler).__name__}), which lscape "
+                         "cannot honour (it draws the order itself, seeded and checkpointed): pass the Dataset "
+                         "(a torch.utils.data.Subset for a subset) with batch_size=")
+    batches = getattr(loader, "batch_sampler", None)
+    if batches is not None and type(batches) is not BatchSampler:
+        raise UsageError(f"the DataLoader given as data has its own batch sampler ({type(batches).__name__}), which "
+                         "lscape cannot honour: pass the Dataset with batch_size=")
 
 
 def open_run(path: str | os.PathLike) -> RunReader:
@@ -155,18 +181,10 @@ def _check_fits(model: torch.nn.Module, state: Any, source: Any, name: str) -> N
         return
     if not isinstance(state, Mapping):
         raise UsageError(f"{source} holds a {type(state).__name__}, not a state dict")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
-    if not (missing or unexpected or shapes):
+    differs = state_mismatch(model, dict(state))
+    if not differs:
         return
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
-        if items:
-            parts.append(f"{len(items)} {label} ({', '.join(items[:2])}{', ...' if len(items) > 2 else ''})")
-    raise UsageError(f"{source} does not fit model '{name}': entries {'; '.join(parts)}; "
+    raise UsageError(f"{source} does not fit model '{name}': {differs}; "
                      "give the --model (and --model-opt) it was trained with")
 
 
@@ -211,7 +229,8 @@ def _model_states(reader: RunReader | None, source: Any, which: str) -> list[tup
     if not names:
         raise UsageError(f"{reader.path} has no checkpoints to measure")
     if which == "latest":
-        chosen = [latest_checkpoint(root) or names[-1]]
+        latest = latest_checkpoint(root)
+        chosen = [latest if latest in names else names[-1]]  # a latest that names nothing: the newest
     elif which == "all":
         chosen = names
     else:
@@ -225,5 +244,7 @@ def _model_states(reader: RunReader | None, source: Any, which: str) -> list[tup
     out = []
     for name in chosen:
         state = load_checkpoint(root, name)
+        if state is None:
+            raise UsageError(f"checkpoint {name} of {reader.path} cannot be read")
         out.append((int(state["step"]), int(state["epoch"]), state["model"]))
     return out

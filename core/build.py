@@ -15,7 +15,7 @@ from .errors import UsageError, UserCodeError, did_you_mean, message_line
 from .manager import Entry
 
 __all__ = ["resolve", "build_model", "build_data", "build_loss", "build_adapter", "build_optimizer",
-           "call_with_accepted", "store_imports", "require_trust"]
+           "check_optimizer_params", "call_with_accepted", "store_imports", "require_trust"]
 
 
 def resolve(spec: str, table: Mapping[str, Entry], kind: str) -> Any:
@@ -195,6 +195,22 @@ def build_optimizer(spec: str, params: Any, lr: float, momentum: float, weight_d
     if step is not None and step.default is inspect.Parameter.empty and step.kind is not step.VAR_POSITIONAL:
         raise UsageError(f"{what} needs a closure in step() (like LBFGS), which the training step does not pass")
     return optimizer
+
+
+def check_optimizer_params(optimizer: torch.optim.Optimizer, model: nn.Module, what: str = "the optimizer") -> None:
+    """An optimizer given as an object must update the model being trained: refused in one line
+    when none of its parameters is the model's (one made over another model, or over a copy)
+    or when some are not the model's. Holding only some of the model's trainable parameters
+    is allowed: those it lacks stay as they are, as with plain PyTorch (fine-tuning a head)."""
+    own = {id(p) for p in model.parameters()}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = [p for p in held if id(p) not in own]
+    if held and len(foreign) == len(held):
+        raise UsageError(f"{what} updates none of the model's parameters (it was made over another model's, "
+                         "or a copy's): make it over model.parameters()")
+    if foreign:
+        raise UsageError(f"{what} holds {len(foreign)} of {len(held)} parameters that are not the model's: "
+                         "make it over model.parameters()")
 
 
 def _bound(signature_of: Callable, skip: int, call: Callable) -> Callable:

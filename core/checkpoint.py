@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .probe import Plugin
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_names", "checkpoint_name",
-           "truncate_after", "plugin_states", "load_plugin_states"]
+           "truncate_after", "plugin_states", "load_plugin_states", "state_mismatch"]
 
 GROUP = "checkpoints"
 
@@ -100,3 +100,20 @@ def load_plugin_states(plugins: list[Plugin], states: dict[str, Any]) -> None:
     for plugin in plugins:
         if plugin.name in states:
             plugin.load_state_dict(states[plugin.name])
+
+
+def state_mismatch(model: torch.nn.Module, state: Any) -> str | None:
+    """What differs between ``model`` and a state dict meant for it, in a few words (torch's
+    own error lists every key), or None when it fits."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a state dict"
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+        if items:
+            parts.append(f"{len(items)} {label} ({', '.join(items[:2])}{', ...' if len(items) > 2 else ''})")
+    return f"entries {'; '.join(parts)}" if parts else None

@@ -307,8 +307,8 @@ class RunConfig:
     adapter: str | None = option(None, "fn(model, batch) -> (output, target) for unusual batches",
                                  cli=Flag(metavar="MODULE:FN"))
     #: DataLoader worker processes (None: 0 on CPU, min(8, cores) on CUDA)
-    workers: int | None = option(None, "DataLoader worker processes", integer, within="[0, inf)",
-                                 what="a non-negative integer", cli=Flag(default_text="0 on CPU, min(8, cores) on CUDA"))
+    workers: int | None = option(None, "DataLoader worker processes", integer, within="[0, 1024]",
+                                 what="an integer in [0, 1024] (processes, each a copy of the data set)", cli=Flag(default_text="0 on CPU, min(8, cores) on CUDA"))
     #: split every training batch into chunks of this many samples (gradients accumulate)
     micro_batch_size: int | None = option(
         None, "split each batch (also 'full') into chunks of N samples; gradients accumulate", integer,
@@ -369,7 +369,9 @@ class RunConfig:
     def stored(cls, reader: Any) -> "RunConfig":
         """The configuration a run store recorded (``reader`` a ``RunReader``), with its
         plugins and their options, as ``--resume`` and ``lscape measure`` rebuild it."""
-        data = dict(reader.attrs.get("config", {}))
+        from .store import stored_config
+
+        data = stored_config(reader)  # a config attribute that is no table is one line
         plugins = data.pop("plugins", None)
         plugin_options = data.pop("plugin_options", None) or {}
         data.pop("resume", None)

@@ -22,22 +22,24 @@ import torch
 
 from . import __version__
 from .batch import batch_size_of, chunks, shard
-from .build import build_adapter, build_data, build_loss, build_model, build_optimizer, require_trust, store_imports
+from .build import (build_adapter, build_data, build_loss, build_model, build_optimizer, check_optimizer_params,
+                    require_trust, store_imports)
 from .checkpoint import latest_checkpoint, checkpoint_name, load_checkpoint, plugin_states, save_checkpoint
 from .config import RunConfig
 from .context import RunContext, StepState
 from .data import BatchStream, close_fetchers, default_workers, derived_seed
-from .errors import DivergedError, UsageError
+from .errors import DivergedError, UsageError, warnings_held
 from .events import EventDriver, Interrupted, call_hook
 from .lifecycle import (activate_plugins, broadcast, check_workload, default_out, evaluate, gc_frozen,
                         init_distributed, make_plugins, mark_ended, plugin_registry, resolve_plugins, root_attrs,
                         run_device, stop_on_signals)
 from .manager import Registry, build_registry, get_plugin_manager
 from .probe import Plugin, StepOwner
-from .resume import ResumePoint, config_for_resume, extension_attrs, mark_resumed, objects_for, restore
+from .resume import (ResumePlan, ResumePoint, check_length, config_for_resume, extension_attrs, mark_resumed,
+                     objects_for, open_planned, plan_resume, restore_state)
 from .schedule import Schedule
 from .store import RunStore, store_exists
-from .training import NULL_CONTEXT, Precision, UntilLoss, apply_regime, finite, set_lr
+from .training import NULL_CONTEXT, Precision, UntilLoss, apply_regime, finite, never_negative, set_lr
 
 # ``evaluate``, ``load_checkpoint``, ``call_hook`` and ``Interrupted`` were defined here before
 # lscape.lifecycle, lscape.checkpoint and lscape.events held them: the old imports still work.
@@ -80,6 +82,7 @@ class Engine:
         self._nan_every = 1
         self._owns_group = False
         self._resumed = ResumePoint()
+        self._plan: ResumePlan | None = None
         self._until_loss = UntilLoss()
 
     @property
@@ -95,7 +98,12 @@ class Engine:
     # -- building ------------------------------------------------------------------------
 
     def prepare(self) -> RunContext:
-        """Validate the config and build model, data, optimizer and plugins (no store yet)."""
+        """Validate the config and build model, data, optimizer and plugins (no store yet).
+        Warnings raised meanwhile are shown once the checks pass (a refusal is one line)."""
+        with warnings_held():
+            return self._prepare()
+
+    def _prepare(self) -> RunContext:
         cfg = self.config
         if cfg.resume:
             cfg, self._extension = config_for_resume(cfg)
@@ -122,11 +130,16 @@ class Engine:
         train, evaluation = build_data(built["data"], cfg.data_opts, reg.datasets, cfg.data_seed)
         model = build_model(built["model"], cfg.model_opts, reg.models, train).to(device)
         loss_fn = build_loss(built["loss"], reg.losses)
+        if cfg.until_loss is not None and cfg.until_loss < 0 and never_negative(loss_fn):
+            raise UsageError(f"--until-loss {cfg.until_loss:g} can never be reached: the loss '{cfg.loss}' is never "
+                             "negative (give a target >= 0)")
         adapter = build_adapter(built["adapter"], loss_fn)
         optimizer = build_optimizer(built["optimizer"], [p for p in model.parameters() if p.requires_grad], cfg.lr,
                                     cfg.momentum, cfg.weight_decay,
                                     {**({"nesterov": True} if cfg.nesterov else {}), **cfg.optimizer_opts},
                                     reg.optimizers)
+        if isinstance(built["optimizer"], torch.optim.Optimizer):
+            check_optimizer_params(optimizer, model)
         batch_size = None if cfg.batch_size == "full" else int(cfg.batch_size)
         workers = default_workers(device) if cfg.workers is None else cfg.workers
         stream = BatchStream(train, batch_size, derived_seed(cfg.seed, "train-stream"), device, cfg.drop_last,
@@ -164,6 +177,11 @@ class Engine:
         if self._precision.scaler is not None and ctx.step_owner is not None:
             raise UsageError(f"--precision fp16 (a GradScaler) does not combine with the step owner "
                              f"'{ctx.step_owner.name}'; use --precision bf16")
+        if cfg.resume:  # read only: every refusal comes before the store is touched
+            check_length(cfg, ctx.total_steps, self._extension)
+            self._plan = plan_resume(cfg.resume)
+            self._resumed = restore_state(self._plan, ctx, self.plugins, self._precision.scaler)
+            self._plan.state = None  # loaded: not a second copy of the model and optimizer for the whole run
         self.ctx = ctx
         self.events = EventDriver(self.pm, ctx, on_new_epoch=lambda epoch: apply_regime(cfg.regime, optimizer, epoch))
         self._prepared = True
@@ -190,8 +208,9 @@ class Engine:
         ctx, cfg, events = self.ctx, self.config, self.events
         assert ctx is not None and events is not None
         if cfg.resume:
-            store = RunStore.open(cfg.resume, lock=ctx.is_main)  # one writer: a second --resume is refused
-            self._resumed = point = restore(store, ctx, self.plugins, self._precision.scaler)
+            # one writer: a second --resume is refused; the rows after the checkpoint go (rank 0)
+            store = open_planned(self._plan, lock=ctx.is_main) if ctx.is_main else RunStore.open(cfg.resume, lock=False)
+            point = self._resumed
             # the epoch goes on unless the checkpoint was taken at an epoch's end
             events.restore(point.step, point.epoch, epoch_open=point.step != 0 and ctx.stream.position != 0)
             if ctx.is_main:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+import warnings
+from typing import Iterable, Iterator
 
 
 class LscapeError(Exception):
@@ -102,3 +104,22 @@ def _interrupted_while_importing(signum, frame) -> None:
     sys.stderr.write("interrupted\n")
     sys.stderr.flush()
     os._exit(130)  # nothing is written yet: no store exists before the command runs
+
+
+@contextlib.contextmanager
+def warnings_held() -> Iterator[None]:
+    """Warnings raised inside (torch's, a library's, user code's while the input is checked)
+    are shown when the block ends, except when it ends in a ``UsageError``: bad input stays
+    one line, not a line and a warning's two."""
+    show = True
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                yield
+            except UsageError:
+                show = False
+                raise
+    finally:
+        for w in caught if show else ():
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)

@@ -32,6 +32,7 @@ from torch import nn
 
 from . import __version__
 from .batch import BatchAdapter, batch_size_of
+from .build import check_optimizer_params
 from .checkpoint import load_plugin_states, plugin_states, truncate_after
 from .config import RunConfig, run_options
 from .context import RunContext, StepState
@@ -42,8 +43,8 @@ from .lifecycle import evaluate, mark_ended, root_attrs
 from .manager import get_plugin_manager
 from .options import PYTHON
 from .probe import Plugin
-from .resume import mark_resumed
-from .store import GroupWriter, RunStore, store_exists
+from .resume import check_resumable, mark_resumed
+from .store import GroupWriter, RunReader, RunStore, store_exists
 
 __all__ = ["attach", "Session"]
 
@@ -114,6 +115,8 @@ def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | No
         device = next(model.parameters()).device
     except StopIteration:
         raise UsageError("attach: the model has no parameters to measure") from None
+    if isinstance(optimizer, torch.optim.Optimizer):
+        check_optimizer_params(optimizer, model, "attach: the optimizer")
     ctx = RunContext(config=cfg, model=model, loss_fn=loss_fn, train_set=train_set if train_set is not None else
                      _NoTrainData(), eval_set=eval_data, device=device, optimizer=optimizer, registry=reg,
                      stream=None, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
@@ -136,6 +139,7 @@ def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | No
     if resume:
         if out is None or not store_exists(out):
             raise UsageError(f"resume=True continues a store, but {out} does not exist")
+        check_resumable(RunReader(out))  # not a measurement store, not another program's zarr group
     else:
         if cfg.out is None:
             cfg.out = _broadcast(_default_out(cfg) if rank == 0 else None)

@@ -28,6 +28,7 @@ pid, host and start time in the attributes of the store's ``lock`` group (for me
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -50,7 +51,7 @@ warnings.filterwarnings("ignore", message=rf"Object at ({'|'.join(TRACKER_FOLDER
                         category=UserWarning)
 
 __all__ = ["RunStore", "GroupWriter", "RunReader", "WriterLock", "store_exists", "to_numpy", "written_rows",
-           "committed_rows"]
+           "committed_rows", "missing_chunks", "stored_config", "local_path", "check_local_path"]
 
 #: group attribute holding the number of rows every array of the group has written
 ROWS_ATTR = "rows"
@@ -58,6 +59,11 @@ ROWS_ATTR = "rows"
 TRUNCATIONS_ATTR = "truncations"
 #: the group whose attributes name the store's writer
 LOCK_GROUP = "lock"
+#: array attribute: every chunk of the array is written, also one holding only fill values
+#: (zarr skips those by default), so a missing chunk is a lost one (:func:`missing_chunks`)
+ALL_CHUNKS_ATTR = "all_chunks_written"
+#: what arrays written with every chunk are opened and created with
+ALL_CHUNKS_CONFIG = {"write_empty_chunks": True}
 
 #: Target size of one chunk of a row-appended array.
 CHUNK_BYTES = 2 * 2**20
@@ -73,7 +79,33 @@ def store_exists(path: str | os.PathLike) -> bool:
             return True
         except Exception:  # zarr raises several kinds for "nothing there"
             return False
-    return Path(text.removeprefix("file://")).exists()
+    local = text.removeprefix("file://")
+    check_local_path(local, text)
+    return Path(local).exists()
+
+
+def check_local_path(local: str, shown: str | None = None) -> None:
+    """One line, before anything is created, for a path no filesystem takes: a component
+    longer than the filesystem's name limit (255 bytes on most), a path longer than its path
+    limit, a NUL character."""
+    shown = shown or local
+    if "\0" in local:
+        raise UsageError(f"cannot use {shown!r}: a path cannot hold a NUL character")
+    absolute = os.path.abspath(local)
+    parent = absolute
+    while parent and not os.path.isdir(parent):  # the nearest folder that exists tells the limits
+        parent = os.path.dirname(parent)
+    try:
+        name_max, path_max = os.pathconf(parent, "PC_NAME_MAX"), os.pathconf(parent, "PC_PATH_MAX")
+    except (AttributeError, ValueError, OSError):  # no pathconf (Windows): the common limits
+        name_max, path_max = 255, 4096
+    for part in absolute.split(os.sep):
+        if len(os.fsencode(part)) > name_max:
+            raise UsageError(f"cannot use {shown[:60]}...: its name {part[:24]}... is {len(os.fsencode(part))} "
+                             f"bytes long, more than the {name_max} the filesystem allows")
+    if len(os.fsencode(absolute)) >= path_max:
+        raise UsageError(f"cannot use {shown[:60]}...: the path is {len(os.fsencode(absolute))} bytes long, more "
+                         f"than the {path_max} the filesystem allows")
 
 
 def written_rows(steps: np.ndarray, before: int | None = None) -> int:
@@ -120,7 +152,7 @@ class GroupWriter:
         self._chunk_rows: int | None = None
         self._last_flush = time.monotonic()
         # array handles, opened once: listing and reopening them at every flush is I/O
-        self._arrays: dict[str, zarr.Array] = {name: group[name] for name in group.array_keys()}
+        self._arrays: dict[str, zarr.Array] = {name: _writable(group[name]) for name in group.array_keys()}
         self._length = committed_rows(group, self._arrays) if "step" in self._arrays else 0
 
     def __len__(self) -> int:
@@ -211,9 +243,10 @@ class GroupWriter:
             raise ValueError(f"{self.group.path}/{name}: declared dims {dims[1:]} but value has shape {sample.shape}")
         rows = self._chunk_rows or 1
         inner = tuple(out.chunks) if out is not None and out.chunks else _inner_chunks(sample.shape, dtype.itemsize)
-        attrs = {}
+        attrs: dict[str, Any] = {}
         if out is not None:
             attrs = {k: v for k, v in (("units", out.units), ("long_name", out.long_name)) if v}
+        attrs[ALL_CHUNKS_ATTR] = True
         self._arrays[name] = self.group.create_array(
             name,
             shape=(0,) + sample.shape,
@@ -222,6 +255,7 @@ class GroupWriter:
             fill_value=_fill_value(dtype),
             dimension_names=list(dims),
             attributes=attrs,
+            config=ALL_CHUNKS_CONFIG,
         )
         return self._arrays[name]
 
@@ -466,7 +500,8 @@ class RunReader:
             a = g[name] if name in names else None  # step may not exist yet
             dims = (a.metadata.dimension_names if a is not None else ("step",)) or \
                 tuple(f"{name}_dim{i}" for i in range(np.ndim(value)))
-            variables[name] = xr.Variable(tuple(dims), value, attrs=a.attrs.asdict() if a is not None else {})
+            attrs = {k: v for k, v in a.attrs.asdict().items() if k != ALL_CHUNKS_ATTR} if a is not None else {}
+            variables[name] = xr.Variable(tuple(dims), value, attrs=attrs)
         coords = {"step": variables.pop("step")} if "step" in variables else {}
         attrs = {k: v for k, v in g.attrs.asdict().items() if k not in (ROWS_ATTR, TRUNCATIONS_ATTR)}
         return xr.Dataset(variables, coords=coords, attrs=attrs)
@@ -485,9 +520,13 @@ class RunReader:
     def writer(self) -> dict[str, Any] | None:
         """Who holds (or last held) the store's writer lock: pid, host, since, and ``alive``
         (``None`` where it cannot be told: another host, or no lock recorded)."""
-        if LOCK_GROUP not in self.root.group_keys():
+        try:
+            info = self.root[LOCK_GROUP].attrs.asdict()
+        except KeyError:
             return None
-        info = self.root[LOCK_GROUP].attrs.asdict()
+        except Exception:  # a damaged lock record (random bytes): the OS lock still tells
+            local = _local_path(self.path)
+            return {"damaged": True, "alive": None if local is None else WriterLock.held(local)}
         return {**info, "alive": _holder_alive(info, _local_path(self.path))}
 
 
@@ -505,8 +544,10 @@ class WriterLock:
         self.local, self.path, self._fd = local, path, fd
 
     @classmethod
-    def acquire(cls, local: str, path: str) -> "WriterLock":
-        """Take the lock of the store at ``local`` or raise a one-line ``UsageError``."""
+    def acquire(cls, local: str, path: str, announce: bool = True) -> "WriterLock":
+        """Take the lock of the store at ``local`` or raise a one-line ``UsageError``; a lock
+        its recorded writer left without releasing (a killed run) is taken over, saying so
+        (``announce``)."""
         try:
             import fcntl
         except ImportError:  # no flock: trust the recorded pid
@@ -524,17 +565,48 @@ class WriterLock:
                 # flock does not reach across hosts on every network filesystem
                 os.close(fd)
                 raise UsageError(_busy_message(path, holder, remote=True))
+            if announce and holder and holder.get("released") is False and holder.get("pid") != os.getpid():
+                import sys
+
+                print(f"[lscape] {path} was left locked by pid {holder.get('pid')} (since {holder.get('since')}), "
+                      "which is gone: taking the store over", file=sys.stderr)
         else:
             holder = _recorded_holder(local)
             if holder and not holder.get("released") and _holder_alive(holder, local):
                 raise UsageError(_busy_message(path, holder))
         return cls(local, path, fd)
 
+    @classmethod
+    def check(cls, local: str, path: str) -> None:
+        """Refuse (one line) when another process holds the lock of the store at ``local``,
+        without taking it or writing anything: what a resume checks before its other checks."""
+        cls.acquire(local, path, announce=False).release()
+
+    @classmethod
+    def held(cls, local: str) -> bool | None:
+        """Whether a live process holds the OS lock of the store at ``local`` (``None``: cannot
+        be told without flock)."""
+        try:
+            cls.check(local, local)
+        except UsageError:
+            return True
+        except (ImportError, OSError):
+            return None
+        return False
+
     def publish(self, root: zarr.Group) -> None:
-        """Record this process as the writer (in the ``lock`` group's attributes)."""
+        """Record this process as the writer (in the ``lock`` group's attributes); a damaged
+        record (a lock group whose metadata is not JSON) is replaced, saying so."""
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now_text(), "released": False,
                 "start_ticks": _start_ticks(os.getpid())}
-        root.require_group(LOCK_GROUP).attrs.update(info)
+        try:
+            root.require_group(LOCK_GROUP).attrs.update(info)
+        except Exception as e:  # the lock group holds no children: rewriting it loses nothing
+            import sys
+
+            print(f"[lscape] the writer lock record of {self.path} was damaged ({type(e).__name__}); no live "
+                  "process holds the store: taking it over", file=sys.stderr)
+            zarr.create_group(store=root.store, path=LOCK_GROUP, overwrite=True, attributes=info)
         self._root = root
 
     def release(self) -> None:
@@ -633,11 +705,48 @@ def _now_text() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _local_path(path: str) -> str | None:
+def local_path(path: str) -> str | None:
     """The filesystem path of a local store (``None`` for URL stores such as memory:// or s3://)."""
     if "://" in path and not path.startswith("file://"):
         return None
     return path.removeprefix("file://")
+
+
+_local_path = local_path
+
+
+def _writable(arr: zarr.Array) -> zarr.Array:
+    """An existing array as its writer appends to it: one written with every chunk keeps so."""
+    return arr.with_config(ALL_CHUNKS_CONFIG) if arr.attrs.get(ALL_CHUNKS_ATTR) else arr
+
+
+def missing_chunks(arr: zarr.Array, rows: int, folder: str | None) -> list[str]:
+    """The chunk keys of the first ``rows`` rows of ``arr`` that are missing from the array's
+    ``folder`` (a local store's). Only an array written with every chunk
+    (``ALL_CHUNKS_ATTR``) or a ``step`` array (never a fill value) can tell: others give []."""
+    if folder is None or rows <= 0 or not arr.ndim or not os.path.isdir(folder):
+        return []
+    if not arr.attrs.get(ALL_CHUNKS_ATTR) and not arr.basename == "step":
+        return []
+    chunks, shape = arr.chunks, arr.shape
+    grid = [range(-(-min(rows, shape[0]) // chunks[0]))] + [range(-(-n // c)) for n, c in zip(shape[1:], chunks[1:])]
+    encoding = arr.metadata.chunk_key_encoding
+    missing = []
+    for coords in itertools.product(*grid):
+        key = encoding.encode_chunk_key(coords)
+        if not os.path.exists(os.path.join(folder, *key.split("/"))):
+            missing.append(key)
+    return missing
+
+
+def stored_config(reader: "RunReader") -> dict[str, Any]:
+    """A store's ``config`` attribute, which must be a table (a hand-edited or foreign store's
+    may not be): one line when it is not."""
+    config = reader.attrs.get("config", {})
+    if not isinstance(config, Mapping):
+        raise UsageError(f"{reader.path} has a config attribute that is not a table of options "
+                         f"({type(config).__name__}): it was not written by lscape, or was edited by hand")
+    return dict(config)
 
 
 def _make_parent(path: str, local: str) -> None:

@@ -14,7 +14,8 @@ from .config import RunConfig, parse_step_schedule
 from .context import RunContext
 from .data import derived_seed, fixed_subset
 
-__all__ = ["Precision", "UntilLoss", "UNTIL_LOSS_SAMPLES", "set_lr", "apply_regime", "finite", "NULL_CONTEXT"]
+__all__ = ["Precision", "UntilLoss", "UNTIL_LOSS_SAMPLES", "set_lr", "apply_regime", "finite", "NULL_CONTEXT",
+           "never_negative"]
 
 #: samples of the fixed training subset that ``--until-loss`` evaluates
 UNTIL_LOSS_SAMPLES = 1024
@@ -112,3 +113,19 @@ class UntilLoss:
         if ctx.store is not None:
             ctx.store.update_attrs(stopped_by={"until_loss": cfg.until_loss, "loss": loss, "step": step, "samples": n})
         return True
+
+
+#: torch losses whose value is never below zero (a target below it is never reached)
+_NON_NEGATIVE = ("CrossEntropyLoss", "NLLLoss", "MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss", "BCELoss",
+                 "BCEWithLogitsLoss", "KLDivLoss", "MultiMarginLoss", "HingeEmbeddingLoss")
+
+
+def never_negative(loss_fn: Any) -> bool:
+    """Whether ``loss_fn`` is a loss known never to be negative: lscape's ce and mse, torch's
+    usual losses. A user's own loss may be anything (a negative log-density can be < 0)."""
+    if loss_fn is None:
+        return False
+    if getattr(loss_fn, "ce_like", None) is not None:
+        return True
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    return type(loss_fn).__name__ in _NON_NEGATIVE or name in ("ce", "mse", "cross_entropy", "mse_loss")

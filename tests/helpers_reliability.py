@@ -59,3 +59,21 @@ def raising_loss(output, target):
 
 def mlp_other(**kw):
     return nn.Sequential(nn.Linear(7, 2))
+
+
+class WarnsThenFails(nn.Module):
+    """A model whose forward warns (as torch does before some shape errors) and then fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        import warnings
+
+        warnings.warn("Using a target size that is different to the input size", UserWarning)
+        return self.lin(x)[:, :1].reshape(2, -1)
+
+
+def warns_then_fails(**kw):
+    return WarnsThenFails()

@@ -29,11 +29,39 @@ def _damage_chunk(store: Path) -> None:
     chunk.write_bytes(b"not a chunk")
 
 
-def _damage_checkpoint(store: Path) -> None:
-    latest = json.loads((store / "checkpoints" / "zarr.json").read_text())["attributes"]["latest"]
-    for chunk in (store / "checkpoints" / latest / "c").rglob("*"):
+def _damage_checkpoints(store: Path) -> None:
+    # every one: a resume passes over a damaged latest checkpoint to the newest intact one
+    for chunk in (store / "checkpoints").rglob("c/*"):
         if chunk.is_file():
             chunk.write_bytes(os.urandom(64))
+
+
+def _lose_chunk(store: Path) -> None:
+    (store / "train" / "loss" / "c" / "0").unlink()
+
+
+def _edit_attrs(**attrs):
+    def edit(store: Path) -> None:
+        meta = json.loads((store / "zarr.json").read_text())
+        meta["attributes"].update(attrs)
+        (store / "zarr.json").write_text(json.dumps(meta))
+
+    edit.__name__ = f"_edit_{'_'.join(attrs)}"
+    return edit
+
+
+def _edit_model(store: Path) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["config"]["model_opts"] = {"widths": 12}
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def _zarr_v2(store: Path) -> None:
+    import zarr
+
+    attrs = json.loads((store / "zarr.json").read_text())["attributes"]
+    shutil.rmtree(store)
+    zarr.open_group(str(store), mode="w", zarr_format=2).attrs.update(attrs)
 
 
 def _edit_config(store: Path) -> None:
@@ -66,6 +94,9 @@ CASES = [
      None),
     ("a loss that raises", [*RUN, "--loss", "helpers_reliability:raising_loss", "--out", "o.zarr"], None),
     ("`--out` under a file", [*RUN, "--out", "afile/o.zarr"], "afile"),
+    ("`--until-loss` below what the loss can reach", [*RUN, "--until-loss", "-1", "--out", "o.zarr"], None),
+    ("`--workers 100000`", [*RUN, "--workers", "100000", "--out", "o.zarr"], None),
+    ("`--out` with a 300-character name", [*RUN, "--out", "runs/" + "x" * 300 + ".zarr"], None),
     ("`--out` with an unknown protocol", [*RUN, "--out", "bogus://o.zarr"], None),
     ("`--plugin` naming a module without lscape hooks", [*RUN, "--plugin", "json", "--out", "o.zarr"], None),
     ("a `params` pattern that matches nothing", [*RUN, "--plugin", "sharpness", "-o", "sharpness.params=nosuch*",
@@ -73,7 +104,15 @@ CASES = [
     ("`interpolate.other` that does not exist", [*RUN, "--plugin", "interpolate", "-o", "interpolate.other=bad.pt",
                                                  "--out", "o.zarr"], None),
     ("a store that exists, without `--resume`", [*RUN, "--out", "done.zarr"], "store"),
-    ("`--resume` of a store with a damaged checkpoint", ["run", "--resume", "done.zarr"], _damage_checkpoint),
+    ("`--resume` of a store whose every checkpoint is damaged", ["run", "--resume", "done.zarr"], _damage_checkpoints),
+    ("`--resume` of a store that lost a chunk", ["run", "--resume", "done.zarr"], _lose_chunk),
+    ("`--resume` of a measurement store", ["run", "--resume", "done.zarr"], _edit_attrs(kind="measure")),
+    ("`--resume` of a zarr v2 group with lscape's attributes", ["run", "--resume", "done.zarr"], _zarr_v2),
+    ("`--resume` of a store whose config is not a table", ["run", "--resume", "done.zarr"],
+     _edit_attrs(config=["mlp"])),
+    ("`--resume` of a store whose config no longer fits its checkpoint", ["run", "--resume", "done.zarr"],
+     _edit_model),
+    ("`--resume --steps` below the run's length", ["run", "--resume", "done.zarr", "--steps", "2"], "store"),
     ("`--resume` of a store whose config was edited by hand", ["run", "--resume", "done.zarr"], _edit_config),
     ("`show` of a store with damaged metadata", ["show", "done.zarr"], _damage_metadata),
     ("`show` of a store with a damaged chunk", ["show", "done.zarr"], _damage_chunk),
@@ -176,3 +215,34 @@ def test_ctrl_c_while_the_cli_imports_is_one_line_and_exit_130(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_a_warning_raised_before_a_refusal_keeps_it_one_line(tmp_path):
+    """Torch (or user code) warning while the input is checked would turn one `error:` line
+    into three; the warning is shown only when the checks pass."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run([sys.executable, "-m", "lscape", *RUN, "--model", "helpers_reliability:warns_then_fails",
+                           "--out", str(tmp_path / "o.zarr")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_warnings_of_accepted_input_are_still_shown():
+    import warnings
+
+    from lscape.errors import UsageError, warnings_held
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with warnings_held():
+            warnings.warn("kept", UserWarning)
+        with pytest.raises(UsageError):
+            with warnings_held():
+                warnings.warn("dropped", UserWarning)
+                raise UsageError("bad input")
+    assert [str(w.message) for w in seen] == ["kept"]

@@ -36,7 +36,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
     again.close()
 
 
-def test_lock_of_a_killed_writer_is_stale_and_taken_over(tmp_path):
+def test_lock_of_a_killed_writer_is_stale_and_taken_over(tmp_path, capsys):
     path = tmp_path / "r.zarr"
     code = (f"from lscape.store import RunStore; import os, signal; "
             f"RunStore.create({str(path)!r}, {{'lscape_version': 'test'}}); os.kill(os.getpid(), signal.SIGKILL)")
@@ -45,6 +45,7 @@ def test_lock_of_a_killed_writer_is_stale_and_taken_over(tmp_path):
     holder = RunReader(path).writer()
     assert holder["pid"] != os.getpid() and holder["alive"] is False and holder["released"] is False
     store = RunStore.open(path)  # no "being written": its process is gone
+    assert "which is gone: taking the store over" in capsys.readouterr().err
     assert RunReader(path).writer()["pid"] == os.getpid()
     store.close()
     assert RunReader(path).writer()["alive"] is False
