@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from lscape import __version__
-from lscape.errors import LscapeError, PluginError, UsageError, did_you_mean
+from lscape.errors import LscapeError, PluginError, Terminated, UsageError, did_you_mean
 
 __all__ = ["cli", "main"]
 
@@ -91,7 +91,8 @@ def _run_options(*names: str, measuring: bool = False):
 def run(config_path, trust_store, **given):
     """Train a model and record what the active plugins measure."""
     from lscape.config import RunConfig, load_toml, run_options
-    from lscape.engine import EXTENDABLE, Engine
+    from lscape.engine import Engine
+    from lscape.resume import EXTENDABLE
     from lscape.options import CLI
 
     given = {k: v for k, v in given.items() if v is not None}
@@ -149,6 +150,9 @@ def measure(source, plugins, options, checkpoints, out, no_progress, trust_store
     with nullcontext() if no_progress else MeasureProgress():
         result = do_measure(source, plugins, plugin_options=plugin_option_items(options), out=out,
                             checkpoints=checkpoints, trust_store=trust_store, **overrides)
+    if result.status == "interrupted":
+        click.echo(f"interrupted: what was measured is in {result.path}", err=True)
+        sys.exit(130)
     click.echo(f"measured {result.steps} model state(s) into {result.path}")
     click.echo(f"look at it:  lscape show {result.path}")
 
@@ -430,8 +434,9 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("LSCAPE_DEBUG"):
             traceback.print_exception(e.error)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while starting (lscape.errors.Terminated)
+        click.echo("terminated" if isinstance(e, Terminated)
+                   else "interrupted", err=True)
         sys.exit(130)
     except Exception as e:
         click.echo(_one_line(f"error: {type(e).__name__}: {e} (set LSCAPE_DEBUG=1 for the traceback)"), err=True)

@@ -20,7 +20,7 @@ import numpy as np
 import pluggy
 import torch
 
-from . import __version__
+from . import __version__, activity
 from .batch import batch_size_of, chunks, shard
 from .build import build_adapter, build_data, build_loss, build_model, build_optimizer, require_trust, store_imports
 from .checkpoint import latest_checkpoint, checkpoint_name, load_checkpoint, plugin_states, save_checkpoint
@@ -172,8 +172,9 @@ class Engine:
         return ctx
 
     def request_stop(self) -> bool:
-        """Stop after the current step (what SIGINT/SIGTERM do); returns whether a stop was
-        asked for already (a second signal interrupts at once)."""
+        """Stop after the current step (what the first SIGINT/SIGTERM does, with the probe in
+        progress abandoned: ``lifecycle.stop_on_signals``); returns whether a stop was asked
+        for already."""
         asked, self._stop_requested = self._stop_requested, True
         return asked
 
@@ -209,7 +210,7 @@ class Engine:
                 status = self._loop(ctx)
                 if self._stop_requested:
                     status = "interrupted"
-            except (KeyboardInterrupt, Interrupted):
+            except (KeyboardInterrupt, Interrupted, activity.Stopped):
                 status = "interrupted"
             except DivergedError as e:
                 status, error = "diverged", str(e)
@@ -232,6 +233,8 @@ class Engine:
         assert ctx is not None and self.events is not None
         try:
             self.events.run_end(status)
+        except activity.Stopped:  # a plugin's work at the end, abandoned by the stop
+            pass
         except Exception as e:  # the store must still be flushed and marked
             status, error = "failed", error or str(e)
         if ctx.stream is not None:
@@ -265,7 +268,7 @@ class Engine:
             elapsed = time.time() - ctx.start_time
             if cfg.time_limit is not None and elapsed >= cfg.time_limit:
                 return "completed"
-            self._mid_step = True  # a second signal inside a step leaves no consistent state to save
+            self._mid_step = True  # an abandoned step (a third signal) leaves no consistent state to save
             batch, epoch, epoch_end = stream.next()
             state_size = batch_size_of(batch)
             batch = shard(batch, ctx.rank, ctx.world_size)
@@ -304,7 +307,7 @@ class Engine:
             if diverged:
                 state.extras["diverged"] = True
             if eval_schedule.due(step, epoch_end=epoch_end, now=time.time() - ctx.start_time) \
-                    and ctx.eval_set is not None:
+                    and ctx.eval_set is not None and not self._stop_requested:  # a stopping run skips it
                 events.evaluate(evaluate(ctx))
             events.end_step()
             self._mid_step = False
@@ -314,7 +317,7 @@ class Engine:
                 raise DivergedError(f"loss became {value} at step {at}{late}; stopped (on_nan = stop)")
             if ckpt_schedule.due(step, epoch_end=epoch_end, now=time.time() - ctx.start_time) and ctx.is_main:
                 self.save_checkpoint()
-            if cfg.until_loss is not None and self.step % cfg.until_loss_every == 0 and \
+            if cfg.until_loss is not None and self.step % cfg.until_loss_every == 0 and not self._stop_requested and \
                     self._until_loss.reached(ctx, self.step - 1):
                 return "completed"
         return "interrupted"
