@@ -8,9 +8,9 @@ a report costs one list check, so the curvature toolkit can report every product
 ...     activity.tick(1, total=40)        # the work side: one unit of 40 done
 
 A stop (``stop()``: the run's first Ctrl-C/SIGTERM) abandons the work in progress: from then
-on ``tick()`` inside an activity, and entering one, raise :class:`Stopped`, so a long
-measurement ends within one unit of work instead of running to its end. The probe whose
-measurement is abandoned records nothing for that step (``Probe.run_measure``).
+on ``tick()`` inside an activity raises :class:`Stopped`, so a long measurement ends within
+one unit of work instead of running to its end (work that reports no units runs to its end).
+The probe whose measurement is abandoned records nothing for that step (``Probe.run_measure``).
 """
 
 from __future__ import annotations
@@ -81,10 +81,7 @@ def current() -> Activity | None:
 
 @contextlib.contextmanager
 def doing(name: str, total: int | None = None, unit: str = "") -> Iterator[Activity]:
-    """Within the block, ``name`` is what the run is doing (``Stopped`` at once when the run
-    is stopping)."""
-    if _stopping:
-        raise Stopped(name)
+    """Within the block, ``name`` is what the run is doing."""
     act = Activity(name, total=total, unit=unit)
     _stack.append(act)
     _notify(act)
