@@ -106,7 +106,7 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
     elif source is not None:
         reader = RunReader(source)
         stored = RunConfig.stored(reader)
-        require_trust(source, store_imports(stored, given=overrides), trust_store)
+        require_trust(source, store_imports(stored, given=overrides), trust_store, reader.attrs)
         base = stored.merged(overrides)
     else:
         base = make_config(None, **overrides)

@@ -36,7 +36,7 @@ from .manager import Registry, build_registry, get_plugin_manager
 from .probe import Plugin, StepOwner
 from .resume import ResumePoint, config_for_resume, extension_attrs, mark_resumed, objects_for, restore
 from .schedule import Schedule
-from .store import RunStore, store_exists
+from .store import RunReader, RunStore, store_exists
 from .training import NULL_CONTEXT, Precision, UntilLoss, apply_regime, finite, set_lr
 
 # ``evaluate``, ``load_checkpoint``, ``call_hook`` and ``Interrupted`` were defined here before
@@ -108,7 +108,8 @@ class Engine:
         if self.pm is None:
             self.pm = get_plugin_manager()
         if cfg.resume:  # a store can come from anyone: import only what the user trusts
-            require_trust(cfg.resume, store_imports(cfg, build_registry(self.pm).activatable()), self.trust_store)
+            require_trust(cfg.resume, store_imports(cfg, build_registry(self.pm).activatable()), self.trust_store,
+                          RunReader(cfg.resume).attrs)
         self.registry = reg = plugin_registry(self.pm, cfg.plugins)
         if cfg.out is None and not cfg.resume:
             cfg.out = broadcast(default_out(cfg) if rank == 0 else None)

@@ -29,6 +29,7 @@ from .errors import UsageError, UserCodeError, did_you_mean
 from .manager import Registry, build_registry, load_module, source_version
 from .probe import Plugin, StepOwner
 from .store import RunStore
+from .trust import signed_config
 
 __all__ = ["plugin_registry", "resolve_plugins", "make_plugins", "activate_plugins", "check_workload",
            "root_attrs", "mark_ended", "utc_now", "default_out", "broadcast", "init_distributed", "run_device",
@@ -141,7 +142,7 @@ def root_attrs(cfg: RunConfig, device: Any, versions: dict[str, str]) -> dict[st
         "lscape_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        "config": cfg.to_dict(),
+        **signed_config(cfg.to_dict()),  # the config, signed: this user's own store (lscape.trust)
         "plugins": versions,
         "seed": cfg.seed,
         "device": str(device),

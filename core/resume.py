@@ -22,6 +22,7 @@ from .errors import UsageError
 from .lifecycle import utc_now
 from .probe import Plugin
 from .store import RunReader, RunStore
+from .trust import signed_config
 
 __all__ = ["EXTENDABLE", "ResumePoint", "config_for_resume", "objects_for", "restore", "extension_attrs",
            "mark_resumed"]
@@ -127,7 +128,7 @@ def extension_attrs(change: dict[str, Any], config: RunConfig, store: RunStore, 
     if not change:
         return {}
     record = {**change, "at_step": step, "time": utc_now()}
-    return {"config": config.to_dict(), "total_steps": total_steps,
+    return {**signed_config(config.to_dict()), "total_steps": total_steps,
             "extensions": [*store.attrs.get("extensions", []), record]}
 
 
