@@ -320,7 +320,7 @@ def compare(runs, since, as_json):
     accuracy."""
     from rich.table import Table
 
-    from lscape.display import compare_row
+    from lscape.display import compare_row, loss_match_warnings
     from lscape.store import RunReader
 
     start = None
@@ -333,6 +333,8 @@ def compare(runs, since, as_json):
             raise UsageError(f"--since must be a step number >= 0, got {start}")
     readers = [RunReader(r) for r in runs]
     rows = [compare_row(r, start) for r in readers]
+    for warning in loss_match_warnings(rows):
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(rows, indent=2, allow_nan=False))
         return

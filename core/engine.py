@@ -12,6 +12,7 @@ schedule and ``--until-loss`` ``lscape.training``, and what ``lscape measure`` a
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -52,6 +53,8 @@ class RunResult:
     status: str
     steps: int
     error: str | None = None
+    #: what the user should know of how it ended (``--until-loss`` not reached before the cap)
+    note: str | None = None
 
 
 class Engine:
@@ -81,6 +84,7 @@ class Engine:
         self._owns_group = False
         self._resumed = ResumePoint()
         self._until_loss = UntilLoss()
+        self._note: str | None = None
 
     @property
     def step(self) -> int:
@@ -211,6 +215,8 @@ class Engine:
                 status = self._loop(ctx)
                 if self._stop_requested:
                     status = "interrupted"
+                elif cfg.until_loss is not None and not self._until_loss.hit and self.step > 0:
+                    self._note = self._until_loss.capped(ctx, self.step - 1, self._cap())
             except (KeyboardInterrupt, Interrupted, activity.Stopped):
                 status = "interrupted"
             except DivergedError as e:
@@ -221,13 +227,26 @@ class Engine:
                 self._finish(status, error)
                 raise
             self._finish(status, error)
+        if self._note and ctx.is_main:
+            print(f"[lscape] {self._note}", file=sys.stderr)
         if ctx.world_size > 1:
             # no rank leaves (and tears its process group down) while rank 0 still writes the
             # final checkpoint: a rank exiting early aborted in gloo ("terminate called ...")
             torch.distributed.barrier()
             if self._owns_group:
                 torch.distributed.destroy_process_group()
-        return RunResult(str(cfg.out), status, self.step, error)
+        return RunResult(str(cfg.out), status, self.step, error, self._note)
+
+    def _cap(self) -> str:
+        """What ends this run when its ``--until-loss`` target does not, in the user's words."""
+        cfg, ctx = self.config, self.ctx
+        if cfg.steps is not None:
+            return f"--steps {cfg.steps}"
+        if cfg.time_limit is not None and (ctx.total_steps is None or self.step < ctx.total_steps):
+            return f"--time-limit {cfg.time_limit:g}s"
+        if cfg.epochs is not None:
+            return f"--epochs {cfg.epochs}"
+        return f"{cfg.UNTIL_LOSS_EPOCHS} epochs (the default cap)"
 
     def _finish(self, status: str, error: str | None) -> None:
         ctx = self.ctx
