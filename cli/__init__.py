@@ -436,9 +436,11 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("LSCAPE_DEBUG"):
             traceback.print_exception(e.error)
         sys.exit(1)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while starting (lscape.errors.Terminated)
-        click.echo("terminated" if isinstance(e, Terminated)
-                   else "interrupted", err=True)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Terminated:  # SIGTERM while starting
+        click.echo("terminated", err=True)
         sys.exit(130)
     except Exception as e:
         click.echo(_one_line(f"error: {type(e).__name__}: {e} (set LSCAPE_DEBUG=1 for the traceback)"), err=True)

@@ -88,7 +88,7 @@ def quiet_interrupt_during_cli_imports() -> None:
 
 def restore_interrupt() -> None:
     """Give SIGINT back to Python (``KeyboardInterrupt``) once the imports are done; SIGTERM
-    raises :class:`Terminated` (a ``KeyboardInterrupt``) from then on, so that the command
+    raises :class:`Terminated` from then on, so that the command
     answers it in one line while it starts (a run handles both itself once it trains)."""
     import signal
 
@@ -101,8 +101,9 @@ def restore_interrupt() -> None:
         pass
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM while the ``lscape`` command starts (see ``restore_interrupt``)."""
+class Terminated(BaseException):
+    """SIGTERM while the ``lscape`` command starts (see ``restore_interrupt``); not a
+    ``KeyboardInterrupt``, which click turns into "aborted"."""
 
 
 def _raise_terminated(signum, frame) -> None:
