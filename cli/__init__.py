@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from lscape import __version__
-from lscape.errors import LscapeError, PluginError, UsageError, did_you_mean
+from lscape.errors import LscapeError, PluginError, Terminated, UsageError, did_you_mean
 
 __all__ = ["cli", "main"]
 
@@ -150,6 +150,9 @@ def measure(source, plugins, options, checkpoints, out, no_progress, trust_store
     with nullcontext() if no_progress else MeasureProgress():
         result = do_measure(source, plugins, plugin_options=plugin_option_items(options), out=out,
                             checkpoints=checkpoints, trust_store=trust_store, **overrides)
+    if result.status == "interrupted":
+        click.echo(f"interrupted: what was measured is in {result.path}", err=True)
+        sys.exit(130)
     click.echo(f"measured {result.steps} model state(s) into {result.path}")
     click.echo(f"look at it:  lscape show {result.path}")
 
@@ -317,7 +320,7 @@ def compare(runs, since, as_json):
     accuracy."""
     from rich.table import Table
 
-    from lscape.display import compare_row
+    from lscape.display import compare_row, loss_match_warnings
     from lscape.store import RunReader
 
     start = None
@@ -330,6 +333,8 @@ def compare(runs, since, as_json):
             raise UsageError(f"--since must be a step number >= 0, got {start}")
     readers = [RunReader(r) for r in runs]
     rows = [compare_row(r, start) for r in readers]
+    for warning in loss_match_warnings(rows):
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(rows, indent=2, allow_nan=False))
         return
@@ -433,6 +438,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Terminated:  # SIGTERM while starting
+        click.echo("terminated", err=True)
         sys.exit(130)
     except Exception as e:
         click.echo(_one_line(f"error: {type(e).__name__}: {e} (set LSCAPE_DEBUG=1 for the traceback)"), err=True)

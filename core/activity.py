@@ -6,6 +6,11 @@ a report costs one list check, so the curvature toolkit can report every product
 
 >>> with activity.doing("hessian"):      # the engine side: a probe measures
 ...     activity.tick(1, total=40)        # the work side: one unit of 40 done
+
+A stop (``stop()``: the run's first Ctrl-C/SIGTERM) abandons the work in progress: from then
+on ``tick()`` inside an activity raises :class:`Stopped`, so a long measurement ends within
+one unit of work instead of running to its end (work that reports no units runs to its end).
+The probe whose measurement is abandoned records nothing for that step (``Probe.run_measure``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-__all__ = ["Activity", "doing", "tick", "listen", "current"]
+__all__ = ["Activity", "Stopped", "doing", "tick", "listen", "current", "stop", "stopping", "resume"]
 
 
 @dataclass
@@ -42,8 +47,31 @@ class Activity:
         return f"{self.name}:{count} {self.elapsed:.1f} s"
 
 
+class Stopped(BaseException):
+    """The run is stopping (``stop()``): the activity in progress is abandoned. A
+    ``BaseException``, so that code catching ``Exception`` around its work lets it through."""
+
+
 _stack: list[Activity] = []
 _listeners: list[Callable[[Activity | None], None]] = []
+_stopping = False
+
+
+def stop() -> None:
+    """Abandon the activity in progress and every later one (safe in a signal handler)."""
+    global _stopping
+    _stopping = True
+
+
+def stopping() -> bool:
+    """Whether ``stop()`` was called (and not ``resume()`` since)."""
+    return _stopping
+
+
+def resume() -> None:
+    """Activities run to their end again (a new run in the same process)."""
+    global _stopping
+    _stopping = False
 
 
 def current() -> Activity | None:
@@ -65,9 +93,12 @@ def doing(name: str, total: int | None = None, unit: str = "") -> Iterator[Activ
 
 
 def tick(n: int = 1, total: int | None = None, unit: str | None = None) -> None:
-    """``n`` more units of the current activity are done (``total``/``unit`` update it)."""
+    """``n`` more units of the current activity are done (``total``/``unit`` update it);
+    raises ``Stopped`` when the run is stopping."""
     if not _stack:
         return
+    if _stopping:
+        raise Stopped(_stack[-1].name)
     act = _stack[-1]
     act.done += n
     if total is not None:

@@ -117,7 +117,8 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
     from .context import StepState
     from .engine import Engine, RunResult
     from .events import call_hook
-    from .lifecycle import utc_now
+    from . import activity
+    from .lifecycle import stop_on_signals, utc_now
     from .probe import Probe
 
     plugins = list(plugins)
@@ -131,7 +132,7 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
     elif source is not None:
         reader = RunReader(source)
         stored = RunConfig.stored(reader)
-        require_trust(source, store_imports(stored, given=overrides), trust_store)
+        require_trust(source, store_imports(stored, given=overrides), trust_store, reader.attrs)
         base = stored.merged(overrides)
     else:
         base = make_config(None, **overrides)
@@ -156,14 +157,22 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
     attrs.update({"kind": "measure", "source": None if source is None else str(source)})
     ctx.store = RunStore.create(out, attrs)
     status = "completed"
+    # Ctrl-C/SIGTERM abandon the measurement in progress (no row) and end the measuring
     try:
-        for step, epoch, model_state in states:
-            if model_state is not None:
-                ctx.model.load_state_dict(model_state)
-            batch, _, _ = ctx.stream.next()
-            state = StepState(step=step, epoch=epoch, batch=batch)
-            for probe in probes:
-                call_hook(lambda **kw: probe.run_measure(**kw), ctx=ctx, state=state)
+        with stop_on_signals(engine.request_stop):
+            for step, epoch, model_state in states:
+                if model_state is not None:
+                    ctx.model.load_state_dict(model_state)
+                batch, _, _ = ctx.stream.next()
+                state = StepState(step=step, epoch=epoch, batch=batch)
+                for probe in probes:
+                    call_hook(lambda **kw: probe.run_measure(**kw), ctx=ctx, state=state)
+                if activity.stopping():
+                    status = "interrupted"
+                    break
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
     except BaseException:
         status = "failed"
         raise

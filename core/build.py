@@ -244,12 +244,19 @@ def store_imports(cfg: Any, known_plugins: Any = None, given: Mapping[str, Any] 
     return out
 
 
-def require_trust(path: Any, imports: list[str], trusted: bool) -> None:
-    """Refuse, in one line, to import code that only a store names, unless ``trusted``."""
-    if imports and not trusted:
-        raise UsageError(f"{path} asks to import {', '.join(imports)}; a store can come from anyone, so lscape "
-                         "imports only code you name: add --trust-store if you trust this store "
-                         "(or give the same names on the command line)")
+def require_trust(path: Any, imports: list[str], trusted: bool, attrs: Mapping[str, Any] | None = None) -> None:
+    """Refuse, in one line, to import code that only a store names, unless ``trusted`` or the
+    store's config is signed by this user (``attrs``: its root attributes; ``lscape.trust``)."""
+    from .trust import SIGNATURE_ATTR, signed_by_user
+
+    if not imports or trusted or (attrs is not None and signed_by_user(attrs)):
+        return
+    why = "a store can come from anyone"
+    if attrs is not None and SIGNATURE_ATTR in attrs:
+        why = "its config was changed since it was written, or another user's lscape wrote it"
+    raise UsageError(f"{path} asks to import {', '.join(imports)}; {why}, so lscape imports only code you name "
+                     "or stores you wrote: add --trust-store if you trust this store "
+                     "(or give the same names on the command line)")
 
 
 class CollatedDataset(Dataset):

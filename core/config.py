@@ -36,6 +36,8 @@ _FLOAT32_MAX = 3.4028234663852886e38
 DEFAULT_PLUGINS = ("grad-norm",)
 #: epochs used when neither epochs, steps nor a time limit is given
 DEFAULT_EPOCHS = 10
+#: the cap of a run that ``until_loss`` stops, when neither epochs, steps nor a time limit is given
+UNTIL_LOSS_EPOCHS = 1000
 #: a field's metadata key holding its Option
 OPTION = "lscape.option"
 
@@ -259,7 +261,8 @@ class RunConfig:
     batch_size: int | str = option(64, "N or 'full' (gradient descent)", parse_batch_size, within="[1, inf)",
                                    what="a positive integer or 'full'")
     epochs: int | None = option(None, "number of epochs", integer, within="[1, inf)", what="a positive integer",
-                                cli=Flag(default_text=f"{DEFAULT_EPOCHS} without --steps or --time-limit"))
+                                cli=Flag(default_text=f"{DEFAULT_EPOCHS} without --steps or --time-limit; "
+                                                              f"{UNTIL_LOSS_EPOCHS} with --until-loss"))
     steps: int | None = option(None, "number of steps (instead of epochs)", integer, within="[1, inf)",
                                what="a positive integer")
     time_limit: float | None = option(None, "stop after this wall time, e.g. 30m", duration)
@@ -290,7 +293,8 @@ class RunConfig:
     name: str | None = option(None, "run name: figure and table labels, and the store runs/NAME.zarr")
     #: stop once the training loss on a fixed subset of 1024 samples is at most this
     until_loss: float | None = option(
-        None, "stop once the training loss on a fixed subset of 1024 samples is <= X (loss-matched runs)", real,
+        None, "stop once the training loss on a fixed subset of 1024 samples is <= X (loss-matched runs); the cap is "
+              f"--steps, --epochs or --time-limit, else {UNTIL_LOSS_EPOCHS} epochs", real,
         what="a finite number", cli=Flag(metavar="X"))
     #: steps between those checks
     until_loss_every: int = option(1, "steps between those checks", integer, within="[1, inf)",
@@ -327,6 +331,8 @@ class RunConfig:
 
     #: epochs used when neither epochs, steps nor a time limit is given
     DEFAULT_EPOCHS = DEFAULT_EPOCHS
+    #: the same with ``until_loss``: the target stops the run, this only caps it
+    UNTIL_LOSS_EPOCHS = UNTIL_LOSS_EPOCHS
 
     def __post_init__(self) -> None:
         #: where each value not given in Python came from (``Spelling``), for error messages
@@ -459,7 +465,7 @@ class RunConfig:
         if self.epochs is not None:
             return self.epochs
         if self.steps is None and self.time_limit is None:
-            return self.DEFAULT_EPOCHS
+            return self.UNTIL_LOSS_EPOCHS if self.until_loss is not None else self.DEFAULT_EPOCHS
         return None
 
 

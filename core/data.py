@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 from .batch import batch_size_of, shard, to_device
 from .errors import UsageError
 
-__all__ = ["BatchStream", "Fetcher", "take", "to_device", "fixed_batches", "fixed_subset", "full_batches", "batch_size_of",
+__all__ = ["BatchStream", "quiet_worker", "Fetcher", "take", "to_device", "fixed_batches", "fixed_subset", "full_batches", "batch_size_of",
            "derived_seed", "shard", "default_workers", "close_fetchers"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -43,6 +43,17 @@ def derived_seed(seed: int, *names: Any) -> int:
     """A seed for a named purpose (a probe's subset, a projection), independent of others."""
     digest = hashlib.sha256(("/".join([str(seed), *map(str, names)])).encode()).digest()
     return int.from_bytes(digest[:7], "little")
+
+
+def quiet_worker(worker_id: int) -> None:
+    """A DataLoader worker leaves SIGINT and SIGTERM to the main process: a terminal's Ctrl-C
+    (or a group kill) reaches every process of the group, and the main one stops the run and
+    its workers itself, so a worker prints no traceback of its own. (A worker whose main
+    process died exits through torch's own watchdog.)"""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def default_workers(device: torch.device | str) -> int:
@@ -143,7 +154,7 @@ class Fetcher:
             self._loader = DataLoader(
                 _Seeded(self.dataset, self.seed), batch_sampler=self._sampler, num_workers=w,
                 collate_fn=self.collate_fn, pin_memory=self.pin_memory, persistent_workers=w > 0,
-                prefetch_factor=self.prefetch if w > 0 else None,
+                prefetch_factor=self.prefetch if w > 0 else None, worker_init_fn=quiet_worker if w > 0 else None,
                 # the loader's own base seed comes from this generator, never the global RNG
                 generator=torch.Generator().manual_seed(self.seed),
             )
@@ -220,6 +231,7 @@ class BatchStream:
             self._iterable_loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=workers,
                                                pin_memory=pin_memory, drop_last=drop_last,
                                                persistent_workers=workers > 0,
+                                               worker_init_fn=quiet_worker if workers > 0 else None,
                                                generator=torch.Generator().manual_seed(int(seed)))
             self.fetcher = None
             return

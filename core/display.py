@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["last_finite", "series_summary", "run_summary", "progress_of", "latest_checkpoint", "compare_row",
+           "until_loss_of", "loss_match_warnings",
            "html", "LATE_FRACTION"]
 
 #: the late phase of a series, for "mean over the last 10%"
@@ -222,7 +223,58 @@ def compare_row(reader: Any, since: int | None = None) -> dict[str, Any]:
     for name in ("eval_loss", "eval_accuracy"):
         w = window("train", name)
         row[name] = float(w[1][-1]) if w is not None and w[1].size else None
+    row.update(until_loss_of(reader))
     return row
+
+
+def until_loss_of(reader: Any) -> dict[str, Any]:
+    """A run's ``--until-loss`` target (None: it had none), whether it was reached (None:
+    unknown, the run did not end by itself) and the loss its last check measured."""
+    attrs = reader.attrs
+    target = (attrs.get("config") or {}).get("until_loss")
+    if target is None:
+        return {"until_loss": None, "until_loss_reached": None, "until_loss_loss": None}
+    stopped = attrs.get("stopped_by") if isinstance(attrs.get("stopped_by"), dict) else {}
+    reached = attrs.get("until_loss_reached")
+    if reached is None and stopped.get("until_loss") is not None:
+        reached = "cap" not in stopped
+    if reached is None and reader.status == "completed":  # a store from before the cap was said
+        reached = False
+    loss = stopped.get("loss")
+    if loss is None and reader.has("until-loss"):
+        values = reader.read("until-loss").get("loss")
+        loss = float(values[-1]) if values is not None and len(values) else None
+    return {"until_loss": float(target), "until_loss_reached": reached, "until_loss_loss": loss}
+
+
+#: train losses further apart than this (relative to the smallest) are not a loss-matched comparison
+LOSS_MATCH_TOLERANCE = 0.2
+
+
+def loss_match_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """Why runs compared side by side (``compare_row``) are not at matched loss: different
+    ``--until-loss`` targets, a target a run's cap kept it from, or (without targets) final
+    train losses more than ``LOSS_MATCH_TOLERANCE`` apart."""
+    if len(rows) < 2:
+        return []
+    out = []
+    targets = {r["run"]: r.get("until_loss") for r in rows}
+    if len({t for t in targets.values()}) > 1:
+        listed = ", ".join(f"{run} {'none' if t is None else f'{t:g}'}" for run, t in targets.items())
+        out.append(f"the runs stopped at different --until-loss targets ({listed}): they are not at matched loss")
+    for r in rows:
+        if r.get("until_loss") is not None and r.get("until_loss_reached") is False:
+            loss = r.get("until_loss_loss")
+            at = f" (its loss was {loss:.4g})" if isinstance(loss, float) else ""
+            out.append(f"{r['run']} did not reach --until-loss {r['until_loss']:g}{at}: its cap came first, "
+                       "so the runs are not at matched loss")
+    if all(t is None for t in targets.values()):
+        losses = [r.get("train_loss") for r in rows if isinstance(r.get("train_loss"), float)]
+        if len(losses) == len(rows) and min(losses) > 0 and (max(losses) - min(losses)) / min(losses) > \
+                LOSS_MATCH_TOLERANCE:
+            out.append(f"the runs end at train losses from {min(losses):.4g} to {max(losses):.4g}: they are not "
+                       "at matched loss (run them with the same --until-loss to compare them there)")
+    return out
 
 
 def label_of(reader: Any) -> str:

@@ -12,6 +12,7 @@ schedule and ``--until-loss`` ``lscape.training``, and what ``lscape measure`` a
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,7 +21,7 @@ import numpy as np
 import pluggy
 import torch
 
-from . import __version__
+from . import __version__, activity
 from .batch import batch_size_of, chunks, shard
 from .build import (build_adapter, build_data, build_loss, build_model, build_optimizer, check_optimizer_params,
                     require_trust, store_imports)
@@ -38,7 +39,7 @@ from .probe import Plugin, StepOwner
 from .resume import (ResumePlan, ResumePoint, check_length, config_for_resume, extension_attrs, mark_resumed,
                      objects_for, open_planned, plan_resume, restore_state)
 from .schedule import Schedule
-from .store import RunStore, store_exists
+from .store import RunReader, RunStore, store_exists
 from .training import NULL_CONTEXT, Precision, UntilLoss, apply_regime, finite, never_negative, set_lr
 
 # ``evaluate``, ``load_checkpoint``, ``call_hook`` and ``Interrupted`` were defined here before
@@ -54,6 +55,8 @@ class RunResult:
     status: str
     steps: int
     error: str | None = None
+    #: what the user should know of how it ended (``--until-loss`` not reached before the cap)
+    note: str | None = None
 
 
 class Engine:
@@ -84,6 +87,7 @@ class Engine:
         self._resumed = ResumePoint()
         self._plan: ResumePlan | None = None
         self._until_loss = UntilLoss()
+        self._note: str | None = None
 
     @property
     def step(self) -> int:
@@ -116,7 +120,8 @@ class Engine:
         if self.pm is None:
             self.pm = get_plugin_manager()
         if cfg.resume:  # a store can come from anyone: import only what the user trusts
-            require_trust(cfg.resume, store_imports(cfg, build_registry(self.pm).activatable()), self.trust_store)
+            require_trust(cfg.resume, store_imports(cfg, build_registry(self.pm).activatable()), self.trust_store,
+                          RunReader(cfg.resume).attrs)
         self.registry = reg = plugin_registry(self.pm, cfg.plugins)
         if cfg.out is None and not cfg.resume:
             cfg.out = broadcast(default_out(cfg) if rank == 0 else None)
@@ -190,8 +195,9 @@ class Engine:
         return ctx
 
     def request_stop(self) -> bool:
-        """Stop after the current step (what SIGINT/SIGTERM do); returns whether a stop was
-        asked for already (a second signal interrupts at once)."""
+        """Stop after the current step (what the first SIGINT/SIGTERM does, with the probe in
+        progress abandoned: ``lifecycle.stop_on_signals``); returns whether a stop was asked
+        for already."""
         asked, self._stop_requested = self._stop_requested, True
         return asked
 
@@ -228,7 +234,9 @@ class Engine:
                 status = self._loop(ctx)
                 if self._stop_requested:
                     status = "interrupted"
-            except (KeyboardInterrupt, Interrupted):
+                elif cfg.until_loss is not None and not self._until_loss.hit and self.step > 0:
+                    self._note = self._until_loss.capped(ctx, self.step - 1, self._cap())
+            except (KeyboardInterrupt, Interrupted, activity.Stopped):
                 status = "interrupted"
             except DivergedError as e:
                 status, error = "diverged", str(e)
@@ -238,19 +246,34 @@ class Engine:
                 self._finish(status, error)
                 raise
             self._finish(status, error)
+        if self._note and ctx.is_main:
+            print(f"[lscape] {self._note}", file=sys.stderr)
         if ctx.world_size > 1:
             # no rank leaves (and tears its process group down) while rank 0 still writes the
             # final checkpoint: a rank exiting early aborted in gloo ("terminate called ...")
             torch.distributed.barrier()
             if self._owns_group:
                 torch.distributed.destroy_process_group()
-        return RunResult(str(cfg.out), status, self.step, error)
+        return RunResult(str(cfg.out), status, self.step, error, self._note)
+
+    def _cap(self) -> str:
+        """What ends this run when its ``--until-loss`` target does not, in the user's words."""
+        cfg, ctx = self.config, self.ctx
+        if cfg.steps is not None:
+            return f"--steps {cfg.steps}"
+        if cfg.time_limit is not None and (ctx.total_steps is None or self.step < ctx.total_steps):
+            return f"--time-limit {cfg.time_limit:g}s"
+        if cfg.epochs is not None:
+            return f"--epochs {cfg.epochs}"
+        return f"{cfg.UNTIL_LOSS_EPOCHS} epochs (the default cap)"
 
     def _finish(self, status: str, error: str | None) -> None:
         ctx = self.ctx
         assert ctx is not None and self.events is not None
         try:
             self.events.run_end(status)
+        except activity.Stopped:  # a plugin's work at the end, abandoned by the stop
+            pass
         except Exception as e:  # the store must still be flushed and marked
             status, error = "failed", error or str(e)
         if ctx.stream is not None:
@@ -284,7 +307,7 @@ class Engine:
             elapsed = time.time() - ctx.start_time
             if cfg.time_limit is not None and elapsed >= cfg.time_limit:
                 return "completed"
-            self._mid_step = True  # a second signal inside a step leaves no consistent state to save
+            self._mid_step = True  # an abandoned step (a third signal) leaves no consistent state to save
             batch, epoch, epoch_end = stream.next()
             state_size = batch_size_of(batch)
             batch = shard(batch, ctx.rank, ctx.world_size)
@@ -323,7 +346,7 @@ class Engine:
             if diverged:
                 state.extras["diverged"] = True
             if eval_schedule.due(step, epoch_end=epoch_end, now=time.time() - ctx.start_time) \
-                    and ctx.eval_set is not None:
+                    and ctx.eval_set is not None and not self._stop_requested:  # a stopping run skips it
                 events.evaluate(evaluate(ctx))
             events.end_step()
             self._mid_step = False
@@ -333,7 +356,7 @@ class Engine:
                 raise DivergedError(f"loss became {value} at step {at}{late}; stopped (on_nan = stop)")
             if ckpt_schedule.due(step, epoch_end=epoch_end, now=time.time() - ctx.start_time) and ctx.is_main:
                 self.save_checkpoint()
-            if cfg.until_loss is not None and self.step % cfg.until_loss_every == 0 and \
+            if cfg.until_loss is not None and self.step % cfg.until_loss_every == 0 and not self._stop_requested and \
                     self._until_loss.reached(ctx, self.step - 1):
                 return "completed"
         return "interrupted"

@@ -82,26 +82,43 @@ def quiet_interrupt_during_cli_imports() -> None:
     try:
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when SIGINT is ignored
             signal.signal(signal.SIGINT, _interrupted_while_importing)
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # SIGTERM too: one line, not silence
+            signal.signal(signal.SIGTERM, _interrupted_while_importing)
     except ValueError:  # not the main thread
         pass
 
 
 def restore_interrupt() -> None:
-    """Give SIGINT back to Python (``KeyboardInterrupt``) once the imports are done."""
+    """Give SIGINT back to Python (``KeyboardInterrupt``) once the imports are done; SIGTERM
+    raises :class:`Terminated` from then on, so that the command
+    answers it in one line while it starts (a run handles both itself once it trains)."""
     import signal
 
     try:
         if signal.getsignal(signal.SIGINT) is _interrupted_while_importing:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signal.getsignal(signal.SIGTERM) is _interrupted_while_importing:
+            signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:
         pass
 
 
+class Terminated(BaseException):
+    """SIGTERM while the ``lscape`` command starts (see ``restore_interrupt``); not a
+    ``KeyboardInterrupt``, which click turns into "aborted"."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def _interrupted_while_importing(signum, frame) -> None:
     import os
+    import signal
     import sys
 
-    sys.stderr.write("interrupted\n")
+    sys.stderr.write("terminated while starting: nothing was written\n" if signum == signal.SIGTERM
+                     else "interrupted\n")
     sys.stderr.flush()
     os._exit(130)  # nothing is written yet: no store exists before the command runs
 

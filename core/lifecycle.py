@@ -26,10 +26,10 @@ from .batch import batch_size_of
 from .context import RunContext
 from .data import full_batches
 from .errors import UsageError, UserCodeError, did_you_mean
-from .events import Interrupted
 from .manager import Registry, build_registry, load_module, source_version
 from .probe import Plugin, StepOwner
 from .store import RunStore
+from .trust import signed_config
 
 __all__ = ["plugin_registry", "resolve_plugins", "make_plugins", "activate_plugins", "check_workload",
            "root_attrs", "mark_ended", "utc_now", "default_out", "broadcast", "init_distributed", "run_device",
@@ -142,7 +142,7 @@ def root_attrs(cfg: RunConfig, device: Any, versions: dict[str, str]) -> dict[st
         "lscape_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        "config": cfg.to_dict(),
+        **signed_config(cfg.to_dict()),  # the config, signed: this user's own store (lscape.trust)
         "plugins": versions,
         "seed": cfg.seed,
         "device": str(device),
@@ -280,23 +280,51 @@ def evaluate(ctx: RunContext, dataset: Any = None) -> dict[str, float]:
 
 @contextlib.contextmanager
 def stop_on_signals(request_stop: Callable[[], bool]) -> Iterator[None]:
-    """While inside: SIGINT/SIGTERM call ``request_stop()`` (the loop stops after the current
-    step, so the store stays consistent); when it says a stop was asked for already, the
-    signal interrupts at once (``KeyboardInterrupt``, ``Interrupted``). Main thread only."""
+    """While inside, SIGINT/SIGTERM stop the run without losing it:
+
+    - the first calls ``request_stop()`` (the loop stops after the current step) and abandons
+      the measurement in progress (``activity.stop()``: a long probe ends within one unit of
+      work and records no row for the step), so the run flushes and writes its final
+      checkpoint within about a second;
+    - a second says so and changes nothing: the final checkpoint is still written;
+    - a third abandons the run at once (``KeyboardInterrupt``: no final checkpoint; the store
+      reads as killed and ``--resume`` continues it from its latest checkpoint).
+
+    Main thread only."""
+    from . import activity
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    count = 0
+
+    def say(text: str) -> None:  # os.write: print() is not reentrant in a signal handler
+        try:
+            os.write(2, f"[lscape] {text}\n".encode())
+        except OSError:
+            pass
 
     def on_signal(signum: int, frame: Any) -> None:
-        if request_stop():
-            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted()
+        nonlocal count
+        count += 1
+        if count == 1:
+            request_stop()
+            activity.stop()
+            say("stopping: the step ends, then the store is flushed and checkpointed")
+        elif count == 2:
+            say("still stopping: writing the final checkpoint (a third signal abandons it)")
+        else:
+            say("abandoned without a final checkpoint: --resume continues from the latest one")
+            raise KeyboardInterrupt
 
+    activity.resume()
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        activity.resume()
 
 
 @contextlib.contextmanager

@@ -186,10 +186,14 @@ class Probe(Plugin):
         return self.schedule.due(state.step, epoch_end=state.epoch_end, now=state.time)
 
     def run_measure(self, ctx: RunContext, state: StepState) -> dict[str, Any]:
-        """Measure with the model's state preserved, and record the values."""
+        """Measure with the model's state preserved, and record the values. A measurement
+        the stopping run abandons (Ctrl-C: ``activity.Stopped``) records nothing."""
         started = time.perf_counter()
-        with activity.doing(self.name), preserve_state(ctx.model):
-            values = self.measure(ctx, state) or {}
+        try:
+            with activity.doing(self.name), preserve_state(ctx.model):
+                values = self.measure(ctx, state) or {}
+        except activity.Stopped:
+            return {}
         if values:
             if "compute_dtype" not in self._data_attrs:  # said once, in the group's attrs
                 dtype = next((p.dtype for p in ctx.model.parameters()), None)

@@ -27,6 +27,7 @@ from .lifecycle import utc_now
 from .probe import Plugin
 from .store import (LOCK_GROUP, ROWS_ATTR, RunReader, RunStore, WriterLock, committed_rows, local_path, missing_chunks,
                     stored_config, written_rows)
+from .trust import signed_config
 
 __all__ = ["EXTENDABLE", "ResumePoint", "ResumePlan", "config_for_resume", "objects_for", "plan_resume",
            "check_resumable", "open_planned", "restore_state", "restore", "check_length", "extension_attrs",
@@ -413,7 +414,7 @@ def extension_attrs(change: dict[str, Any], config: RunConfig, store: RunStore, 
     if not change:
         return {}
     record = {**change, "at_step": step, "time": utc_now()}
-    return {"config": config.to_dict(), "total_steps": total_steps,
+    return {**signed_config(config.to_dict()), "total_steps": total_steps,
             "extensions": [*store.attrs.get("extensions", []), record]}
 
 

@@ -45,8 +45,9 @@ from .options import PYTHON
 from .probe import Plugin
 from .resume import check_resumable, mark_resumed
 from .store import GroupWriter, RunReader, RunStore, store_exists
+from .trust import signed_config
 
-__all__ = ["attach", "Session"]
+__all__ = ["attach", "Session", "loader_batch_size"]
 
 #: the run options whose attach keywords share their names, defaults and checks
 _RUN = run_options()
@@ -71,7 +72,8 @@ def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | No
     that needs it when none is given is a ``UsageError`` here, before anything is written.
     ``eval_data`` is what ``session.evaluate()`` evaluates on. ``seed`` seeds the probes'
     own samplers (the training RNG is never touched). ``batch_size`` defaults to the
-    DataLoader's (``"full"`` for full-batch GD); ``total_steps`` and ``steps_per_epoch``
+    DataLoader's, else the size of the first batch the loop passes (``"full"`` for
+    full-batch GD); ``total_steps`` and ``steps_per_epoch``
     (the DataLoader's length by default) let epoch-end schedules and the progress bar
     know the run's shape. ``resume=True`` continues the store at ``out``: call
     ``session.load_state_dict`` with what ``state_dict`` returned before the first step.
@@ -89,8 +91,8 @@ def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | No
     # a DataLoader gives its data set, with its collate function when it has its own (padding)
     train_set = _data_objects(train_data) if train_data is not None else None
     eval_data = _data_objects(eval_data) if eval_data is not None else None
-    if batch_size is None:
-        batch_size = (loader.batch_size if loader is not None and loader.batch_size else None)
+    if batch_size is None:  # the DataLoader's (its batch sampler's), else the first batch's (Session._begin)
+        batch_size = loader_batch_size(loader) if loader is not None else None
     if steps_per_epoch is None:
         if batch_size == "full":
             steps_per_epoch = 1
@@ -130,9 +132,6 @@ def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | No
         if train_set is not None and needs_train_data(plugin) and not _indexable(train_set):
             raise UsageError(f"plugin '{plugin.name}' samples the training data: train_data must be a map-style "
                              f"Dataset (or a DataLoader over one), not {type(train_set).__name__}")
-        if cfg.batch_size == 0 and needs_train_data(plugin):
-            raise UsageError(f"plugin '{plugin.name}' needs the training batch size: pass batch_size= to attach "
-                             f"(or train_data as a DataLoader)")
     owner_needs_optimizer = [p.name for p in made if p.kind() == "step owner"]
     if owner_needs_optimizer and optimizer is None:
         raise UsageError(f"plugin '{owner_needs_optimizer[0]}' owns the step around an optimizer: pass optimizer=")
@@ -149,6 +148,15 @@ def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | No
     if world > 1:
         dist.barrier()  # every rank checked `out` before rank 0 creates it
     return Session(ctx, pm, made, versions, resume=resume)
+
+
+def loader_batch_size(loader: Any) -> int | None:
+    """A DataLoader's batch size: its own, or its batch sampler's (a loader made with a
+    ``batch_sampler``, as HuggingFace's Trainer and accelerate make them); None if neither says."""
+    size = getattr(loader, "batch_size", None)
+    if not size:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else None
 
 
 def needs_train_data(plugin: Plugin) -> bool:
@@ -365,7 +373,7 @@ class Session:
         if not self.in_step and ctx.config.batch_size == 0:  # not known at attach: the first batch tells
             ctx.config.batch_size = batch_size_of(batch)
             if ctx.store is not None:
-                ctx.store.update_attrs(config=ctx.config.to_dict())
+                ctx.store.update_attrs(**signed_config(ctx.config.to_dict()))
         events = self.events
         spe = ctx.steps_per_epoch
         return events.begin_step(lambda epoch: StepState(

@@ -84,6 +84,9 @@ class UntilLoss:
 
     def __init__(self) -> None:
         self.batches: list[Any] | None = None  # drawn at the first check
+        #: the last check: ``(step, loss)``; whether the target was reached
+        self.last: tuple[int, float] | None = None
+        self.hit = False
 
     def reached(self, ctx: RunContext, step: int) -> bool:
         """The check after ``step``: True once the loss is at or below the target (the
@@ -106,13 +109,32 @@ class UntilLoss:
             for m, training in modes:
                 m.training = training
         loss = total / max(n, 1)
+        self.last = (step, loss)
         if ctx.store is not None:
             ctx.store.group("until-loss").append(step, loss=loss)
         if loss > cfg.until_loss:
             return False
+        self.hit = True
         if ctx.store is not None:
-            ctx.store.update_attrs(stopped_by={"until_loss": cfg.until_loss, "loss": loss, "step": step, "samples": n})
+            ctx.store.update_attrs(stopped_by={"until_loss": cfg.until_loss, "loss": loss, "step": step, "samples": n},
+                                   until_loss_reached=True)
         return True
+
+    def capped(self, ctx: RunContext, step: int, cap: str) -> str | None:
+        """The run ended by its ``cap`` (``--steps 500``, ...) after ``step``: check the loss
+        there once more; when the target is still not reached, record that the cap came first
+        (root attributes ``until_loss_reached`` false and ``stopped_by`` with ``cap``) and
+        return the line that says so (None: reached after all)."""
+        cfg = ctx.config
+        if self.last is None or self.last[0] != step:
+            if self.reached(ctx, step):
+                return None
+        at, loss = self.last if self.last is not None else (step, float("nan"))
+        if ctx.store is not None:
+            ctx.store.update_attrs(stopped_by={"cap": cap, "until_loss": cfg.until_loss, "loss": loss, "step": at},
+                                   until_loss_reached=False)
+        return (f"the cap ({cap}) came before --until-loss {cfg.until_loss:g}: the loss was {loss:.4g} at step {at}; "
+                "raise the cap (--steps/--epochs/--time-limit) to reach the target")
 
 
 #: torch losses whose value is never below zero (a target below it is never reached)

@@ -13,9 +13,12 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """Every test runs in its own folder, so default `runs/` stores never collide."""
+def _isolated(tmp_path, tmp_path_factory, monkeypatch):
+    """Every test runs in its own folder, so default `runs/` stores never collide, with its
+    own per-user config folder (the key that signs stores: lscape.trust), outside that folder."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("user-config")))
+    monkeypatch.delenv("LSCAPE_SECRET_FILE", raising=False)
     monkeypatch.delenv("LSCAPE_TRACE_PLUGINS", raising=False)
     monkeypatch.delenv("LSCAPE_PLUGINS", raising=False)
     yield

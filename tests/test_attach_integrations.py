@@ -98,3 +98,46 @@ def test_huggingface_callback_records_probe_groups_and_leaves_training_alone(tmp
     g = r.read("grad-norm")
     np.testing.assert_array_equal(g["step"], [0, 1, 2])
     assert np.all(g["grad_norm"] > 0) and np.all(g["update_size"][1:] > 0)
+
+
+@pytest.mark.slow
+def test_huggingface_callback_gives_data_probes_the_trainers_data_and_batch_size(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from lscape.integrations import LscapeTrainerCallback
+
+    out = str(tmp_path / "hfdata.zarr")
+    cheap = {"data": "subset", "measure_samples": 8, "every": 1, "k": 1, "max_iter": 5, "density_schedule": "never",
+             "trace_schedule": "never", "warm_start": False}
+    # no train_data=, no batch_size=: the Trainer's loader (a batch sampler, no batch_size) and its batch size
+    callback = LscapeTrainerCallback(plugins=["hessian"], plugin_options={"hessian": cheap}, out=out, progress=True)
+    _gpt2_run(tmp_path, "d", [callback])
+    r = RunReader(out)
+    assert r.attrs["status"] == "completed" and r.attrs["config"]["batch_size"] == 4
+    assert len(r.read("hessian")["step"]) == 3
+    err = capsys.readouterr().err
+    assert "ETA" in err and "step 3/3" in err  # the Trainer's max_steps is the total
+    assert "GPT2LMHeadModel(" not in err  # the model by its class name, not its repr
+
+
+def test_attach_with_a_dataset_infers_the_batch_size_from_the_first_batch(tmp_path):
+    """attach(train_data=<a Dataset>) asked for batch_size= even for data=full."""
+    import lscape
+    from lscape.trust import signed_by_user
+
+    data = _tensors(32)
+    model = torch.nn.Linear(5, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = str(tmp_path / "inferred.zarr")
+    # data=full needed no batch size (passes of 256 samples); batches=K takes K training batches
+    cheap = {"data": "subset", "batches": 2, "every": 1, "k": 1, "max_iter": 5, "density_schedule": "never", "trace_schedule": "never"}
+    with lscape.attach(model, opt, "ce", train_data=data, plugins=["hessian"], plugin_options={"hessian": cheap},
+                       out=out, progress=False) as session:
+        for xb, yb in DataLoader(data, batch_size=8):
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            session.step((xb, yb), loss)
+    r = RunReader(out)
+    assert r.attrs["config"]["batch_size"] == 8 and signed_by_user(r.attrs)
+    assert r.attrs["status"] == "completed" and len(r.read("hessian")["step"]) == 4
+    assert r.group_attrs("hessian")["measure_batch_size"] == 8  # batches of the inferred batch size

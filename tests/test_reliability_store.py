@@ -236,12 +236,14 @@ def test_killed_measure_is_measured_again(tmp_path):
         lscape.measure(src, ["grad-norm"], out=out)
 
 
-def test_a_store_naming_code_is_imported_only_when_trusted(cli, tmp_path):
+def test_a_store_naming_code_is_imported_only_when_trusted(cli, tmp_path, monkeypatch):
     code_args = ["--model", "helpers_workloads:linear", "--data", "helpers_workloads:linear_regression",
                  "--loss", "mse"]
     code, _, err = cli("run", *code_args, "--steps", "3", "--checkpoint-schedule", "every:1", "--out", "c.zarr",
                        "--no-progress")
     assert code == 0, err
+    # from here on another user: the store is not one this user wrote (lscape.trust)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "another-user"))
     for args in (["run", "--resume", "c.zarr", "--steps", "5"], ["measure", "c.zarr", "--plugin", "grad-norm",
                                                                   "--out", "m.zarr", "--no-progress"]):
         code, _, err = cli(*args)

@@ -16,7 +16,9 @@ the model's own (``output.loss``) unless ``loss_fn`` is given. Events: ``on_step
 clipping), ``on_step_end`` from ``on_step_end`` (θ_{t+1}), ``on_epoch_end``, ``on_evaluate``
 with the Trainer's evaluation metrics (group ``eval``), and the store is closed at
 ``on_train_end``. Probes that sample training data take it from the Trainer's training
-DataLoader unless ``train_data`` is given. Under DDP every rank measures and rank 0 writes.
+DataLoader unless ``train_data`` is given, in batches of ``per_device_train_batch_size``
+unless ``batch_size`` is given; the run's length (``max_steps``) gives the progress its ETA.
+Under DDP every rank measures and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ class LscapeTrainerCallback(TrainerCallback):
         options = dict(self.options.kwargs)
         if options.get("train_data") is None:
             options["train_data"] = train_dataloader
+        if options.get("batch_size") is None:
+            # the Trainer's loader has a batch sampler, not a batch size: the step's batch is one
+            # device's micro-batch (see above), of per_device_train_batch_size samples
+            options["batch_size"] = getattr(args, "per_device_train_batch_size", None)
         options.setdefault("total_steps", state.max_steps if state.max_steps and state.max_steps > 0 else None)
         if args.gradient_accumulation_steps == 1 and train_dataloader is not None:
             try:

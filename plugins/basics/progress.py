@@ -52,7 +52,7 @@ class Progress(Plugin):
         else:
             limit = f"{total} steps" if total else (f"time limit {ctx.config.time_limit:g}s"
                                                     if ctx.config.time_limit is not None else "no set length")
-            _log(f"training {ctx.config.model} on {ctx.config.data}: {limit} -> {ctx.store.path}")
+            _log(f"training {_short(ctx.config.model)} on {_short(ctx.config.data)}: {limit} -> {ctx.store.path}")
         self._stop_listening = activity.listen(self._on_activity)
 
     @hookimpl
@@ -196,6 +196,15 @@ class MeasureProgress:
         elif act.name != self._name or now - self._last >= self.log_every:
             self._name, self._last = act.name, now
             _log(f"measuring {act.describe()}")
+
+
+def _short(name) -> str:
+    """A model or data name in a few words: an object given from Python (``<object
+    pkg.mod.Class: its repr>``) by its class name."""
+    text = str(name)
+    if text.startswith("<object "):
+        return text[len("<object "):].split(":", 1)[0].rsplit(".", 1)[-1].rstrip(">")
+    return text
 
 
 def _log(message: str) -> None:
