@@ -44,7 +44,8 @@ class EdgeOfStability(WarmStart, Probe):
                "of exact gradients (the seed's)", choices=METHODS),
         Option("fd_eps", float, 1e-3, "finite-difference step ε (method=finite-difference)", minimum=0.0),
         Option("compat", str, "default", "original: the sam_edge seed's finite-difference HVP, divided by "
-               "2ε + 1e-5 (biases every eigenvalue by about −0.5% at ε = 1e-3)", choices=("default", "original")),
+               "2ε + 1e-5 (on smooth networks every eigenvalue ×2ε/(2ε + 1e-5), −0.5% at ε = 1e-3; "
+               "on ReLU networks the differences cross kinks: see docs/plugins/eos.md)", choices=("default", "original")),
     )
     outputs = (
         Output("lambda_max", long_name="largest Hessian eigenvalue λ₁"),
