@@ -205,3 +205,19 @@ def test_noisy_relu_is_noisy_in_eval_mode_only_with_noisy_eval():
     assert torch.equal(act(x), torch.relu(x))
     seedlike = NoisyReLU(0.5, 1.5, noisy_eval=True).eval()
     assert not torch.equal(seedlike(x), torch.relu(x))
+
+
+@pytest.mark.slow
+def test_engine_runs_the_seeds_update_count_per_epoch_with_compat_original(tmp_path):
+    import lscape
+
+    steps = {}
+    for compat in ("none", "original"):
+        result = lscape.run(out=str(tmp_path / f"{compat}.zarr"), model="mlp", data="synthetic", data_opts={"n": 45},
+                            batch_size=12, epochs=2, lr=0.1, progress=False, eval_schedule="never",
+                            checkpoint_schedule="never", plugins=["smoothout"],
+                            plugin_options={"smoothout": {"batch_multiplier": 2, "compat": compat, "mb": 4}})
+        assert result.status == "completed"
+        steps[compat] = result.steps
+    # 3 minibatches of at most 12 an epoch, k = 2
+    assert steps == {"none": 3, "original": 4}  # ⌈2·3/2⌉ against 2·⌈3/2⌉ (main_gbn.py's eq_batch_num)
