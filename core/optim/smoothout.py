@@ -31,14 +31,15 @@ class SmoothOut(WrappedOptimizer):
 
     ``step(closure)`` takes one closure (one chunk: the whole batch) or a sequence of
     closures, one per ghost chunk (see :func:`ghost_closures`), with optional ``weights``
-    (chunk sizes) and ``divisor`` (default: the sum of the weights). For each chunk: draw τ (:func:`smoothout_noise`, amplitude
-    ``ss · smoothout_coefficient(schedule, t, total_steps)``), add it to the parameters,
-    call the closure, then put the weights back exactly (``denoise=True``; with
-    ``denoise=False`` the noise stays). With ``ss=0`` nothing is drawn: the random stream
-    is untouched, as in the original. The chunk gradients are summed with
-    weights w_c/``divisor`` (the weighted mean by default), clipped to norm ``clip`` (None: no clipping), and ``base.step()``
-    applies the update. BatchNorm affine parameters get no noise when ``model`` is given
-    and ``exclude_batchnorm`` is true. ``stats`` holds ``amplitude`` and ``grad_norm``
+    (chunk sizes) and ``divisor`` (default: the sum of the weights). For each chunk: draw
+    τ (:func:`smoothout_noise`, amplitude ``ss · smoothout_coefficient(schedule, t,
+    total_steps)``), add it to the parameters, call the closure, then put the weights back
+    exactly (``denoise=True``; with ``denoise=False`` the noise stays). With ``ss=0``
+    nothing is drawn: the random stream is untouched, as in the original. The chunk
+    gradients are summed with weights w_c/``divisor`` (the weighted mean by default),
+    clipped to norm ``clip`` (None: no clipping), and ``base.step()`` applies the update.
+    BatchNorm affine parameters get no noise when ``model`` is given and
+    ``exclude_batchnorm`` is true. ``stats`` holds ``amplitude`` and ``grad_norm``
     (before clipping) after each step.
     """
 
