@@ -173,10 +173,10 @@ class Engine:
         if cfg.lr_schedule.startswith("cosine") and ctx.total_steps is None:
             raise UsageError("--lr-schedule cosine needs --steps or --epochs to know its length")
         self.plugins = make_plugins(plugin_classes, cfg.plugin_options, ctx)
-        per_step = max([p.batches_per_step() for p in self.plugins if isinstance(p, StepOwner)] or [1])
-        if cfg.steps is None and cfg.total_epochs is not None and per_step > 1:
+        owners = sorted((p for p in self.plugins if isinstance(p, StepOwner)), key=lambda p: -p.batches_per_step())
+        if cfg.steps is None and cfg.total_epochs is not None and owners and owners[0].batches_per_step() > 1:
             # --epochs are passes over the data whatever the step owner draws per step
-            ctx.total_steps = max(1, -(-cfg.total_epochs * stream.steps_per_epoch // per_step))
+            ctx.total_steps = owners[0].steps_for_epochs(cfg.total_epochs, stream.steps_per_epoch)
         check_workload(ctx)
         self._versions = activate_plugins(self.pm, reg, ctx, self.plugins, modules)
         if self._precision.scaler is not None and ctx.step_owner is not None:

@@ -302,6 +302,12 @@ class StepOwner(Plugin):
         ``--epochs`` counts passes over the data, so a run lasts epochs·steps_per_epoch/this steps."""
         return 1
 
+    def steps_for_epochs(self, epochs: int, steps_per_epoch: int) -> int:
+        """Steps of a run of ``epochs`` passes over ``steps_per_epoch`` minibatches:
+        ⌈epochs·steps_per_epoch / batches_per_step()⌉ (an owner that ends its last step of
+        each epoch early says so here)."""
+        return max(1, -(-epochs * steps_per_epoch // self.batches_per_step()))
+
     def setup(self, ctx: RunContext) -> None:
         """Build whatever the variant needs around ``ctx.optimizer``."""
 

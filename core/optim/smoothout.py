@@ -31,13 +31,15 @@ class SmoothOut(WrappedOptimizer):
 
     ``step(closure)`` takes one closure (one chunk: the whole batch) or a sequence of
     closures, one per ghost chunk (see :func:`ghost_closures`), with optional ``weights``
-    (chunk sizes). For each chunk: draw τ (:func:`smoothout_noise`, amplitude
-    ``ss · smoothout_coefficient(schedule, t, total_steps)``), add it to the parameters,
-    call the closure, then put the weights back exactly (``denoise=True``; with
-    ``denoise=False`` the noise stays, as in the original). The chunk gradients are
-    averaged by weight, clipped to norm ``clip`` (None: no clipping), and ``base.step()``
-    applies the update. BatchNorm affine parameters get no noise when ``model`` is given
-    and ``exclude_batchnorm`` is true. ``stats`` holds ``amplitude`` and ``grad_norm``
+    (chunk sizes) and ``divisor`` (default: the sum of the weights). For each chunk: draw
+    τ (:func:`smoothout_noise`, amplitude ``ss · smoothout_coefficient(schedule, t,
+    total_steps)``), add it to the parameters, call the closure, then put the weights back
+    exactly (``denoise=True``; with ``denoise=False`` the noise stays). With ``ss=0``
+    nothing is drawn: the random stream is untouched, as in the original. The chunk
+    gradients are summed with weights w_c/``divisor`` (the weighted mean by default),
+    clipped to norm ``clip`` (None: no clipping), and ``base.step()`` applies the update.
+    BatchNorm affine parameters get no noise when ``model`` is given and
+    ``exclude_batchnorm`` is true. ``stats`` holds ``amplitude`` and ``grad_norm``
     (before clipping) after each step.
     """
 
@@ -87,34 +89,45 @@ class SmoothOut(WrappedOptimizer):
         return self.ss * smoothout_coefficient(self.schedule, self.t, self.total_steps, self.anneal_index,
                                                self.tanh_scale)
 
-    def step(self, closure=None, weights: Sequence[float] | None = None):
-        """One update over all ghost chunks; returns the weighted mean loss of the chunks."""
+    def step(self, closure=None, weights: Sequence[float] | None = None, divisor: float | None = None):
+        """One update over all ghost chunks; returns the weighted mean loss of the chunks.
+
+        The gradient is Σ w_c g_c / ``divisor`` (default: Σ w_c, the weighted mean).
+        """
         self.require_closure(closure)
         closures = [closure] if callable(closure) else list(closure)
         weights = [1.0] * len(closures) if weights is None else [float(w) for w in weights]
         if len(weights) != len(closures):
             raise ValueError(f"{len(closures)} closures but {len(weights)} weights")
         total = sum(weights)
+        divisor = total if divisor is None else float(divisor)
         params = self.parameters()
         a = self.amplitude
+        # ss = 0: no noise and no draw, so the random stream is left as it was (the seed
+        # draws only `if args.sharpness_smoothing`)
+        noisy = self.ss != 0
+        accumulate = len(closures) > 1 or divisor != total
         acc = None
         loss_sum = 0.0
         for c, w in zip(closures, weights):
-            with torch.no_grad():
-                saved = [p.detach().clone() for p in self.noised] if self.denoise else None
-                # a fresh τ per chunk, drawn around the noise-free weights
-                torch._foreach_add_(self.noised, smoothout_noise(self.noised, a, self.shape, self.distribution, self.generator))
+            saved = None
+            if noisy:
+                with torch.no_grad():
+                    saved = [p.detach().clone() for p in self.noised] if self.denoise else None
+                    # a fresh τ per chunk, drawn around the noise-free weights
+                    torch._foreach_add_(self.noised, smoothout_noise(self.noised, a, self.shape, self.distribution,
+                                                                     self.generator))
             loss = c()
             loss_sum = loss_sum + w * (loss.detach() if torch.is_tensor(loss) else float(loss))
             with torch.no_grad():
                 if saved is not None:
                     torch._foreach_copy_(self.noised, saved)
-                if len(closures) > 1:
+                if accumulate:
                     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
                     if acc is None:
-                        acc = [g.mul(w / total) for g in grads]
+                        acc = [g.mul(w / divisor) for g in grads]
                     else:
-                        torch._foreach_add_(acc, grads, alpha=w / total)
+                        torch._foreach_add_(acc, grads, alpha=w / divisor)
         with torch.no_grad():
             if acc is not None:
                 for p, g in zip(params, acc):

@@ -64,7 +64,9 @@ class EdgeOfStability(WarmStart, RecordsProducts, Probe):
                choices=METHODS),
         Option("fd_eps", float, 1e-3, "finite-difference step ε (method=finite-difference)", minimum=0.0),
         Option("compat", str, "default", "original: the sam_edge seed's finite-difference HVP, divided by "
-               "2ε + 1e-5 (biases every eigenvalue by about −0.5% at ε = 1e-3)", choices=("default", "original")),
+               "2ε + 1e-5 (on smooth networks every eigenvalue ×2ε/(2ε + 1e-5), −0.5% at ε = 1e-3; "
+               "on ReLU networks the differences cross kinks: see docs/plugins/eos.md)",
+               choices=("default", "original")),
         Option("preconditioned", bool, True, "with an adaptive optimizer (Adam, RMSprop, Adagrad...) also measure "
                "λ_max of P^-1/2 H P^-1/2, P from the optimizer's state, against its threshold (38/η for Adam)"),
         Option("batch_sharpness", int, 0, "batch sharpness E_B[g_BᵀH_Bg_B/‖g_B‖²] over this many mini-batches of "

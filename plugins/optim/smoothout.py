@@ -18,6 +18,8 @@ from lscape.optim import DISTRIBUTIONS, SCHEDULES, SHAPES, SmoothOut, ghost_clos
 from lscape.optim import NoisyReLU, smoothout_coefficient, smoothout_noise  # kept for older imports
 from lscape.plugins.optim._variant import VariantStep
 
+COMPAT = ("none", "original")
+
 __all__ = ["SmoothOutStep", "SmoothOut", "smoothout_coefficient", "smoothout_noise", "ghost_closures", "NoisyReLU",
            "noisy_relus", "SCHEDULES", "SHAPES", "DISTRIBUTIONS"]
 
@@ -43,6 +45,10 @@ class SmoothOutStep(VariantStep):
                "over this many batches, ghost chunk by ghost chunk, before one base step", minimum=1),
         Option("relu_noise", str, None, "a:b — replace every nn.ReLU by max(0, x·u), u ~ U(a, b) in train mode "
                "(the seed's NoisyReLU)"),
+        Option("compat", str, "none", "'original': main_gbn.py's ghost batches — each minibatch cut into "
+               "batch_size//mb equal parts (torch.chunk), the chunk gradients summed and divided by "
+               "(chunks of the last minibatch)·(minibatches), and with batch_multiplier a shorter update at "
+               "an epoch's end", choices=COMPAT),
     )
     outputs = (
         Output("amplitude", long_name="noise amplitude ss·coef_t"),
@@ -65,6 +71,12 @@ class SmoothOutStep(VariantStep):
     def batches_per_step(self) -> int:
         return self.opts.batch_multiplier  # the step's batch and batch_multiplier − 1 more from the stream
 
+    def steps_for_epochs(self, epochs: int, steps_per_epoch: int) -> int:
+        if self.opts.compat == "original":
+            # main_gbn.py updates at every epoch's end: ⌈steps_per_epoch / k⌉ updates per epoch
+            return max(1, epochs * -(-steps_per_epoch // self.opts.batch_multiplier))
+        return super().steps_for_epochs(epochs, steps_per_epoch)
+
     def check(self, ctx) -> None:
         if self.relu_noise is not None and not any(type(m) is torch.nn.ReLU for m in ctx.model.modules()):
             raise UsageError("smoothout.relu_noise: the model has no nn.ReLU modules to make noisy")
@@ -81,38 +93,59 @@ class SmoothOutStep(VariantStep):
 
     def step(self, closure, ctx, state) -> float:
         due = self.before_step(state)
+        original = self.opts.compat == "original"
         batch = state.batch
-        n = batch_size_of(batch)
-        mb = self.opts.mb
         zero = lambda: ctx.optimizer.zero_grad(set_to_none=True)  # noqa: E731
-        extra, extra_sizes = [], []
-        for _ in range(self.opts.batch_multiplier - 1):
+        batches, end = [batch], bool(state.epoch_end)
+        while len(batches) < self.opts.batch_multiplier and not (original and end):
             # the seed's --batch-multiplier: more minibatches from the training stream, accumulated
-            more, _, _ = ctx.stream.next()
-            more = shard(more, ctx.rank, ctx.world_size)
-            c, sz = ghost_closures(ctx.model, ctx.adapter, more, mb or batch_size_of(more), zero_grad=zero)
-            extra += c
-            extra_sizes += sz
-        if (not mb or mb >= n) and not extra:
-            loss = self.optim.step(closure)
-        elif not mb or mb >= n:
-            loss = self.optim.step([closure, *extra], [n, *extra_sizes])
+            # (compat=original: not past the epoch's end, where main_gbn.py updates early)
+            more, _, end = ctx.stream.next()
+            batches.append(shard(more, ctx.rank, ctx.world_size))
+        size = self._chunk_size(ctx, batch_size_of(batch), original)
+        # The first chunk goes through the engine's closure, so on_after_backward fires
+        # once per step (with state.batch the chunk and the weights noisy).
+        if size >= batch_size_of(batch):
+            closures, sizes = [closure], [batch_size_of(batch)]
         else:
-            rest, sizes = ghost_closures(ctx.model, ctx.adapter, index_batch(batch, slice(mb, None)), mb, zero_grad=zero)
-            rest, sizes = rest + extra, sizes + extra_sizes
-
-            # The first chunk goes through the engine's closure, so on_after_backward fires
-            # once per step (with state.batch the chunk and the weights noisy).
             def first():
-                state.batch = index_batch(batch, slice(0, mb))
+                state.batch = index_batch(batch, slice(0, size))
                 try:
                     return closure()
                 finally:
                     state.batch = batch
 
-            loss = self.optim.step([first, *rest], [min(mb, n), *sizes])
+            closures, sizes = ghost_closures(ctx.model, ctx.adapter, index_batch(batch, slice(size, None)), size,
+                                             zero_grad=zero)
+            closures, sizes = [first, *closures], [size, *sizes]
+        last = len(closures)
+        for more in batches[1:]:
+            c, sz = ghost_closures(ctx.model, ctx.adapter, more, self._chunk_size(ctx, batch_size_of(more), original),
+                                   zero_grad=zero)
+            closures, sizes, last = closures + c, sizes + sz, len(c)
+        if original:
+            # main_gbn.py: loss.backward() per chunk sums the chunk-mean gradients, then
+            # p.grad.div_(len(mini_inputs) * n_batches), len(mini_inputs) of the last minibatch
+            loss = self.optim.step(closures, [1.0] * len(closures), divisor=last * len(batches))
+        elif len(closures) == 1:
+            loss = self.optim.step(closure)
+        else:
+            loss = self.optim.step(closures, sizes)
         self.after_step(ctx, state, due)
         return float(loss)
+
+    def _chunk_size(self, ctx, n: int, original: bool) -> int:
+        """Samples per ghost chunk of an n-sample minibatch: at most ``mb`` (default), or
+        main_gbn.py's ``input.chunk(batch_size // mb)`` — ⌈n / (batch_size // mb)⌉ — where
+        batch_size is the run's nominal (per-rank) minibatch size (compat=original)."""
+        mb = self.opts.mb
+        if not mb or mb >= n and not original:
+            return n
+        if not original:
+            return mb
+        nominal = (getattr(ctx.stream, "batch_size", None) or n) // max(1, ctx.world_size)
+        parts = max(1, nominal // mb)
+        return -(-n // parts)
 
 
 @hookimpl

@@ -252,6 +252,9 @@ class _BasicBlock(nn.Module):
         self.bn1 = norm(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
         self.bn2 = norm(cout)
+        # One ReLU module, applied twice, as in the seeds' blocks: `smoothout.relu_noise`
+        # (and forward hooks) reach modules, not functional calls. No state: same state_dict.
+        self.relu = nn.ReLU()
         self.kind = shortcut
         self.shortcut: nn.Module = nn.Identity()
         self.pad = cout - cin
@@ -261,7 +264,7 @@ class _BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.kind == "conv":
             out = out + self.shortcut(x)
@@ -270,7 +273,7 @@ class _BasicBlock(nn.Module):
             if self.pad:
                 skip = nn.functional.pad(skip, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
             out = out + skip
-        return torch.relu(out)
+        return self.relu(out)
 
 
 class CifarResNet(nn.Module):
@@ -282,6 +285,7 @@ class CifarResNet(nn.Module):
         widths = [16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU()
         stages, cin = [], widths[0]
         for i, cout in enumerate(widths):
             blocks = []
@@ -293,7 +297,7 @@ class CifarResNet(nn.Module):
         self.linear = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         # Global average pooling: the seed's avg_pool2d(8) on 32×32 inputs, any size here.
         return self.linear(out.mean(dim=(2, 3)))
