@@ -63,6 +63,13 @@ class EdgeOfStability(WarmStart, RecordsProducts, Probe):
         Output("hvp_products", dtype="int64", long_name="Hessian-vector products spent"),
     )
 
+    cost_model = "at most max_iter + k products (top-k) and, with norm, max_iter + 1 more (‖H‖); plus 2 gradients"
+
+    def planned_products(self, ctx) -> dict[str, int]:
+        """Products per measurement at most: the LA search and its k final products, and the LM one."""
+        return {"top-k": max(self.opts.max_iter, self.opts.k) + self.opts.k,
+                **({"norm": self.opts.max_iter + 1} if self.opts.norm else {})}
+
     def rho(self, ctx) -> float:
         """ρ used for the SAM-edge and the SAM gradient."""
         if self.opts.rho is not None:
