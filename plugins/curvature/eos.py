@@ -111,7 +111,7 @@ class EdgeOfStability(WarmStart, RecordsProducts, Probe):
             self._rule = rule
             self._edge_attrs = {"threshold_name": edge.name, "threshold_formula": edge.formula,
                                 "preconditioner_rule": rule.name, "preconditioner_formula": rule.formula,
-                                "matrix_preconditioned": PreconditionedHessian.describe(optimizer)["matrix"]}
+                                "matrix_preconditioned": PreconditionedHessian.describe_matrix(optimizer)["matrix"]}
         if self.opts.batch_sharpness and not hasattr(ctx.train_set, "__len__"):
             raise UsageError(f"{self.name}.batch_sharpness needs a training set with a length (mini-batches are "
                              f"drawn from it), not an iterable data set")

@@ -45,6 +45,9 @@ def plan_products(opts: Any, on: dict[str, bool]) -> dict[str, int]:
     budget, k = int(opts.budget), int(opts.k)
     minimum = {"top": 2 * k, "trace": 6 if opts.trace_method == "hutchpp" else 2,
                "density": 2 * (opts.density_runs or 1)}
+    if opts.trace_samples is not None and opts.trace_samples < minimum["trace"]:
+        raise UsageError(f"bad value for hessian.trace_samples: trace_method={opts.trace_method} needs at least "
+                         f"{minimum['trace']} products, not {opts.trace_samples}")
     fixed: dict[str, int] = {}
     if on["trace"] and opts.trace_samples is not None:
         fixed["trace"] = int(opts.trace_samples)

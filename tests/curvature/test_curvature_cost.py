@@ -99,6 +99,9 @@ def test_plan_shares_the_budget_and_refuses_sizes_that_do_not_fit():
         Hessian(density_schedule="every:10", density_runs=8, density_steps=80)
     with pytest.raises(UsageError, match="k=100"):
         Hessian(k=100)
+    with pytest.raises(UsageError, match="trace_samples.*at least 6"):
+        Hessian(trace_samples=3)
+    assert Hessian(trace_samples=3, trace_method="hutchinson").plan["trace"] == 3
     off = plan_products(Hessian().opts, {"top": True, "trace": False, "density": False})
     assert off["top"] == 150 and off["trace"] == 0
 
