@@ -181,6 +181,8 @@ def plugins(name, as_json):
         console.print(f"{info['name']} ({info['kind']}, from {entry.source})\n{info['help']}", markup=False)
         if getattr(entry.obj, "schedule", None) and info["kind"] == "probe":
             console.print(f"default schedule: {entry.obj.schedule}; data: {entry.obj.data}")
+        if info.get("cost"):
+            console.print(f"cost model: {info['cost']}", markup=False)
         table = Table("option", "type", "default", "help", title="options (-o NAME.KEY=VALUE)")
         for o in info["options"]:
             extra = f" (one of {', '.join(map(str, o['choices']))})" if o["choices"] else ""

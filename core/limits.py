@@ -17,7 +17,8 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["available_memory", "require_memory", "require_at_most", "human_bytes", "sample_bytes", "ProbeTimer"]
+__all__ = ["available_memory", "require_memory", "require_at_most", "human_bytes", "parse_size", "sample_bytes",
+           "ProbeTimer"]
 
 #: share of the available memory one allocation may claim before it is refused
 MEMORY_FRACTION = 0.8
@@ -93,14 +94,62 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``2GB`` (10⁹), ``2GiB`` or ``2G`` (2³⁰), ``512MB``, ``1.5MiB``, ``4096`` or a
+    number; ``ValueError`` for anything else (negative sizes included)."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        number, unit = float(digits), text[len(digits):]
+    if unit not in _UNITS or not number >= 0 or number == float("inf"):
+        raise ValueError(value)
+    return int(number * _UNITS[unit])
+
+
 class ProbeTimer:
-    """Says how long a probe will take: after its first measurement, that measurement's time
-    times the measurements its schedule still has in the run, logged once when it is long
-    (over ``threshold`` seconds)."""
+    """Says how long a probe will take: at its first product, what one measurement will cost
+    (:meth:`cost`, always, once per probe); after its first measurement, that measurement's
+    time times the measurements its schedule still has in the run, logged once when it is
+    long (over ``threshold`` seconds)."""
 
     def __init__(self, threshold: float = 60.0):
         self.threshold = threshold
         self.done: set[str] = set()
+        self.costed: set[str] = set()
+
+    def announced(self, name: str) -> bool:
+        """Whether :meth:`cost` has spoken for the probe ``name``."""
+        return name in self.costed
+
+    def cost(self, name: str, planned: dict[str, int] | None, seconds_per_product: float,
+             setup: float | None = None) -> str:
+        """Log (to stderr) and return, once per probe, the products one measurement of ``name``
+        spends at most (``planned``: by part; None when not known ahead) and the time that
+        takes: ``setup`` seconds for the first product (which builds what later ones reuse)
+        and ``seconds_per_product`` for each further one (measured on the first products)."""
+        self.costed.add(name)
+        per = _duration_precise(seconds_per_product)
+        first = f" after a first of {_duration_precise(setup)} (setup)" if setup is not None else ""
+        if planned:
+            total = sum(planned.values())
+            seconds = total * seconds_per_product if setup is None else setup + (total - 1) * seconds_per_product
+            parts = ", ".join(f"{part} ≤{n}" for part, n in planned.items() if n) if len(planned) > 1 else ""
+            line = (f"[lscape] {name}: ~{total} products per measurement at most"
+                    f"{' (' + parts + ')' if parts else ''} (~{_duration_precise(seconds)} at this model size, "
+                    f"measured on the first products: {per} each{first})")
+        else:
+            line = (f"[lscape] {name}: ~{per} per product at this model size (measured on the first product"
+                    f"{first})")
+        print(line, file=sys.stderr)
+        return line
 
     def first(self, probe: Any, ctx: Any, step: int, seconds: float) -> str | None:
         """Log (to stderr) and return the estimate after ``probe``'s first measurement, or None."""
@@ -137,6 +186,13 @@ def _remaining(schedule: Any, step: int, total: int | None, per_epoch: int | Non
     if kind == "epoch" and per_epoch:
         return max(0, total // per_epoch - (step + 1) // per_epoch)
     return None
+
+
+def _duration_precise(seconds: float) -> str:
+    """A duration with sensible precision, short ones included (0.012 s, 3.4 s, 12 min)."""
+    if seconds < 10:
+        return f"{seconds:.2g} s"
+    return _duration(seconds).replace("s", " s") if seconds < 120 else _duration(seconds)
 
 
 def _duration(seconds: float) -> str:

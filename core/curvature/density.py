@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lscape.curvature import distributed
+from lscape.curvature._basis import dots64, norm64
 from lscape.curvature.trace import rademacher
 
 __all__ = ["SpectralDensity", "slq_density", "gaussian_density"]
@@ -102,7 +102,7 @@ def lanczos_quadrature(op: Any, v: torch.Tensor, steps: int) -> tuple[torch.Tens
     Stops early (with an exact quadrature) when the Krylov space becomes invariant.
     Returns (nodes, weights, products used).
     """
-    q = v / distributed.norm(v)
+    q = v / norm64(v)
     basis = torch.zeros(steps, op.dim, dtype=q.dtype, device=q.device)
     alphas, betas = [], []
     used = 0
@@ -110,12 +110,12 @@ def lanczos_quadrature(op: Any, v: torch.Tensor, steps: int) -> tuple[torch.Tens
         basis[j] = q
         w = op.matvec(q)
         used += 1
-        alpha = float(distributed.dot(q, w))
+        alpha = float(dots64(q[None], w)[0])  # float64 accumulation over the long vectors
         alphas.append(alpha)
         w = w - alpha * q - (betas[-1] * basis[j - 1] if j > 0 else 0)
         for _ in range(2):
-            w = w - basis[: j + 1].T @ distributed.dots(basis[: j + 1], w)
-        beta = float(distributed.norm(w))
+            w = w - basis[: j + 1].T @ dots64(basis[: j + 1], w).to(dtype=w.dtype, device=w.device)
+        beta = norm64(w)
         scale = max(abs(a) for a in alphas) + (max(betas) if betas else 0.0)
         if j == steps - 1 or beta <= 1e3 * torch.finfo(q.dtype).eps * max(scale, 1e-30):
             break

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lscape.curvature import distributed
+from lscape.curvature._basis import dots64
 from lscape.errors import UsageError
 
 __all__ = ["TraceEstimate", "hutchinson", "hutchpp", "rademacher", "apply_block"]
@@ -33,7 +33,7 @@ def hutchinson(op: Any, n: int = 100, seed: int = 0, block: int = 16) -> TraceEs
     for start in range(0, n, block):
         z = rademacher(min(block, n - start), op.dim, generator, _dtype(op), _device(op))
         hz = apply_block(op, z)
-        samples.append(distributed.all_reduce_((z * hz).sum(dim=1).double(), op="mean"))
+        samples.append(row_dots(z, hz))
     values = torch.cat(samples)
     return TraceEstimate(float(values.mean()), float(values.std(unbiased=True)) / math.sqrt(n))
 
@@ -58,15 +58,27 @@ def hutchpp(op: Any, n: int = 99, seed: int = 0, block: int = 16) -> TraceEstima
     q, _ = torch.linalg.qr(hs.double().T)
     q = q.T.to(dtype)
     hq = apply_block(op, q, block)
-    top = float(distributed.all_reduce_((q * hq).sum().double().reshape(1), op="mean")[0])
+    top = float(row_dots(q, hq).sum())
     g = rademacher(g_count, op.dim, generator, dtype, device)
-    g = g - (g @ q.T) @ q
+    g = project_out(g, q)
     hg = apply_block(op, g, block)
-    hg = hg - (hg @ q.T) @ q
-    values = distributed.all_reduce_((g * hg).sum(dim=1).double(), op="mean")
+    hg = project_out(hg, q)
+    values = row_dots(g, hg)
     rest = float(values.mean())
     stderr = float(values.std(unbiased=True)) / math.sqrt(g_count) if g_count > 1 else float("nan")
     return TraceEstimate(top + rest, stderr)
+
+
+def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a_i · b_i) for the rows of two (c, dim) blocks, float64-accumulated (identical on every rank)."""
+    return torch.cat([dots64(a[i : i + 1], b[i]) for i in range(a.shape[0])]) if a.shape[0] else \
+        torch.zeros(0, dtype=torch.float64)
+
+
+def project_out(rows: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``rows`` minus their projection on the orthonormal rows ``q`` (coefficients float64-accumulated)."""
+    coef = torch.stack([dots64(q, r) for r in rows]) if rows.shape[0] else torch.zeros(0, q.shape[0])
+    return rows - coef.to(dtype=rows.dtype, device=rows.device) @ q
 
 
 def rademacher(count: int, dim: int, generator: torch.Generator, dtype, device) -> torch.Tensor:

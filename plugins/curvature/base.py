@@ -9,6 +9,7 @@ says the same in the user's words (options and flags) as :class:`lscape.errors.U
 from __future__ import annotations
 
 import fnmatch
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,8 +30,8 @@ from lscape.data import derived_seed
 from lscape.errors import UsageError
 from lscape.params import select_parameters
 
-__all__ = ["CurvatureProbe", "WarmStart", "RecordsProducts", "record_products",
-           "CURVATURE_OPTIONS", "KIND_CHOICES", "WHICH_OUTPUT", "make_operator",
+__all__ = ["CurvatureProbe", "WarmStart", "RecordsProducts", "record_products", "update_attrs",
+           "CURVATURE_OPTIONS", "LANCZOS_OPTIONS", "lanczos_memory", "memory_attrs", "announce_cost", "settle_cost", "memory_size", "KIND_CHOICES", "WHICH_OUTPUT", "make_operator",
            "curvature_batches", "check_curvature", "selected_dim", "parse_groups", "groups_of", "loss_adapter", "usage_error"]
 
 #: the array a selected extreme eigenvalue is stored as
@@ -90,6 +91,47 @@ CURVATURE_OPTIONS = (
            choices=METHODS),
     Option("chunk", int, None, "split batches into chunks of at most this many samples (memory)", minimum=1),
 )
+
+
+def memory_size(value: Any) -> int:
+    """Bytes from ``2GB``, ``512MiB``, ``1.5G`` or a plain number of bytes (see :func:`lscape.limits.parse_size`)."""
+    from lscape.limits import parse_size
+
+    return parse_size(value)
+
+
+memory_size.__name__ = "memory size (e.g. 2GB, 512MiB)"
+
+#: Options of the probes that run Lanczos (sharpness, hessian): where the basis lives and how
+#: much memory it may take (``lscape.curvature.lanczos``'s ``basis_device`` and ``memory_budget``).
+LANCZOS_OPTIONS = (
+    Option("basis_device", str, None, "device of the Lanczos basis (default: the model's; cpu keeps it in host "
+           "memory while products run on the GPU)"),
+    Option("memory_budget", memory_size, None, "memory for the Lanczos basis (e.g. 2GB, 512MiB; default a quarter "
+           "of the basis device's memory); above it Lanczos thick-restarts (same accuracy, more products)"),
+)
+
+
+def lanczos_memory(probe: Probe) -> dict[str, Any]:
+    """The ``basis_device`` and ``memory_budget`` keywords of :func:`lscape.curvature.lanczos` from the probe's options."""
+    opts = probe.opts
+    return {"basis_device": getattr(opts, "basis_device", None), "memory_budget": getattr(opts, "memory_budget", None)}
+
+
+def memory_attrs(result: Any, op: CurvatureOperator | None = None) -> dict[str, Any] | None:
+    """What a Lanczos result held (:attr:`EigenResult.memory`), with the other inputs of the
+    peak formula (model + autograd graph of one product + m vectors): ``dim``,
+    ``param_bytes`` (the selected parameters) and ``product_peak_bytes`` (CUDA: the peak
+    allocated during the last product, model and graph included; None on the CPU)."""
+    memory = getattr(result, "memory", None)
+    if memory is None:
+        return None
+    out = dict(memory)
+    if op is not None:
+        out["dim"] = int(op.dim)
+        out["param_bytes"] = int(op.dim) * torch.empty(0, dtype=op.dtype).element_size()
+        out["product_peak_bytes"] = getattr(op, "peak_memory", None)
+    return out
 
 
 def parse_groups(spec: str | None, model: Any) -> list[tuple[str, list[str]]]:
@@ -205,6 +247,7 @@ def make_operator(probe: Probe, ctx: Any, batches: list[Any], params: Any = None
     made = getattr(probe, "made_operators", None)
     if made is not None:  # a RecordsProducts probe: its attrs say which product was used
         made.append(op)
+        announce_cost(probe, ctx, op)
     return op
 
 
@@ -228,27 +271,110 @@ def record_products(probe: Probe, ctx: Any, operators: Sequence[CurvatureOperato
              "hvp_product_error": max(errors) if errors else None,
              "hvp_check": next((d["check"] for d in described if d["check"]), None)}
     probe.product_attrs = attrs
+    update_attrs(probe, attrs)
+    return attrs
+
+
+def update_attrs(probe: Probe, attrs: dict[str, Any]) -> None:
+    """Write ``attrs`` into every store group the probe has written (main rank only)."""
     for writer in probe.opened_groups():  # the groups it wrote (main rank only)
         writer.group.attrs.update(attrs)
-    return attrs
 
 
 class RecordsProducts:
     """Probe mixin: after each measurement, the product method of the operators it made with
     :func:`make_operator` and the product error go into the probe's store attrs
-    (:func:`record_products`)."""
+    (:func:`record_products`), with whatever the measurement put in ``measure_attrs``
+    (e.g. ``lanczos_memory``). Its cost: ``cost_model`` (text, shown by ``lscape plugins
+    NAME``) and :meth:`planned_products` (products per measurement from the options), said in
+    one line at the first product of the first measurement (:func:`announce_cost`)."""
 
     made_operators: list[CurvatureOperator] | None = None
     product_attrs: dict[str, Any] | None = None
+    measure_attrs: dict[str, Any] | None = None
+    #: (seconds, rows) of the first products, timed by :func:`announce_cost`
+    first_products: list[tuple[float, int]] | None = None
+    #: products per measurement as a formula of the options (``lscape plugins NAME``)
+    cost_model: str | None = None
+
+    def planned_products(self, ctx: Any) -> dict[str, int] | None:
+        """Products one measurement spends at most, by part, from the options (None: not known ahead)."""
+        return None
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        info = super().describe()
+        if cls.cost_model:
+            info["cost"] = cls.cost_model
+        return info
 
     def run_measure(self, ctx, state) -> dict[str, Any]:
         self.made_operators = []
+        self.measure_attrs = {}
         try:
             values = super().run_measure(ctx, state)
+            settle_cost(self, ctx)
             record_products(self, ctx, self.made_operators)
+            if self.measure_attrs:
+                update_attrs(self, self.measure_attrs)
         finally:
             self.made_operators = None
         return values
+
+
+#: products timed before the cost of a measurement is said (the first one is the setup)
+TIMED_PRODUCTS = 4
+
+
+def announce_cost(probe: Probe, ctx: Any, op: CurvatureOperator) -> None:
+    """Time ``op``'s first products and say, once per probe and run, what a measurement will
+    cost: ``hessian: ~N products per measurement (~T s at this model size, measured on the
+    first product)`` on stderr (:meth:`lscape.limits.ProbeTimer.cost`). N is the probe's
+    :meth:`RecordsProducts.planned_products` (an upper bound). The first product also builds
+    what later ones reuse (the cached graph, the product method's check), so it is timed as
+    setup and the fastest of the next few as the price of each further product; a
+    measurement with fewer products is said at its end (:func:`settle_cost`)."""
+    timer = getattr(ctx, "probe_timer", None)
+    if timer is None or not hasattr(timer, "cost") or timer.announced(probe.name):
+        return
+    planner = getattr(probe, "planned_products", None)
+
+    def timed(name: str, rows: Any):
+        method = getattr(op, name)
+
+        def call(v: torch.Tensor) -> torch.Tensor:
+            start = time.perf_counter()
+            out = method(v)
+            seconds = time.perf_counter() - start
+            if not timer.announced(probe.name):
+                probe.first_products = [*(getattr(probe, "first_products", None) or []),
+                                        (seconds, max(rows(v), 1))]
+                if len(probe.first_products) >= TIMED_PRODUCTS:
+                    for attr in ("matvec", "matmat"):  # back to the class's methods
+                        op.__dict__.pop(attr, None)
+                    settle_cost(probe, ctx)
+            return out
+
+        return call
+
+    op.matvec = timed("matvec", lambda v: 1)
+    op.matmat = timed("matmat", lambda v: v.shape[0])
+
+
+def settle_cost(probe: Probe, ctx: Any) -> None:
+    """Say the cost from the products :func:`announce_cost` timed (also at the end of a
+    measurement that made fewer): the first as setup, the fastest later one as the price of
+    each further product (the first process-wide products also pay one-time warm-ups)."""
+    timer = getattr(ctx, "probe_timer", None)
+    timed = getattr(probe, "first_products", None)
+    if timer is None or not hasattr(timer, "cost") or not timed or timer.announced(probe.name):
+        return
+    planner = getattr(probe, "planned_products", None)
+    planned = planner(ctx) if planner else None
+    if len(timed) == 1:
+        timer.cost(probe.name, planned, timed[0][0] / timed[0][1])
+    else:
+        timer.cost(probe.name, planned, min(t / n for t, n in timed[1:]), setup=timed[0][0])
 
 
 def curvature_batches(probe: Probe, ctx: Any, state: Any) -> list[Any]:
@@ -276,6 +402,14 @@ def check_curvature(probe: Probe, ctx: Any) -> None:
     from lscape.limits import require_at_most, require_memory
 
     probe._groups = parse_groups(getattr(probe.opts, "groups", None), ctx.model)
+    basis_device = getattr(probe.opts, "basis_device", None)
+    if basis_device is not None:
+        try:
+            torch.empty(0, device=basis_device)
+        except (RuntimeError, ValueError, AssertionError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else "not available"
+            raise UsageError(f"bad value for {probe.name}.basis_device: {basis_device!r} ({reason}); "
+                             f"use cpu or a device this machine has") from None
     k = getattr(probe.opts, "k", None)
     if k is not None:
         dim = selected_dim(probe, ctx)

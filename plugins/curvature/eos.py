@@ -123,6 +123,17 @@ class EdgeOfStability(WarmStart, RecordsProducts, Probe):
         attrs.update(self._edge_attrs or {})
         return attrs
 
+    cost_model = ("at most max_iter + k products (top-k); with norm, max_iter + 1 more (‖H‖); with preconditioned "
+                  "and an adaptive optimizer, max_iter + 1 more (P⁻¹H); with batch_sharpness=N, N more; plus gradients")
+
+    def planned_products(self, ctx) -> dict[str, int]:
+        """Products per measurement at most, by part (see ``cost_model``)."""
+        o = self.opts
+        plan = {"top-k": max(o.max_iter, o.k) + o.k, "norm": o.max_iter + 1 if o.norm else 0,
+                "preconditioned": o.max_iter + 1 if o.preconditioned and self._rule is not None else 0,
+                "batch sharpness": int(o.batch_sharpness or 0)}
+        return {part: n for part, n in plan.items() if n}
+
     def rho(self, ctx) -> float:
         """ρ used for the SAM-edge and the SAM gradient."""
         if self.opts.rho is not None:

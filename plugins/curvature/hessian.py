@@ -8,10 +8,81 @@ import numpy as np
 
 from lscape import Option, Output, hookimpl
 from lscape.curvature import hutchinson, hutchpp, lanczos, slq_density
-from lscape.plugins.curvature.base import CURVATURE_OPTIONS, CurvatureProbe, WarmStart
+from lscape.errors import UsageError
+from lscape.plugins.curvature.base import (
+    CURVATURE_OPTIONS,
+    LANCZOS_OPTIONS,
+    CurvatureProbe,
+    WarmStart,
+    lanczos_memory,
+    memory_attrs,
+)
 from lscape.schedule import Schedule
 
-__all__ = ["Hessian", "plot_hessian"]
+__all__ = ["Hessian", "plot_hessian", "plan_products", "DEFAULT_BUDGET"]
+
+#: products per measurement (and per parameter group) when ``budget`` is not given
+DEFAULT_BUDGET = 150
+#: how the budget left after explicit sizes is shared among the parts switched on
+SHARES = {"top": 2, "trace": 1, "density": 1}
+
+COST_MODEL = (
+    "at most budget products per measurement (default 150), and as many again per parameter group "
+    "(groups=): top-k ≤ min(max_iter + k, its share) (Lanczos search + k final residual products); "
+    "trace = trace_samples (default: its share); density = density_runs × density_steps (off unless "
+    "density_schedule is given; default sizes: its share, runs = share/40 within 1..8, steps = share/runs "
+    "within 2..80). The budget left after explicit sizes is shared top-k 2 : trace 1 : density 1 among the "
+    "parts switched on, top-k first, what it cannot use going to the others; defaults: top-k ≤100, "
+    "trace 50, density off. Sizes that do not fit the budget are refused before the run."
+)
+
+
+def plan_products(opts: Any, on: dict[str, bool]) -> dict[str, int]:
+    """How a ``hessian`` measurement spends its ``budget`` (see :data:`COST_MODEL`): products
+    at most for each part switched on in ``on`` (``top``, ``trace``, ``density``) and the
+    sizes that give them (``max_iter``, ``trace_samples``, ``density_runs``,
+    ``density_steps``). Sizes that do not fit are :class:`UsageError`, naming the options."""
+    budget, k = int(opts.budget), int(opts.k)
+    minimum = {"top": 2 * k, "trace": 6 if opts.trace_method == "hutchpp" else 2,
+               "density": 2 * (opts.density_runs or 1)}
+    if opts.trace_samples is not None and opts.trace_samples < minimum["trace"]:
+        raise UsageError(f"bad value for hessian.trace_samples: trace_method={opts.trace_method} needs at least "
+                         f"{minimum['trace']} products, not {opts.trace_samples}")
+    fixed: dict[str, int] = {}
+    if on["trace"] and opts.trace_samples is not None:
+        fixed["trace"] = int(opts.trace_samples)
+    if on["density"] and opts.density_runs is not None and opts.density_steps is not None:
+        fixed["density"] = int(opts.density_runs) * int(opts.density_steps)
+    sized = [part for part in ("top", "trace", "density") if on[part] and part not in fixed]
+    need = sum(fixed.values()) + sum(minimum[part] for part in sized)
+    if need > budget:
+        asked = [f"{p}={getattr(opts, p)}" for p in ("k", "trace_samples", "density_runs", "density_steps")
+                 if getattr(opts, p) is not None and (p == "k" and on["top"] or p.startswith("trace") and on["trace"]
+                                                       or p.startswith("density") and on["density"])]
+        raise UsageError(f"hessian: the parts switched on need at least {need} products per measurement "
+                         f"({', '.join(asked) or 'their minimum sizes'}), more than budget={budget}; raise "
+                         f"-o hessian.budget={need} or more, or lower them")
+    left = budget - sum(fixed.values())
+    plan = {part: 0 for part in ("top", "trace", "density")}
+    plan.update(fixed)
+    if "top" in sized:
+        share = left * SHARES["top"] // sum(SHARES[p] for p in sized)
+        share = max(share, minimum["top"]) if len(sized) == 1 else share
+        plan["top"] = max(min(int(opts.max_iter) + k, share, left - sum(minimum[p] for p in sized if p != "top")),
+                          minimum["top"])
+        left -= plan["top"]
+    rest = [part for part in sized if part != "top"]
+    for i, part in enumerate(rest):
+        plan[part] = left // (len(rest) - i)
+        left -= plan[part]
+    runs = steps = 0
+    if on["density"]:
+        runs = int(opts.density_runs or min(max(plan["density"] // 40, 1), 8))
+        steps = int(opts.density_steps or min(max(plan["density"] // runs, 2), 80))
+        plan["density"] = runs * steps
+    plan.update(max_iter=max(plan["top"] - k, k) if on["top"] else 0, trace_samples=plan["trace"],
+                density_runs=runs, density_steps=steps)
+    return plan
 
 
 class Hessian(WarmStart, CurvatureProbe):
@@ -25,7 +96,10 @@ class Hessian(WarmStart, CurvatureProbe):
       quadrature smoothed by a Gaussian, ``density`` on ``grid`` (integrates to 1), and the
       quadrature ``nodes``/``weights`` for re-smoothing later.
 
-    A sub-schedule left empty follows ``schedule``; ``never`` switches that part off.
+    Every measurement spends at most ``budget`` products (default 150; again per parameter
+    group): the trace samples and the density's runs and steps are sized to it unless given,
+    and the density is off unless ``density_schedule`` is given (see ``cost_model``).
+    The trace sub-schedule left empty follows ``schedule``; ``never`` switches a part off.
     ``which`` selects the end of the spectrum (LA top, SA bottom, LM largest magnitude);
     ``kind`` the matrix (Hessian, GGN, Monte-Carlo or empirical Fisher). With ``groups``
     (e.g. ``groups=blocks=layer*``) every due part is also measured per parameter group in
@@ -36,21 +110,24 @@ class Hessian(WarmStart, CurvatureProbe):
     """
 
     name = "hessian"
-    help = "top-k Hessian eigenvalues (Lanczos), trace (Hutch++) and spectral density (SLQ)"
+    help = "top-k Hessian eigenvalues (Lanczos), trace (Hutch++) and spectral density (SLQ), within a product budget"
     schedule = "every:100"
-    options = CURVATURE_OPTIONS + (
+    cost_model = COST_MODEL
+    options = CURVATURE_OPTIONS + LANCZOS_OPTIONS + (
+        Option("budget", int, DEFAULT_BUDGET, "Hessian-vector products at most per measurement (and per group); "
+               "sizes the trace and density unless given", minimum=1),
         Option("k", int, 5, "number of top eigenvalues", minimum=1),
         Option("which", str, "LA", "LA largest, LM largest magnitude, SA smallest", choices=("LA", "LM", "SA")),
         Option("tol", float, 1e-4, "Lanczos: stop when every residual ‖Hv − λv‖ ≤ tol·|λ|", minimum=0.0),
-        Option("max_iter", int, 300, "Lanczos products at most per measurement", minimum=1),
+        Option("max_iter", int, 300, "Lanczos products at most per measurement (also capped by budget)", minimum=1),
         Option("warm_start", bool, True, "start Lanczos from the previous eigenvectors"),
         Option("eigenvectors", bool, False, "also store the k eigenvectors (step, k, param), chunked"),
         Option("trace_schedule", str, None, "when to estimate the trace (default: schedule; never: off)"),
         Option("trace_method", str, "hutchpp", "trace estimator", choices=("hutchpp", "hutchinson")),
-        Option("trace_samples", int, 99, "products per trace estimate", minimum=6),
-        Option("density_schedule", str, None, "when to estimate the spectral density (default: schedule; never: off)"),
-        Option("density_runs", int, 8, "SLQ runs (random start vectors)", minimum=1),
-        Option("density_steps", int, 80, "Lanczos steps per SLQ run", minimum=2),
+        Option("trace_samples", int, None, "products per trace estimate (default: its share of budget)", minimum=2),
+        Option("density_schedule", str, None, "when to estimate the spectral density (default: never; e.g. every:100)"),
+        Option("density_runs", int, None, "SLQ runs (random start vectors; default: sized to budget)", minimum=1),
+        Option("density_steps", int, None, "Lanczos steps per SLQ run (default: sized to budget)", minimum=2),
         Option("density_points", int, 512, "grid points of the stored density", minimum=8),
         Option("density_sigma", float, 0.01, "Gaussian width relative to the spectral range", minimum=0.0),
         Option("seed", int, 0, "seed of the random probe vectors"),
@@ -83,14 +160,30 @@ class Hessian(WarmStart, CurvatureProbe):
         super().__init__(**options)
         main = str(self.schedule)
         self.trace_schedule = Schedule.parse(self.opts.trace_schedule or main)
-        self.density_schedule = Schedule.parse(self.opts.density_schedule or main)
+        self.density_schedule = Schedule.parse(self.opts.density_schedule or "never")
         self._due: tuple[int, dict[str, bool]] | None = None
+        self.plan = plan_products(self.opts, self.switched_on())
+
+    def switched_on(self) -> dict[str, bool]:
+        """The parts whose schedule is not ``never``."""
+        return {"top": self.schedule.kind != "never", "trace": self.trace_schedule.kind != "never",
+                "density": self.density_schedule.kind != "never"}
+
+    def planned_products(self, ctx) -> dict[str, int]:
+        """Products per measurement at most, by part (``top-k``, ``trace``, ``density``; per group again)."""
+        per = {"top-k": self.plan["top"], "trace": self.plan["trace"], "density": self.plan["density"]}
+        groups = len(self.groups(ctx))
+        if groups:
+            per["groups"] = groups * sum(per.values())
+        return {name: n for name, n in per.items() if n}
 
     def store_attrs(self) -> dict[str, Any]:
         attrs = super().store_attrs()
         attrs["groups"] = self.group_names()
         attrs["trace_schedule"] = str(self.trace_schedule)
         attrs["density_schedule"] = str(self.density_schedule)
+        attrs["budget"] = int(self.opts.budget)
+        attrs["budget_plan"] = dict(self.plan)
         return attrs
 
     def due(self, state) -> bool:
@@ -108,37 +201,44 @@ class Hessian(WarmStart, CurvatureProbe):
         if self._due is not None and self._due[0] == state.step:
             parts = self._due[1]
         else:  # lscape measure: every part that is not switched off
-            parts = {"top": self.schedule.kind != "never", "trace": self.trace_schedule.kind != "never",
-                     "density": self.density_schedule.kind != "never"}
+            parts = self.switched_on()
         self._due = None
         batches = self.batches(ctx, state)
         op = self.operator(ctx, batches)
         seed = self.opts.seed + int(state.step)
         values: dict[str, Any] = {}
+        spent = {"top": 0, "trace": 0, "density": 0}
         if parts["top"]:
             values = self._top(op, seed)
+            spent["top"] = op.num_products
         if parts["trace"]:
             before = op.num_products
             estimate, stderr = self._trace(op, seed)
+            spent["trace"] = op.num_products - before
             self.record(ctx, state.step, group="trace", trace=estimate, trace_stderr=stderr,
-                        trace_products=op.num_products - before)
+                        trace_products=spent["trace"])
         if parts["density"]:
             density = self._density(op, seed)
+            spent["density"] = density.num_products
             self.record(ctx, state.step, group="density", grid=density.grid, density=density.density,
                         nodes=density.nodes, weights=density.weights, sigma=density.sigma,
                         density_products=density.num_products)
         op.release()
         groups = self.groups(ctx)
         if groups:
-            self.record(ctx, state.step, group="groups", **self._per_group(ctx, batches, groups, parts, seed))
+            per_group = self._per_group(ctx, batches, groups, parts, seed)
+            spent["groups"] = int(per_group["group_products"].sum())
+            self.record(ctx, state.step, group="groups", **per_group)
+        if self.measure_attrs is not None:
+            self.measure_attrs["products_spent"] = spent  # the last measurement's, by part
         return values
 
     def _trace(self, op, seed: int):
         estimator = hutchpp if self.opts.trace_method == "hutchpp" else hutchinson
-        return estimator(op, self.opts.trace_samples, seed=seed)
+        return estimator(op, self.plan["trace_samples"], seed=seed)
 
     def _density(self, op, seed: int):
-        return slq_density(op, num_runs=self.opts.density_runs, num_steps=self.opts.density_steps,
+        return slq_density(op, num_runs=self.plan["density_runs"], num_steps=self.plan["density_steps"],
                            num_points=self.opts.density_points, relative_sigma=self.opts.density_sigma, seed=seed)
 
     def _per_group(self, ctx, batches, groups, parts, seed: int) -> dict[str, Any]:
@@ -159,7 +259,8 @@ class Hessian(WarmStart, CurvatureProbe):
             if parts["top"]:
                 kk = min(k, op.dim)
                 result = lanczos(op, k=kk, which=self.opts.which, tol=self.opts.tol,
-                                 max_iter=max(self.opts.max_iter, kk), v0=self.warm_vectors(op, name), seed=seed)
+                                 max_iter=max(self.plan["max_iter"], kk), v0=self.warm_vectors(op, name), seed=seed,
+                                 **lanczos_memory(self))
                 self.keep_vectors(result, name)
                 out["group_top_eigenvalues"][g, :kk] = result.eigenvalues.numpy()
                 out["group_converged"][g, :kk] = result.converged.numpy()
@@ -178,8 +279,11 @@ class Hessian(WarmStart, CurvatureProbe):
         k_asked = self.opts.k
         k = min(k_asked, op.dim)
         result = lanczos(op, k=k, which=self.opts.which, tol=self.opts.tol,
-                         max_iter=max(self.opts.max_iter, k), v0=self.warm_vectors(op), seed=seed)
+                         max_iter=max(self.plan["max_iter"], k), v0=self.warm_vectors(op), seed=seed,
+                         **lanczos_memory(self))
         self.keep_vectors(result)
+        if self.measure_attrs is not None:
+            self.measure_attrs["lanczos_memory"] = memory_attrs(result, op)
         values = {
             "top_eigenvalues": _pad(result.eigenvalues.numpy(), k_asked, np.nan),
             "residuals": _pad(result.residuals.numpy(), k_asked, np.nan),

@@ -26,6 +26,7 @@ class HessianExact(CurvatureProbe):
     name = "hessian-exact"
     help = "all eigenvalues of the dense Hessian (small models, up to max_params parameters)"
     schedule = "every:1000"
+    cost_model = "dim products per measurement (one per selected parameter, applied in blocks), dim ≤ max_params"
     options = CURVATURE_OPTIONS + (
         Option("max_params", int, DEFAULT_MAX_PARAMS, "refuse models with more selected parameters", minimum=1),
     )
@@ -37,6 +38,10 @@ class HessianExact(CurvatureProbe):
         Output("negative_fraction", long_name="fraction of eigenvalues below −1e-6·max|λ|"),
         Output("hvp_products", dtype="int64", long_name="Hessian-vector products spent"),
     )
+
+    def planned_products(self, ctx) -> dict[str, int]:
+        """One product per selected parameter."""
+        return {"dense": selected_dim(self, ctx)}
 
     def check(self, ctx):
         super().check(ctx)

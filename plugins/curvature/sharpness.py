@@ -8,7 +8,15 @@ import numpy as np
 
 from lscape import Option, Output, hookimpl
 from lscape.curvature import lanczos
-from lscape.plugins.curvature.base import CURVATURE_OPTIONS, WHICH_OUTPUT, CurvatureProbe, WarmStart
+from lscape.plugins.curvature.base import (
+    CURVATURE_OPTIONS,
+    LANCZOS_OPTIONS,
+    WHICH_OUTPUT,
+    CurvatureProbe,
+    WarmStart,
+    lanczos_memory,
+    memory_attrs,
+)
 
 __all__ = ["Sharpness", "plot_sharpness"]
 
@@ -31,7 +39,10 @@ class Sharpness(WarmStart, CurvatureProbe):
     name = "sharpness"
     help = "λ_max (or λ_min, ‖H‖) of the Hessian by warm-started Lanczos, with residual ‖Hv−λv‖ and HVP count"
     schedule = "every:10"
-    options = CURVATURE_OPTIONS + (
+    cost_model = ("at most max_iter + 1 products per measurement (default 101: the Lanczos search and one final "
+                  "residual product), as many again per parameter group (groups=); a warm-started measurement of a "
+                  "slowly moving λ usually stops after a few")
+    options = CURVATURE_OPTIONS + LANCZOS_OPTIONS + (
         Option("which", str, "LA", "LA largest (λ_max), SA smallest (λ_min), LM largest magnitude (‖H‖)",
                choices=("LA", "SA", "LM")),
         Option("tol", float, 1e-3, "stop when the residual ‖Hv − λv‖ ≤ tol·|λ|", minimum=0.0),
@@ -60,9 +71,17 @@ class Sharpness(WarmStart, CurvatureProbe):
         attrs["stored_as"] = WHICH_OUTPUT[self.opts.which]
         return attrs
 
+    def planned_products(self, ctx) -> dict[str, int]:
+        """Products per measurement at most: the Lanczos search and its final product, per group again."""
+        per = {"lambda": self.opts.max_iter + 1}
+        groups = len(self.groups(ctx))
+        if groups:
+            per["groups"] = groups * per["lambda"]
+        return per
+
     def _solve(self, op, state, key=None):
         result = lanczos(op, k=1, which=self.opts.which, tol=self.opts.tol, max_iter=self.opts.max_iter,
-                         v0=self.warm_vectors(op, key), seed=int(state.step))
+                         v0=self.warm_vectors(op, key), seed=int(state.step), **lanczos_memory(self))
         self.keep_vectors(result, key)
         return result
 
@@ -71,6 +90,8 @@ class Sharpness(WarmStart, CurvatureProbe):
         op = self.operator(ctx, batches)
         result = self._solve(op, state)
         op.release()
+        if self.measure_attrs is not None:
+            self.measure_attrs["lanczos_memory"] = memory_attrs(result, op)
         value = float(result.eigenvalues[0])
         values = {
             WHICH_OUTPUT[self.opts.which]: abs(value) if self.opts.which == "LM" else value,

@@ -145,6 +145,7 @@ def test_every_curvature_probe_runs_on_a_bn_inplace_model_and_agrees_with_the_de
         plugin_options={
             "sharpness": {**subset, "schedule": "at:0,2", "tol": 1e-4},
             "hessian": {**subset, "schedule": "at:2", "k": 2, "tol": 1e-4, "trace_samples": 30,
+                        "density_schedule": "at:2",  # the density is opt-in (issue 23)
                         "density_runs": 1, "density_steps": 20, "density_points": 64},
             "hessian-exact": {**subset, "schedule": "at:0,2"},
             "eos": {"schedule": "at:1", "k": 2, "mode": mode},
@@ -174,7 +175,8 @@ def test_per_group_spectra_match_the_dense_blocks(tmp_path):
         plugin_options={
             "sharpness": {**subset, "schedule": "at:0", "tol": 1e-5, "groups": "blocks=*"},
             "hessian": {**subset, "schedule": "at:0", "k": 2, "tol": 1e-5, "groups": "first=0.*;last=3.*",
-                        "trace_samples": 30, "density_runs": 1, "density_steps": 10, "density_points": 32},
+                        "trace_samples": 30, "density_schedule": "at:0",  # the density is opt-in (issue 23)
+                        "density_runs": 1, "density_steps": 10, "density_points": 32},
             "hessian-exact": {**subset, "schedule": "at:0", "params": "3.*"},
         },
     )  # fmt: skip
