@@ -115,6 +115,9 @@ def _regime(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
               help="split each batch (also 'full') into chunks of N samples; gradients accumulate")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="training precision (autocast; fp16 with a GradScaler); probes stay fp32  [default: fp32]")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]),
+              help="under torchrun: ddp (a full model per rank) or fsdp (FSDP2 shards it; docs/scaling.md)  "
+                   "[default: ddp]")
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the training forward")
 @click.option("--adapter", metavar="MODULE:FN", help="fn(model, batch) -> (output, target) for unusual batches")
 @click.option("--nan-check-every", type=str, metavar="N",

@@ -19,10 +19,12 @@ from typing import Any, Mapping
 from .errors import UsageError, did_you_mean
 from .schedule import Schedule, parse_duration
 
-__all__ = ["RunConfig", "load_toml", "LR_SCHEDULES", "PRECISIONS"]
+__all__ = ["RunConfig", "load_toml", "LR_SCHEDULES", "PRECISIONS", "STRATEGIES"]
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: how torchrun's processes share the model: replicated (DDP) or sharded (FSDP2)
+STRATEGIES = ("ddp", "fsdp")
 _FLOAT32_MAX = 3.4028234663852886e38
 #: probes active when neither the config file nor the command line names any
 DEFAULT_PLUGINS = ("grad-norm",)
@@ -81,6 +83,8 @@ class RunConfig:
     compile: bool | str = False
     #: check the loss for NaN/inf every N steps (None: every step on CPU, every 50 on CUDA)
     nan_check_every: int | None = None
+    #: ddp (a full model per rank) or fsdp (FSDP2 shards parameters, gradients, optimizer state)
+    strategy: str = "ddp"
 
     #: epochs used when neither epochs, steps nor a time limit is given
     DEFAULT_EPOCHS = 10
@@ -173,7 +177,7 @@ class RunConfig:
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             return UsageError(f"{where}'{name}' must be {what}, got {shown}")
 
-        for name in ("model", "data", "loss", "optimizer", "lr_schedule", "device", "on_nan", "precision"):
+        for name in ("model", "data", "loss", "optimizer", "lr_schedule", "device", "on_nan", "precision", "strategy"):
             if not isinstance(getattr(self, name), str):
                 raise bad(name, "text", getattr(self, name))
         for name in ("eval_schedule", "checkpoint_schedule", "out", "resume", "adapter", "name"):
@@ -267,6 +271,11 @@ class RunConfig:
         self.precision = self.precision.strip().lower()
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        self.strategy = self.strategy.strip().lower()
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            raise UsageError("--precision fp16 (a GradScaler) does not combine with --strategy fsdp; use --precision bf16")
         if not isinstance(self.compile, (bool, str)) or (isinstance(self.compile, str) and not self.compile.strip()):
             raise UsageError(f"compile must be true/false or a torch.compile backend name, got {self.compile!r}")
         if self.on_nan not in ("stop", "continue"):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, load_plugin_states, truncate_after
+from .checkpoint import load_checkpoint, load_plugin_states, load_sharded_checkpoint, truncate_after
 from .config import RunConfig
 from .context import RunContext
 from .errors import UsageError
@@ -97,7 +97,7 @@ def config_for_resume(cfg: RunConfig) -> tuple[RunConfig, dict[str, Any]]:
 def restore(store: RunStore, ctx: RunContext, plugins: list[Plugin],
             scaler: torch.amp.GradScaler | None = None) -> ResumePoint:
     """Load the latest checkpoint of ``store`` into the run (model, optimizer, data stream,
-    GradScaler, plugin states, RNG) and drop the rows recorded after it (rank 0). A store
+    GradScaler, plugin states, RNG; a sharded run's model and optimizer from its DCP folder) and drop the rows recorded after it (rank 0). A store
     killed before its first checkpoint restarts from step 0, as the new run did."""
     state = load_checkpoint(store.root)
     if state is None:
@@ -105,8 +105,11 @@ def restore(store: RunStore, ctx: RunContext, plugins: list[Plugin],
         if ctx.is_main:
             truncate_after(store, 0)
         return ResumePoint()
-    ctx.model.load_state_dict(state["model"])
-    ctx.optimizer.load_state_dict(state["optimizer"])
+    if state.get("sharded"):  # --strategy fsdp: every rank loads its shards (DCP reshards)
+        load_sharded_checkpoint(str(store.path), state, ctx.model, ctx.optimizer)
+    else:
+        ctx.model.load_state_dict(state["model"])
+        ctx.optimizer.load_state_dict(state["optimizer"])
     ctx.stream.load_state_dict(state["stream"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

@@ -257,6 +257,10 @@ class CurvatureProbe(Probe):
     data = "subset"
     at = "after_backward"
     options = CURVATURE_OPTIONS
+    # double backward fails on FSDP2's DTensor parameters: sharded curvature waits for the
+    # finite-difference products of issue 22 (lscape.curvature.products)
+    sharded_note = ("Hessian-vector products by double backward do not work on FSDP2's sharded parameters, "
+                    "and finite-difference products are not there yet (issue 22)")
     _groups: list[tuple[str, list[str]]] | None = None
 
     def check(self, ctx) -> None:
