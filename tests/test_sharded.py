@@ -121,7 +121,7 @@ def test_fsdp_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert proc.returncode != 0
     assert RunReader(killed).attrs["status"] == "running"  # killed part-way: nothing marked it
     latest = zarr.open_group(str(killed), mode="r")["checkpoints"].attrs["latest"]
-    assert latest == "step_000000005"
+    assert latest == "step_000000006"  # after the 6 updates of steps 0-5 (every:5 is due at step 5)
     done = _lscape(["run", "--resume", str(killed), "--trust-store", "--no-progress"], tmp_path, nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert RunReader(killed).attrs["status"] == "completed"
