@@ -37,7 +37,7 @@ from .manager import Registry, build_registry, get_plugin_manager
 from .probe import Plugin, StepOwner
 from .resume import ResumePoint, config_for_resume, extension_attrs, mark_resumed, objects_for, restore
 from .schedule import Schedule
-from .sharding import check_sharded_plugins, full_model_state, shard_model
+from .sharding import check_sharded_plugins, full_model_state, init_single_group, shard_model
 from .store import RunStore, store_exists
 from .training import NULL_CONTEXT, Precision, UntilLoss, apply_regime, finite, set_lr
 
@@ -107,10 +107,18 @@ class Engine:
             self.config = cfg
         cfg.validate()
         # the process group is ours to destroy at the end when this engine sets it up
-        had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank, world = init_distributed(cfg.device, cfg.strategy)
-        self._owns_group = not had_group and torch.distributed.is_available() and torch.distributed.is_initialized()
+        self._owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized())
+        rank, world = init_distributed(cfg.device)
         self._sharded = cfg.strategy == "fsdp"
+        try:
+            return self._build(cfg, rank, world)
+        except BaseException:
+            if self._owns_group and torch.distributed.is_initialized():  # an in-process lscape.run() that failed
+                torch.distributed.destroy_process_group()
+            raise
+
+    def _build(self, cfg: RunConfig, rank: int, world: int) -> RunContext:
         if self.pm is None:
             self.pm = get_plugin_manager()
         if cfg.resume:  # a store can come from anyone: import only what the user trusts
@@ -122,12 +130,17 @@ class Engine:
             raise UsageError(f"{cfg.out} already exists; pass --resume {cfg.out} to continue it, or choose another --out")
         device = run_device(cfg.device, rank, world)
         plugin_classes, modules = resolve_plugins(self.pm, reg, cfg)
+        if self._sharded:
+            check_sharded_plugins(cls for _, cls in plugin_classes)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         built = objects_for(cfg, self.objects)
         train, evaluation = build_data(built["data"], cfg.data_opts, reg.datasets, cfg.data_seed)
         model = build_model(built["model"], cfg.model_opts, reg.models, train).to(device)
         if self._sharded:  # before the optimizer: it holds the sharded (DTensor) parameters
+            if world == 1 and not torch.distributed.is_initialized():  # FSDP2 needs a process group
+                init_single_group(cfg.device)
+                self._owns_group = True
             shard_model(model, cfg.precision)
         loss_fn = build_loss(built["loss"], reg.losses)
         adapter = build_adapter(built["adapter"], loss_fn)
@@ -163,8 +176,6 @@ class Engine:
         if cfg.lr_schedule.startswith("cosine") and ctx.total_steps is None:
             raise UsageError("--lr-schedule cosine needs --steps or --epochs to know its length")
         self.plugins = make_plugins(plugin_classes, cfg.plugin_options, ctx)
-        if self._sharded:
-            check_sharded_plugins(self.plugins)
         per_step = max([p.batches_per_step() for p in self.plugins if isinstance(p, StepOwner)] or [1])
         if cfg.steps is None and cfg.total_epochs is not None and per_step > 1:
             # --epochs are passes over the data whatever the step owner draws per step

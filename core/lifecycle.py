@@ -206,16 +206,11 @@ def run_device(name: str, rank: int = 0, world: int = 1) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device: str, strategy: str = "ddp") -> tuple[int, int]:
+def init_distributed(device: str) -> tuple[int, int]:
     """``(rank, world_size)``; under torchrun (WORLD_SIZE > 1) the process group is set up
-    here: gloo on CPU, nccl on CUDA. ``--strategy fsdp`` in one process gets a one-process
-    group (FSDP2 needs one)."""
+    here: gloo on CPU, nccl on CUDA."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        if strategy == "fsdp":
-            from .sharding import init_single_group
-
-            init_single_group(device)
         return 0, 1
     dist = torch.distributed
     if not dist.is_initialized():

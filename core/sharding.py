@@ -96,8 +96,9 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def check_sharded_plugins(plugins: Iterable[Any]) -> None:
-    """Under ``--strategy fsdp``: a plugin whose class does not declare ``sharded = True``
-    is refused in one line, before anything is written (its ``sharded_note`` says why)."""
+    """Under ``--strategy fsdp``: a plugin (class or instance) that does not declare
+    ``sharded = True`` is refused in one line, before anything is built or written (its
+    ``sharded_note`` says why)."""
     for plugin in plugins:
         if not getattr(plugin, "sharded", False):
             note = getattr(plugin, "sharded_note", "") or "it was not written for sharded (DTensor) parameters"

@@ -94,7 +94,7 @@ def test_fsdp_two_processes_equals_single_process_and_rank0_alone_writes(tmp_pat
     for name in ("grad_norm", "param_norm", "dist_from_init", "update_size"):
         np.testing.assert_allclose(b.read("grad-norm")[name], a.read("grad-norm")[name], rtol=2e-5, err_msg=name)
     # rank 0 alone wrote the store; the other rank only its DCP shard files inside it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fsdp.zarr", "single.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fsdp.zarr", "single.zarr"]  # (before measure below)
     latest = zarr.open_group(str(sharded), mode="r")["checkpoints"].attrs["latest"]
     dcp = sharded / "checkpoints" / f"{latest}.dcp"
     assert sorted(p.name for p in dcp.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "zarr.json"]
@@ -109,6 +109,11 @@ def test_fsdp_two_processes_equals_single_process_and_rank0_alone_writes(tmp_pat
         torch.testing.assert_close(full_b["model"][key], full_a[key], rtol=1e-5, atol=1e-6)
     shown = _lscape(["show", str(sharded)], tmp_path)
     assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    if not extra:  # lscape measure of an FSDP store: the full model, measured on a plain one (curvature too)
+        measured = _lscape(["measure", str(sharded), "--plugin", "sharpness", "--out", str(tmp_path / "m.zarr"),
+                            "--no-progress"], tmp_path)
+        assert measured.returncode == 0, measured.stderr[-3000:]
+        assert np.isfinite(RunReader(tmp_path / "m.zarr").read("sharpness")["lambda_max"]).all()
 
 
 @pytest.mark.slow
