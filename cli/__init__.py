@@ -43,121 +43,72 @@ def _complete_plugins(incomplete: str) -> list[str]:
     return sorted(n for n in names if n.startswith(incomplete))
 
 
-def _plugin_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        plugin, dot, name = key.partition(".")
-        if not sep or not dot or not plugin or not name:
-            raise UsageError(f"bad -o '{item}': expected PLUGIN.KEY=VALUE, e.g. -o sharpness.every=10")
-        out.setdefault(plugin.strip(), {})[name.strip().replace("-", "_")] = value.strip()
-    return out
+def _run_options(*names: str, measuring: bool = False):
+    """The click options of the run options ``names`` (all with a flag when none are named),
+    made from the one table (``lscape.config.RunConfig``): flag, help, default shown.
+    A value given on the command line arrives checked and typed, in the option's own
+    name (``--model-opt`` → ``model_opts``); one not given arrives as None. ``measuring``:
+    the default is the measured run's (a fresh model: the table's)."""
+    from lscape.config import run_options
+    from lscape.options import CLI
 
+    table = run_options()
+    chosen = [table[n] for n in names] if names else [o for o in table.values() if o.cli is not None]
 
-def _regime(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """``--regime 30:lr=0.01,momentum=0.9`` → ``{"30": {"lr": "0.01", "momentum": "0.9"}}``
-    (the config checks the numbers)."""
-    from lscape.options import parse_key_values
+    def given(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if ctx.get_parameter_source(param.name) is not click.core.ParameterSource.COMMANDLINE:
+            return None
+        opt = table[param.name]
+        return opt.check(opt.cli.convert(value) if opt.cli.convert else value, CLI)
 
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        epoch, sep, settings = item.partition(":")
-        if not sep or not epoch.strip() or not settings.strip():
-            raise UsageError(f"bad --regime '{item}': expected EPOCH:KEY=VALUE[,KEY=VALUE], e.g. 30:lr=0.01")
-        out.setdefault(epoch.strip(), {}).update(parse_key_values(tuple(settings.split(",")), "--regime"))
-    return out
+    def decorate(command):
+        for opt in reversed(chosen):
+            flag = opt.cli
+            shown: Any = flag.default_text or True
+            if measuring:
+                shown = "the run's" if flag.multiple else f"the run's; a fresh model: {flag.default_text or opt.default}"
+            kw: dict[str, Any] = {"help": opt.help, "callback": given, "show_default": shown}
+            if flag.multiple:
+                kw.update(multiple=True, metavar=flag.metavar)
+            elif flag.is_flag:
+                kw.update(is_flag=True, default=opt.default)
+            else:
+                kw.update(default=None if measuring else opt.default,
+                          metavar=flag.metavar or getattr(opt.type, "metavar", None),
+                          type=click.Choice(opt.choices) if opt.choices else str)
+            if opt.name == "plugins":
+                kw["shell_complete"] = lambda ctx, param, incomplete: _complete_plugins(incomplete)
+            command = click.option(opt.flag, opt.name, **kw)(command)
+        return command
+
+    return decorate
 
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML experiment file")
-@click.option("--model", help="registered name or module:factory  [default: mlp]")
-@click.option("--model-opt", multiple=True, metavar="K=V", help="model option (repeatable)")
-@click.option("--data", help="registered name or module:factory  [default: digits]")
-@click.option("--data-opt", multiple=True, metavar="K=V", help="data option (repeatable)")
-@click.option("--loss", help="ce, mse or module:fn  [default: ce]")
-@click.option("--optimizer", help="sgd, adam, adamw or module:Class  [default: sgd]")
-@click.option("--optimizer-opt", multiple=True, metavar="K=V", help="optimizer option (repeatable)")
-@click.option("--lr", type=str, help="learning rate  [default: 0.1]")
-@click.option("--momentum", type=str, help="momentum  [default: 0]")
-@click.option("--nesterov", is_flag=True, default=None, help="Nesterov momentum (sgd)")
-@click.option("--weight-decay", type=str, help="weight decay  [default: 0]")
-@click.option("--batch-size", type=str, help="N or 'full' (gradient descent)  [default: 64]")
-@click.option("--epochs", type=str, help="number of epochs  [default: 10]")
-@click.option("--steps", type=str, help="number of steps (instead of epochs)")
-@click.option("--time-limit", type=str, help="stop after this wall time, e.g. 30m")
-@click.option("--lr-schedule", help="constant, step:30,60:0.1 or cosine")
-@click.option("--eval-schedule", help="when to evaluate on held-out data  [default: epoch; every:10 for full batch]")
-@click.option("--checkpoint-schedule", help="when to checkpoint  [default: epoch; every:100 for full batch]")
-@click.option("--plugin", "plugins", multiple=True, metavar="NAME", help="activate a plugin (repeatable)",
-              shell_complete=lambda ctx, param, incomplete: _complete_plugins(incomplete))
-@click.option("--disable", multiple=True, metavar="NAME", help="switch off an always-on plugin")
-@click.option("-o", "options", multiple=True, metavar="PLUGIN.KEY=VALUE", help="plugin option (repeatable)")
-@click.option("--out", help="run store path  [default: runs/MODEL-DATA-TIME.zarr]")
-@click.option("--seed", type=str, help="training seed: initialisation, batch order, probes' draws  [default: 0]")
-@click.option("--data-seed", type=str,
-              help="data seed: the train/eval split and synthetic data (--seed leaves it alone)  [default: 0]")
-@click.option("--drop-last", is_flag=True, default=None, help="drop the last incomplete batch of each epoch")
-@click.option("--name", help="run name: figure and table labels, and the store runs/NAME.zarr")
-@click.option("--until-loss", type=str, metavar="X",
-              help="stop once the training loss on a fixed subset of 1024 samples is <= X (loss-matched runs)")
-@click.option("--until-loss-every", type=str, metavar="N", help="steps between those checks  [default: 1]")
-@click.option("--regime", "regime_items", multiple=True, metavar="EPOCH:KEY=V[,KEY=V]",
-              help="from EPOCH on set lr/momentum/weight_decay, e.g. 30:lr=0.01 (repeatable)")
-@click.option("--device", help="cpu or cuda  [default: cpu]")
-@click.option("--on-nan", type=click.Choice(["stop", "continue"]), help="what a NaN/inf loss does [default: stop]")
-@click.option("--resume", type=str, metavar="PATH",
-              help="continue a run from its last checkpoint; with --steps/--epochs/--time-limit, extend it")
+@_run_options()
 @click.option("--trust-store", is_flag=True, help="with --resume: import the module:factory code the store names")
-@click.option("--no-progress", is_flag=True,
-              help="print no progress (by default: a bar on a terminal, else log lines with an ETA)")
-@click.option("--workers", type=str, help="DataLoader worker processes  [default: 0 on CPU, min(8, cores) on CUDA]")
-@click.option("--micro-batch-size", type=str, metavar="N",
-              help="split each batch (also 'full') into chunks of N samples; gradients accumulate")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
-              help="training precision (autocast; fp16 with a GradScaler); probes stay fp32  [default: fp32]")
-@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]),
-              help="under torchrun: ddp (a full model per rank) or fsdp (FSDP2 shards it; docs/scaling.md)  "
-                   "[default: ddp]")
-@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the training forward")
-@click.option("--adapter", metavar="MODULE:FN", help="fn(model, batch) -> (output, target) for unusual batches")
-@click.option("--nan-check-every", type=str, metavar="N",
-              help="check the loss for NaN/inf every N steps (one host sync)  [default: 1 on CPU, 50 on CUDA]")
-def run(config_path, model_opt, data_opt, optimizer_opt, plugins, options, no_progress, resume, regime_items,
-        trust_store, **flat):
+def run(config_path, trust_store, **given):
     """Train a model and record what the active plugins measure."""
-    from lscape.api import make_config
-    from lscape.config import RunConfig, load_toml
-    from lscape.engine import Engine
-    from lscape.options import parse_key_values
+    from lscape.config import RunConfig, load_toml, run_options
+    from lscape.engine import EXTENDABLE, Engine
+    from lscape.options import CLI
 
-    if "compile_" in flat:
-        flat["compile"] = flat.pop("compile_")
-    given = {k: v for k, v in flat.items() if v is not None and v != ()}
-    if resume:
-        length = {k: given.pop(k) for k in ("steps", "epochs", "time_limit") if k in given}
-        extra = [k for k in given] + (["plugin"] if plugins else []) + (["config"] if config_path else [])
-        if extra or model_opt or data_opt or options or regime_items:
+    given = {k: v for k, v in given.items() if v is not None}
+    if "resume" in given:
+        kept = {k: given.pop(k) for k in ("resume", "progress", *EXTENDABLE) if k in given}
+        extra = [run_options()[k].flag for k in given] + (["--config"] if config_path else [])
+        if extra:
             raise UsageError("--resume continues a run with its stored configuration; only --steps, --epochs "
-                             f"and --time-limit (to extend it) may be given, not --{extra[0].replace('_', '-')}"
-                             if extra else "--resume continues a run with its stored configuration; "
-                             "drop the other options")
-        cfg = RunConfig(resume=resume, progress=not no_progress, **length)
+                             f"and --time-limit (to extend it) may be given, not {extra[0]}")
+        cfg = RunConfig().merged(kept, CLI)
     else:
         base = load_toml(config_path) if config_path else RunConfig()
-        overrides: dict[str, Any] = dict(given)
-        overrides["model_opts"] = parse_key_values(model_opt, "--model-opt") or None
-        overrides["data_opts"] = parse_key_values(data_opt, "--data-opt") or None
-        overrides["optimizer_opts"] = parse_key_values(optimizer_opt, "--optimizer-opt") or None
-        overrides["plugin_options"] = _plugin_options(options) or None
-        if regime_items:
-            overrides["regime"] = {**(base.regime or {}), **_regime(regime_items)}
-        if plugins:
-            overrides["plugins"] = list(dict.fromkeys([*(base.plugins or []), *plugins]))
-        if given.get("disable") is not None:
-            overrides["disable"] = list(given["disable"]) or None
-        if no_progress:
-            overrides["progress"] = False
-        cfg = make_config(base, **overrides)
+        if "regime" in given:
+            given["regime"] = {**(base.regime or {}), **given["regime"]}
+        if "plugins" in given:
+            given["plugins"] = list(dict.fromkeys([*(base.plugins or []), *given["plugins"]]))
+        cfg = base.merged(given, CLI)
     result = Engine(cfg, trust_store=trust_store).run()
     _echo_result(result)
     if result.status != "completed":
@@ -178,38 +129,25 @@ def _echo_result(result) -> None:
               shell_complete=lambda ctx, param, incomplete: _complete_plugins(incomplete))
 @click.option("-o", "options", multiple=True, metavar="PLUGIN.KEY=VALUE", help="plugin option (repeatable)")
 @click.option("--checkpoints", default="latest", show_default=True, help="latest, all, or steps like 100,200")
-@click.option("--model", help="model for a .pt state dict or a fresh model")
-@click.option("--model-opt", multiple=True, metavar="K=V")
-@click.option("--data", help="data to measure on (default: the run's)")
-@click.option("--data-opt", multiple=True, metavar="K=V")
-@click.option("--loss", help="loss (default: the run's)")
-@click.option("--batch-size", type=str, help="batch size of the measurement data")
-@click.option("--seed", type=str)
-@click.option("--data-seed", type=str, help="data seed (default: the run's)")
-@click.option("--device")
+@_run_options("model", "model_opts", "data", "data_opts", "loss", "batch_size", "seed", "data_seed", "device",
+              measuring=True)
 @click.option("--out", help="store for the measurements  [default: runs/SOURCE-measure-TIME.zarr]")
 @click.option("--no-progress", is_flag=True, help="print no progress (the probe being measured and its work)")
 @click.option("--trust-store", is_flag=True, help="import the module:factory code a SOURCE store names")
-def measure(source, plugins, options, checkpoints, model_opt, data_opt, no_progress, trust_store, **flat):
+def measure(source, plugins, options, checkpoints, out, no_progress, trust_store, **given):
     """Run probes once on a saved model (a run's checkpoints, a .pt state dict), no training.
 
     SOURCE is a run store or a .pt file; without it a freshly initialised model is measured.
     """
-    from lscape.api import measure as do_measure
-    from lscape.options import parse_key_values
-
-    out = flat.pop("out")
-    overrides = {k: v for k, v in flat.items() if v is not None}
-    if model_opt:
-        overrides["model_opts"] = parse_key_values(model_opt, "--model-opt")
-    if data_opt:
-        overrides["data_opts"] = parse_key_values(data_opt, "--data-opt")
     from contextlib import nullcontext
 
+    from lscape.api import measure as do_measure
+    from lscape.config import plugin_option_items
     from lscape.plugins.basics.progress import MeasureProgress
 
+    overrides = {k: v for k, v in given.items() if v is not None}
     with nullcontext() if no_progress else MeasureProgress():
-        result = do_measure(source, plugins, plugin_options=_plugin_options(options), out=out,
+        result = do_measure(source, plugins, plugin_options=plugin_option_items(options), out=out,
                             checkpoints=checkpoints, trust_store=trust_store, **overrides)
     click.echo(f"measured {result.steps} model state(s) into {result.path}")
     click.echo(f"look at it:  lscape show {result.path}")

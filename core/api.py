@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from datetime import datetime
 from typing import Any, Iterable, Mapping
@@ -10,26 +9,24 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .config import RunConfig, load_toml
+from .options import PYTHON
 from .build import require_trust, store_imports
-from .errors import UsageError, did_you_mean, message_line
+from .errors import UsageError, message_line
 from .store import RunReader, RunStore, store_exists
 
 __all__ = ["run", "open_run", "measure", "make_config"]
 
 
 def make_config(config: RunConfig | str | os.PathLike | None = None, **overrides: Any) -> RunConfig:
-    """A ``RunConfig`` from a config object, a TOML path or nothing, with ``overrides``."""
+    """A ``RunConfig`` from a config object, a TOML path or nothing, with ``overrides``: the
+    run options (``lscape.config.run_options()``) as keywords, named so in errors."""
     if config is None:
         base = RunConfig()
     elif isinstance(config, RunConfig):
         base = config
     else:
         base = load_toml(config)
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(RunConfig)}
-    if unknown:
-        name = sorted(unknown)[0]
-        raise UsageError(f"unknown run option '{name}'{did_you_mean(name, [f.name for f in dataclasses.fields(RunConfig)])}")
-    return base.merged(overrides)
+    return base.merged(overrides, PYTHON)
 
 
 def run(config: RunConfig | str | os.PathLike | None = None, **overrides: Any):

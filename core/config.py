@@ -1,13 +1,20 @@
-"""The run configuration: one dataclass, filled from a TOML file and the command line.
+"""The run configuration: one dataclass whose fields are the table of run options.
 
-Every command-line option has a TOML key of the same name with underscores
-(``--batch-size`` → ``batch_size``); plugin options live in ``[plugins.NAME]`` tables.
-The command line overrides the file. ``validate()`` checks values before anything is
-written and raises ``UsageError`` with one line naming the problem.
+Every field is declared once, with ``option(...)``: its type, default, help, bounds and
+command-line form. From that one table come the TOML keys (the field names; ``-`` may
+stand for ``_``), the ``lscape run``/``lscape measure`` flags (``lscape.cli``), the
+``lscape.run``/``make_config`` keywords and the checks. Plugin options live in
+``[plugins.NAME]`` tables. The command line overrides the file.
+
+Each value remembers where it was given, so an error names it in the caller's words:
+``--momentum`` on the command line, ``momentum=`` in Python, ``exp.toml: 'momentum'`` in a
+file. ``check()`` is pure (it returns the checked values, or raises ``UsageError`` with
+one line); ``validate()`` is ``check()`` followed by the explicit normalisation step.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -17,114 +24,351 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import UsageError, did_you_mean
+from .options import PYTHON, Flag, Option, Spelling, in_file, parse_key_values
 from .schedule import Schedule, parse_duration
 
-__all__ = ["RunConfig", "load_toml", "LR_SCHEDULES", "PRECISIONS", "STRATEGIES"]
+__all__ = ["RunConfig", "load_toml", "run_options", "LR_SCHEDULES", "PRECISIONS", "STRATEGIES"]
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
-#: how torchrun's processes share the model: replicated (DDP) or sharded (FSDP2)
+#: how torchrun's processes share the model: replicated (DDP) or sharded (FSDP2; lscape.sharding)
 STRATEGIES = ("ddp", "fsdp")
 _FLOAT32_MAX = 3.4028234663852886e38
 #: probes active when neither the config file nor the command line names any
 DEFAULT_PLUGINS = ("grad-norm",)
+#: epochs used when neither epochs, steps nor a time limit is given
+DEFAULT_EPOCHS = 10
+#: a field's metadata key holding its Option
+OPTION = "lscape.option"
+
+
+# -- value parsers: raise ValueError/TypeError (``{option}`` in a message is replaced) ---
+
+def kind(what: str, metavar: str | None = None):
+    """Marks a parser with the words for a value of its kind, for the error when a value is
+    not of that kind (``--lr must be a number``), and its placeholder in ``--help``."""
+    def mark(parse):
+        parse.what, parse.metavar = what, metavar
+        return parse
+    return mark
+
+
+@kind("text")
+def text(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+@kind("a path", "PATH")
+def path(value: Any) -> str:
+    out = text(value)
+    if not out.strip():
+        raise ValueError(value)
+    return out
+
+
+@kind("true or false")
+def flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(value)
+    return value
+
+
+@kind("an integer", "N")
+def integer(value: Any) -> int:
+    """An int, its text, or an integral float (not a bool, not "1e3")."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)
+
+
+@kind("a number", "X")
+def real(value: Any) -> float:
+    """A float that torch can cast to the parameters' float32 without overflowing."""
+    if isinstance(value, bool):
+        raise TypeError(value)
+    out = float(value)  # a ValueError: "must be a number"
+    if math.isfinite(out) and abs(out) > _FLOAT32_MAX:
+        raise ValueError(f"{{option}} must be at most {_FLOAT32_MAX:.4g} in size, got '{value}'")
+    return out
+
+
+@kind("a positive integer or 'full'", "N|full")
+def parse_batch_size(value: Any) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "full":
+        return "full"
+    if isinstance(value, float):  # a size is counted, not measured
+        raise TypeError(value)
+    return integer(value)
+
+
+def parse_lr_schedule(value: Any) -> str:
+    out = text(value)
+    kind = out.split(":", 1)[0]
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"bad {{option}} '{out}': use constant, step:EPOCH,EPOCH:GAMMA or cosine")
+    if kind == "step":
+        try:
+            parse_step_schedule(out)
+        except UsageError:
+            raise ValueError(f"bad {{option}} '{out}': use step:EPOCH,EPOCH:GAMMA, e.g. step:30,60:0.1") from None
+    return out
+
+
+@kind("a schedule", "SCHEDULE")
+def schedule(value: Any) -> str:
+    out = text(value)
+    Schedule.parse(out)
+    return out
+
+
+@kind("cpu or cuda", "DEVICE")
+def parse_device(value: Any) -> str:
+    out = text(value)
+    if out not in ("cpu", "cuda") and not out.startswith("cuda:"):
+        raise ValueError(value)
+    return out
+
+
+def parse_precision(value: Any) -> str:
+    return text(value).strip().lower()
+
+
+@kind("true/false or a torch.compile backend name")
+def compile_mode(value: Any) -> bool | str:
+    """true/false, or the name of a registered torch.compile backend."""
+    if isinstance(value, bool):
+        return value
+    out = text(value)
+    if not out.strip() or out.strip().lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+        raise ValueError(value)
+    import torch
+
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if out not in backends:
+        raise ValueError(f"{{option}} must be true/false or a torch.compile backend name, got '{out}'"
+                         f"{did_you_mean(out, backends)}")
+    return out
+
+
+@kind("a table of KEY = VALUE")
+def table(value: Any) -> dict[str, Any]:
+    """A table of KEY = VALUE (a ``dict`` with text keys)."""
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise TypeError(value)
+    return dict(value)
+
+
+@kind("a table of tables, one per plugin")
+def tables(value: Any) -> dict[str, dict[str, Any]]:
+    """One table of options per plugin."""
+    out = table(value)
+    for plugin, opts in out.items():
+        if not isinstance(opts, Mapping) or not all(isinstance(k, str) for k in opts):
+            raise UsageError(f"options of plugin '{plugin}' must be a table of KEY = VALUE")
+    return {k: dict(v) for k, v in out.items()}
+
+
+@kind("a list of plugin names")
+def names(value: Any) -> list[str]:
+    """A list of plugin names (one name alone is a list of one)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(value)
+    return list(value)
+
+
+@kind("a list of plugin names")
+def plugin_names(value: Any) -> list[str]:
+    out = names(value)
+    for name in out:
+        if not name.strip() or name.startswith("."):  # neither a plugin nor an importable module
+            raise UsageError(f"unknown plugin '{name}' (see `lscape plugins`)")
+    return out
+
+
+@kind("a duration such as 30m", "DURATION")
+def duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError(value)
+    return parse_duration(value)
+
+
+# -- command-line forms of the options that take several values --------------------------
+
+def plugin_option_items(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``-o sharpness.every=10`` → ``{"sharpness": {"every": "10"}}`` (the plugin parses)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        plugin, dot, name = key.partition(".")
+        if not sep or not dot or not plugin or not name:
+            raise UsageError(f"bad -o '{item}': expected PLUGIN.KEY=VALUE, e.g. -o sharpness.every=10")
+        out.setdefault(plugin.strip(), {})[name.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def regime_items(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``--regime 30:lr=0.01,momentum=0.9`` → ``{"30": {"lr": 0.01, "momentum": 0.9}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        epoch, sep, settings = item.partition(":")
+        if not sep or not epoch.strip() or not settings.strip():
+            raise UsageError(f"bad --regime '{item}': expected EPOCH:KEY=VALUE[,KEY=VALUE], e.g. 30:lr=0.01")
+        out.setdefault(epoch.strip(), {}).update(parse_key_values(tuple(settings.split(",")), "--regime"))
+    return out
+
+
+def _key_values(flag_name: str):
+    return lambda items: parse_key_values(items, flag_name)
+
+
+def option(default: Any, help: str, type: Any = text, *, cli: Flag | None = Flag(), **kw: Any) -> Any:
+    """A ``RunConfig`` field: the default, and the ``Option`` that describes it."""
+    opt = Option("", type=type, default=default, help=help, cli=cli, **kw)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.copy(default), metadata={OPTION: opt})
+    return field(default=default, metadata={OPTION: opt})
 
 
 @dataclass
 class RunConfig:
-    """Everything that defines a run. Defaults are the built-in default experiment."""
+    """Everything that defines a run. Defaults are the built-in default experiment.
 
-    model: str = "mlp"
-    model_opts: dict[str, Any] = field(default_factory=dict)
-    data: str = "digits"
-    data_opts: dict[str, Any] = field(default_factory=dict)
-    loss: str = "ce"
-    optimizer: str = "sgd"
-    optimizer_opts: dict[str, Any] = field(default_factory=dict)
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    nesterov: bool = False
-    batch_size: int | str = 64
-    epochs: int | None = None
-    steps: int | None = None
-    time_limit: float | None = None
-    lr_schedule: str = "constant"
-    regime: dict[str, dict[str, float]] | None = None
-    eval_schedule: str | None = None
-    checkpoint_schedule: str | None = None
-    plugins: list[str] | None = None
-    plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    disable: list[str] = field(default_factory=list)
-    out: str | None = None
-    seed: int = 0
+    Each field is one run option (``run_options()`` lists them as ``Option``s)."""
+
+    model: str = option("mlp", "registered name or module:factory")
+    model_opts: dict[str, Any] = option(
+        {}, "model option (repeatable)", table,
+        cli=Flag("--model-opt", metavar="K=V", multiple=True, convert=_key_values("--model-opt")))
+    data: str = option("digits", "registered name or module:factory")
+    data_opts: dict[str, Any] = option(
+        {}, "data option (repeatable)", table,
+        cli=Flag("--data-opt", metavar="K=V", multiple=True, convert=_key_values("--data-opt")))
+    loss: str = option("ce", "ce, mse or module:fn")
+    optimizer: str = option("sgd", "sgd, adam, adamw or module:Class")
+    optimizer_opts: dict[str, Any] = option(
+        {}, "optimizer option (repeatable)", table,
+        cli=Flag("--optimizer-opt", metavar="K=V", multiple=True, convert=_key_values("--optimizer-opt")))
+    lr: float = option(0.1, "learning rate", real, within="(0, inf)", what="a positive finite number")
+    momentum: float = option(0.0, "momentum", real, within="[0, 1)")
+    weight_decay: float = option(0.0, "weight decay", real, within="[0, inf)", what=">= 0 (a finite number)")
+    nesterov: bool = option(False, "Nesterov momentum (sgd)", flag, what="true or false", cli=Flag(is_flag=True))
+    batch_size: int | str = option(64, "N or 'full' (gradient descent)", parse_batch_size, within="[1, inf)",
+                                   what="a positive integer or 'full'")
+    epochs: int | None = option(None, "number of epochs", integer, within="[1, inf)", what="a positive integer",
+                                cli=Flag(default_text=f"{DEFAULT_EPOCHS} without --steps or --time-limit"))
+    steps: int | None = option(None, "number of steps (instead of epochs)", integer, within="[1, inf)",
+                               what="a positive integer")
+    time_limit: float | None = option(None, "stop after this wall time, e.g. 30m", duration)
+    lr_schedule: str = option("constant", "constant, step:30,60:0.1 or cosine", parse_lr_schedule)
+    regime: dict[str, dict[str, float]] | None = option(
+        None, "from EPOCH on set lr/momentum/weight_decay, e.g. 30:lr=0.01 (repeatable)", lambda v: _regime(v),
+        cli=Flag(metavar="EPOCH:KEY=V[,KEY=V]", multiple=True, convert=regime_items))
+    eval_schedule: str | None = option(None, "when to evaluate on held-out data", schedule,
+                                       cli=Flag(default_text="epoch; every:10 for full batch"))
+    checkpoint_schedule: str | None = option(None, "when to checkpoint", schedule,
+                                             cli=Flag(default_text="epoch; every:100 for full batch"))
+    plugins: list[str] | None = option(
+        None, "activate a plugin (repeatable)", plugin_names, what="a list of plugin names",
+        cli=Flag("--plugin", metavar="NAME", multiple=True, convert=list, default_text=", ".join(DEFAULT_PLUGINS)))
+    plugin_options: dict[str, dict[str, Any]] = option(
+        {}, "plugin option (repeatable)", tables,
+        cli=Flag("-o", metavar="PLUGIN.KEY=VALUE", multiple=True, convert=plugin_option_items))
+    disable: list[str] = option([], "switch off an always-on plugin", names, what="a list of plugin names",
+                                cli=Flag(metavar="NAME", multiple=True, convert=list))
+    out: str | None = option(None, "run store path", path, what="a path",
+                             cli=Flag(default_text="runs/MODEL-DATA-TIME.zarr"))
+    seed: int = option(0, "training seed: initialisation, batch order, probes' draws", integer,
+                       within="[-2**63, 2**63)", what="a 64-bit integer (|seed| < 2**63)")
     #: seed of the data factory (the train/eval split, synthetic data), apart from ``seed``
-    data_seed: int = 0
+    data_seed: int = option(0, "data seed: the train/eval split and synthetic data (--seed leaves it alone)",
+                            integer, within="[0, 2**32)", what="an integer in [0, 2**32)")
     #: a name for the run: labels in figures and tables, and the default store name
-    name: str | None = None
+    name: str | None = option(None, "run name: figure and table labels, and the store runs/NAME.zarr")
     #: stop once the training loss on a fixed subset of 1024 samples is at most this
-    until_loss: float | None = None
+    until_loss: float | None = option(
+        None, "stop once the training loss on a fixed subset of 1024 samples is <= X (loss-matched runs)", real,
+        what="a finite number", cli=Flag(metavar="X"))
     #: steps between those checks
-    until_loss_every: int = 1
-    device: str = "cpu"
-    progress: bool = True
-    on_nan: str = "stop"
-    drop_last: bool = False
-    resume: str | None = None
+    until_loss_every: int = option(1, "steps between those checks", integer, within="[1, inf)",
+                                   what="a positive integer", cli=Flag(metavar="N"))
+    device: str = option("cpu", "cpu or cuda", parse_device, what="cpu or cuda")
+    progress: bool = option(True, "a progress bar on a terminal, else log lines with an ETA", flag,
+                            what="true or false", cli=Flag("--progress/--no-progress", is_flag=True))
+    on_nan: str = option("stop", "what a NaN/inf loss does", choices=("stop", "continue"))
+    drop_last: bool = option(False, "drop the last incomplete batch of each epoch", flag, what="true or false",
+                             cli=Flag(is_flag=True))
+    resume: str | None = option(None, "continue a run from its last checkpoint; with --steps/--epochs/--time-limit, "
+                                "extend it", path, what="a path", cli=Flag(metavar="PATH"))
     #: ``module:fn`` turning ``(model, batch)`` into ``(output, target)`` (default: tuples and dicts)
-    adapter: str | None = None
+    adapter: str | None = option(None, "fn(model, batch) -> (output, target) for unusual batches",
+                                 cli=Flag(metavar="MODULE:FN"))
     #: DataLoader worker processes (None: 0 on CPU, min(8, cores) on CUDA)
-    workers: int | None = None
+    workers: int | None = option(None, "DataLoader worker processes", integer, within="[0, inf)",
+                                 what="a non-negative integer", cli=Flag(default_text="0 on CPU, min(8, cores) on CUDA"))
     #: split every training batch into chunks of this many samples (gradients accumulate)
-    micro_batch_size: int | None = None
+    micro_batch_size: int | None = option(
+        None, "split each batch (also 'full') into chunks of N samples; gradients accumulate", integer,
+        within="[1, inf)", what="a positive integer", cli=Flag(metavar="N"))
     #: fp32, bf16 or fp16 (autocast; fp16 with a GradScaler)
-    precision: str = "fp32"
+    precision: str = option("fp32", "training precision (autocast; fp16 with a GradScaler); probes stay fp32",
+                            parse_precision, choices=PRECISIONS)
     #: wrap the training forward in torch.compile (true, or a backend name)
-    compile: bool | str = False
+    compile: bool | str = option(False, "torch.compile the training forward (in a file: true or a backend name)",
+                                 compile_mode, what="true/false or a torch.compile backend name",
+                                 cli=Flag(is_flag=True))
     #: check the loss for NaN/inf every N steps (None: every step on CPU, every 50 on CUDA)
-    nan_check_every: int | None = None
+    nan_check_every: int | None = option(
+        None, "check the loss for NaN/inf every N steps (one host sync)", integer, within="[1, inf)",
+        what="a positive integer", cli=Flag(metavar="N", default_text="1 on CPU, 50 on CUDA"))
     #: ddp (a full model per rank) or fsdp (FSDP2 shards parameters, gradients, optimizer state)
-    strategy: str = "ddp"
+    strategy: str = option("ddp", "under torchrun: ddp (a full model per rank) or fsdp (FSDP2 shards it; "
+                           "docs/scaling.md)", parse_precision, choices=STRATEGIES)
 
     #: epochs used when neither epochs, steps nor a time limit is given
-    DEFAULT_EPOCHS = 10
+    DEFAULT_EPOCHS = DEFAULT_EPOCHS
+
+    def __post_init__(self) -> None:
+        #: where each value not given in Python came from (``Spelling``), for error messages
+        self.sources: dict[str, Spelling] = {}
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> "RunConfig":
-        """Build from a dict (a parsed TOML file); unknown keys are a ``UsageError``."""
+        """Build from a dict (a parsed TOML file); unknown keys and values of the wrong type
+        are a ``UsageError`` naming the key."""
         data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
+        where = in_file(source)
         plugin_tables = data.pop("plugins", None)
-        kwargs: dict[str, Any] = {}
+        values: dict[str, Any] = {}
         if isinstance(plugin_tables, dict):
             # [plugins] may hold the active list as `active = [...]` plus one table per plugin
             active = plugin_tables.pop("active", None)
-            kwargs["plugin_options"] = {k: dict(v) for k, v in plugin_tables.items() if isinstance(v, dict)}
             bad = [k for k, v in plugin_tables.items() if not isinstance(v, dict)]
             if bad:
                 raise UsageError(f"{source}: [plugins] entry '{bad[0]}' must be a table of options")
+            values["plugin_options"] = plugin_tables
             if active is not None:
-                kwargs["plugins"] = _names(f"{source}: [plugins] active", active)
-        elif isinstance(plugin_tables, list):
-            kwargs["plugins"] = _names(f"{source}: plugins", plugin_tables)
+                values["plugins"] = active
         elif plugin_tables is not None:
-            raise UsageError(f"{source}: 'plugins' must be a list of names or a table")
+            values["plugins"] = plugin_tables
+        options = run_options()
         for key, value in data.items():
             name = key.replace("-", "_")
-            if name == "plugin_options":
-                if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
-                    raise UsageError(f"{source}: '{key}' must be a table of tables, one per plugin")
-                kwargs.setdefault("plugin_options", {}).update({k: dict(v) for k, v in value.items()})
-                continue
-            if name not in known:
-                raise UsageError(f"{source}: unknown key '{key}'{did_you_mean(name, known)} "
+            if name not in options:
+                raise UsageError(f"{source}: unknown key '{key}'{did_you_mean(name, options)} "
                                  "(see `lscape run --help` for the options)")
-            kwargs[name] = value
-        if "plugin_options" in kwargs:
-            # tables for plugins not listed in `plugins` activate them too
-            listed = kwargs.get("plugins") or []
-            kwargs["plugins"] = list(dict.fromkeys([*listed, *kwargs["plugin_options"]]))
-        return cls(**kwargs).check_types(source)
+            if name == "plugin_options" and "plugin_options" in values:
+                value = {**values["plugin_options"], **tables(value)} if isinstance(value, Mapping) else value
+            values[name] = value
+        cfg = cls().merged(values, where)
+        if cfg.plugin_options:  # tables for plugins not listed in `plugins` activate them too
+            cfg.plugins = list(dict.fromkeys([*(cfg.plugins or []), *cfg.plugin_options]))
+        return cfg
 
     @classmethod
     def stored(cls, reader: Any) -> "RunConfig":
@@ -139,9 +383,15 @@ class RunConfig:
         cfg.plugin_options = {k: dict(v) for k, v in plugin_options.items()}
         return cfg
 
-    def merged(self, overrides: Mapping[str, Any]) -> "RunConfig":
-        """A copy with the non-None ``overrides`` applied (command line over file)."""
+    def merged(self, overrides: Mapping[str, Any], source: Spelling = PYTHON) -> "RunConfig":
+        """A copy with the non-None ``overrides`` applied (command line over file), each
+        converted to its option's type; ``source`` is where they were given."""
+        options = run_options()
+        unknown = sorted(set(overrides) - set(options))
+        if unknown:
+            raise UsageError(f"unknown run option '{unknown[0]}'{did_you_mean(unknown[0], options)}")
         values = dataclasses.asdict(self)
+        sources = dict(self.sources)
         # the run's length is one choice: --steps on the command line replaces the file's epochs
         for given, other in (("steps", "epochs"), ("epochs", "steps")):
             if overrides.get(given) is not None and overrides.get(other) is None:
@@ -149,161 +399,66 @@ class RunConfig:
         for key, value in overrides.items():
             if value is None:
                 continue
-            if not isinstance(value, Mapping) or not isinstance(values.get(key), Mapping):
-                values[key] = value  # check_types() names a wrong type
-            elif key in ("model_opts", "data_opts", "optimizer_opts"):
-                values[key] = {**values[key], **value}
+            value = options[key].convert(value, source)
+            if key in ("model_opts", "data_opts", "optimizer_opts"):
+                value = {**values[key], **value}
             elif key == "plugin_options":
                 merged = {k: dict(v) for k, v in values[key].items()}
                 for plugin, opts in value.items():
-                    if not isinstance(opts, Mapping):
-                        raise UsageError(f"options of plugin '{plugin}' must be a table of KEY = VALUE")
                     merged.setdefault(plugin, {}).update(opts)
-                values[key] = merged
-            else:
-                values[key] = value
-        return RunConfig(**values)
-
-    def check_types(self, source: str = "") -> "RunConfig":
-        """Check the kind of every value (text, table, list, flag); returns self.
-
-        Numbers are checked by ``validate()``; this catches what a config file can hold
-        but the engine cannot use (a list for ``model``, a string for ``model_opts``).
-        """
-        where = f"{source}: " if source else ""
-
-        def bad(name: str, what: str, value: Any) -> UsageError:
-            shown = repr(value)
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            return UsageError(f"{where}'{name}' must be {what}, got {shown}")
-
-        for name in ("model", "data", "loss", "optimizer", "lr_schedule", "device", "on_nan", "precision", "strategy"):
-            if not isinstance(getattr(self, name), str):
-                raise bad(name, "text", getattr(self, name))
-        for name in ("eval_schedule", "checkpoint_schedule", "out", "resume", "adapter", "name"):
-            value = getattr(self, name)
-            if isinstance(value, os.PathLike):
-                value = os.fspath(value)
-                setattr(self, name, value)
-            if value is not None and not isinstance(value, str):
-                raise bad(name, "text", value)
-        for name in ("out", "resume"):
-            value = getattr(self, name)
-            if value is not None and not value.strip():
-                raise UsageError(f"{where}--{name} must be a path, got '{value}'")
-        for name in ("model_opts", "data_opts", "optimizer_opts", "plugin_options"):
-            value = getattr(self, name)
-            if value is None:
-                setattr(self, name, {})
-            elif not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-                raise bad(name, "a table of KEY = VALUE", value)
-        for plugin, opts in self.plugin_options.items():
-            if not isinstance(opts, Mapping) or not all(isinstance(k, str) for k in opts):
-                raise bad(f"plugins.{plugin}", "a table of KEY = VALUE", opts)
-        for name in ("nesterov", "progress", "drop_last"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "true or false", getattr(self, name))
-        if self.plugins is not None and not isinstance(self.plugins, str):
-            self.plugins = _names(f"{where}plugins", self.plugins)
-        if self.disable is None:
-            self.disable = []
-        elif isinstance(self.disable, str):
-            self.disable = [self.disable]
-        else:
-            self.disable = _names(f"{where}disable", self.disable)
-        return self
+                value = merged
+            values[key] = value
+            sources[key] = source
+        out = RunConfig(**values)
+        out.sources = sources
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration, as stored in the run's attributes."""
         return dataclasses.asdict(self)
 
+    def check(self) -> dict[str, Any]:
+        """Every value checked against its option, and the options against each other, in
+        the words of where each was given; returns the checked values (typed: ``"0.5"`` →
+        ``0.5``). Pure: changes nothing. Raises ``UsageError`` on the first bad value."""
+        options = run_options()
+        values = {name: opt.check(getattr(self, name), self._source(name)) for name, opt in options.items()}
+
+        def spelled(name: str) -> str:
+            return options[name].spelled(self._source(name))
+
+        if values["epochs"] is not None and values["steps"] is not None:
+            raise UsageError(f"give {spelled('epochs')} or {spelled('steps')}, not both")
+        if values["strategy"] == "fsdp" and values["precision"] == "fp16":
+            raise UsageError(f"{spelled('precision')} fp16 (a GradScaler) does not combine with {spelled('strategy')} "
+                             f"fsdp; use {spelled('precision')} bf16")
+        if values["regime"] is not None and values["lr_schedule"].split(":", 1)[0] != "constant":
+            raise UsageError(f"a regime sets the learning rate per epoch: use it with {spelled('lr_schedule')} "
+                             "constant")
+        return values
+
     def validate(self) -> "RunConfig":
-        """Check every value; returns self. Raises ``UsageError`` on the first bad one."""
-        self.check_types()
-        self.lr = _number("lr", self.lr, positive=True)
-        self.momentum = _number("momentum", self.momentum)
-        if not 0 <= self.momentum < 1:
-            raise UsageError(f"--momentum must be in [0, 1), got {self.momentum}")
-        self.weight_decay = _number("weight-decay", self.weight_decay)
-        if self.weight_decay < 0:
-            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if isinstance(self.batch_size, str):
-            if self.batch_size.strip().lower() == "full":
-                self.batch_size = "full"
-            else:
-                self.batch_size = _integer("batch-size", self.batch_size, "a positive integer or 'full'")
-        elif not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool):
-            raise UsageError(f"--batch-size must be a positive integer or 'full', got {self.batch_size!r}")
-        if self.batch_size != "full" and self.batch_size < 1:
-            raise UsageError(f"--batch-size must be a positive integer or 'full', got {self.batch_size}")
-        for name in ("epochs", "steps"):
-            value = getattr(self, name)
-            if value is not None:
-                value = _integer(name, value, "a positive integer")
-                if value < 1:
-                    raise UsageError(f"--{name} must be a positive integer, got {value}")
-                setattr(self, name, value)
-        if self.epochs is not None and self.steps is not None:
-            raise UsageError("give --epochs or --steps, not both")
-        if self.time_limit is not None:
-            self.time_limit = parse_duration(self.time_limit)
-        self.seed = _integer("seed", self.seed, "an integer")
-        if not -2**63 <= self.seed < 2**63:  # what torch.manual_seed takes
-            raise UsageError(f"--seed must be a 64-bit integer (|seed| < 2**63), got {self.seed}")
-        if self.until_loss is not None:
-            self.until_loss = _number("until-loss", self.until_loss)
-        self.until_loss_every = _integer("until-loss-every", self.until_loss_every, "a positive integer")
-        if self.until_loss_every < 1:
-            raise UsageError(f"--until-loss-every must be a positive integer, got {self.until_loss_every}")
-        self.data_seed = _integer("data-seed", self.data_seed, "an integer")
-        if not 0 <= self.data_seed < 2**32:
-            raise UsageError(f"--data-seed must be an integer in [0, 2**32), got {self.data_seed}")
-        if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise UsageError(f"--device must be cpu or cuda, got '{self.device}'")
-        for name in ("workers", "micro_batch_size", "nan_check_every"):
-            value = getattr(self, name)
-            if value is not None:
-                value = _integer(name.replace("_", "-"), value, "a non-negative integer")
-                if value < (0 if name == "workers" else 1):
-                    raise UsageError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'workers' else '>= 1'}, "
-                                     f"got {value}")
-                setattr(self, name, value)
-        self.precision = self.precision.strip().lower()
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
-        self.strategy = self.strategy.strip().lower()
-        if self.strategy not in STRATEGIES:
-            raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
-        if self.strategy == "fsdp" and self.precision == "fp16":
-            raise UsageError("--precision fp16 (a GradScaler) does not combine with --strategy fsdp; use --precision bf16")
-        if not isinstance(self.compile, (bool, str)) or (isinstance(self.compile, str) and not self.compile.strip()):
-            raise UsageError(f"compile must be true/false or a torch.compile backend name, got {self.compile!r}")
-        if self.on_nan not in ("stop", "continue"):
-            raise UsageError(f"on_nan must be 'stop' or 'continue', got '{self.on_nan}'")
-        kind = self.lr_schedule.split(":", 1)[0]
-        if kind not in LR_SCHEDULES:
-            raise UsageError(f"bad --lr-schedule '{self.lr_schedule}': use constant, step:EPOCH,EPOCH:GAMMA or cosine")
-        if kind == "step":
-            parse_step_schedule(self.lr_schedule)
-        if self.regime is not None:
-            self.regime = _regime(self.regime)
-            if kind != "constant":
-                raise UsageError("a regime sets the learning rate per epoch: use it with --lr-schedule constant")
+        """``check()``, then normalisation: the checked values, and the defaults that depend
+        on other options, are written into this config; returns self."""
+        values = self.check()
+        for name, value in values.items():
+            setattr(self, name, value)
         if self.checkpoint_schedule is None:
             # every epoch, but not every step of full-batch training
             self.checkpoint_schedule = "every:100" if self.batch_size == "full" else "epoch"
         if self.eval_schedule is None:
             self.eval_schedule = "every:10" if self.batch_size == "full" else "epoch"
-        for name in ("eval_schedule", "checkpoint_schedule"):
-            Schedule.parse(getattr(self, name))
         if self.plugins is None:
             self.plugins = list(DEFAULT_PLUGINS)
-        elif isinstance(self.plugins, str):
-            self.plugins = [self.plugins]
-        for name in self.plugins:
-            if not name.strip() or name.startswith("."):  # neither a plugin nor an importable module
-                raise UsageError(f"unknown plugin '{name}' (see `lscape plugins`)")
+        if self.disable is None:
+            self.disable = []
+        for name in ("model_opts", "data_opts", "optimizer_opts", "plugin_options"):
+            if getattr(self, name) is None:
+                setattr(self, name, {})
         return self
+
+    def _source(self, name: str) -> Spelling:
+        return self.sources.get(name, PYTHON)
 
     @property
     def total_epochs(self) -> int | None:
@@ -312,6 +467,14 @@ class RunConfig:
         if self.steps is None and self.time_limit is None:
             return self.DEFAULT_EPOCHS
         return None
+
+
+def run_options() -> dict[str, Option]:
+    """The table of run options: one ``Option`` per ``RunConfig`` field, by field name."""
+    return dict(_OPTIONS)
+
+
+_OPTIONS = {f.name: dataclasses.replace(f.metadata[OPTION], name=f.name) for f in dataclasses.fields(RunConfig)}
 
 
 def parse_step_schedule(text: str) -> tuple[list[int], float]:
@@ -339,63 +502,31 @@ def load_toml(path: str | Path) -> RunConfig:
     return RunConfig.from_mapping(data, source=str(p))
 
 
-def _names(what: str, value: Any) -> list[str]:
-    """A list of plugin names; anything else is a ``UsageError``."""
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise UsageError(f"{what} must be a list of plugin names, got {value!r}"[:200])
-    return list(value)
-
-
-def _number(name: str, value: Any, positive: bool = False) -> float:
-    """``value`` as a finite float; ``name`` is an option (``lr`` → "--lr") or a phrase."""
-    label = name if " " in name else f"--{name}"
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        out = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{label} must be a number, got '{value}'") from None
-    if not math.isfinite(out) or (positive and out <= 0):
-        raise UsageError(f"{label} must be a {'positive ' if positive else ''}finite number, got '{value}'")
-    if abs(out) > _FLOAT32_MAX:  # torch casts it to the parameters' float32 and overflows
-        raise UsageError(f"{label} must be at most {_FLOAT32_MAX:.4g} in size, got '{value}'")
-    return out
-
-
-def _integer(name: str, value: Any, what: str) -> int:
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return int(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"--{name} must be {what}, got '{value}'") from None
-
-
 def _regime(regime: Any) -> dict[str, dict[str, float]]:
+    """``{epoch: {lr, momentum, weight_decay}}`` checked with those options' own checks."""
     if not isinstance(regime, Mapping):
-        raise UsageError("regime must be a table {epoch = {lr = ..., momentum = ..., weight_decay = ...}}")
+        raise ValueError("{option} must be a table {epoch = {lr = ..., momentum = ..., weight_decay = ...}}")
     out: dict[str, dict[str, float]] = {}
     for epoch, settings in regime.items():
         try:
             e = int(epoch)
         except ValueError:
-            raise UsageError(f"regime key '{epoch}' is not an epoch number") from None
+            raise ValueError(f"{{option}} key '{epoch}' is not an epoch number") from None
         if not isinstance(settings, Mapping):
-            raise UsageError(f"regime entry {epoch} must be a table of settings")
+            raise ValueError(f"{{option}} entry {epoch} must be a table of settings")
         bad = set(settings) - {"lr", "momentum", "weight_decay", "optimizer"}
         if bad:
-            raise UsageError(f"regime entry {epoch}: unknown setting '{sorted(bad)[0]}' (lr, momentum, weight_decay)")
+            raise ValueError(f"{{option}} entry {epoch}: unknown setting '{sorted(bad)[0]}' (lr, momentum, "
+                             "weight_decay)")
         checked = {}
         for key, value in settings.items():
             if key == "optimizer":
                 continue
-            number = _number(f"regime {epoch}.{key}", value, positive=key == "lr")
-            if key == "momentum" and not 0 <= number < 1 or key == "weight_decay" and number < 0:
-                raise UsageError(f"regime entry {epoch}: {key} = {number} is out of range")
-            checked[key] = number
+            try:
+                checked[key] = _OPTIONS[key].check(value)
+            except UsageError:
+                raise ValueError(f"{{option}} entry {epoch}: {key} = {value!r} is out of range "
+                                 f"({_OPTIONS[key].what or _OPTIONS[key].within})") from None
         out[str(e)] = checked
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+

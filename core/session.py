@@ -33,23 +33,28 @@ from torch import nn
 from . import __version__
 from .batch import BatchAdapter, batch_size_of
 from .checkpoint import load_plugin_states, plugin_states, truncate_after
-from .config import RunConfig
+from .config import RunConfig, run_options
 from .context import RunContext, StepState
 from .data import close_fetchers
 from .errors import DivergedError, UsageError
 from .events import EventDriver
 from .lifecycle import evaluate, mark_ended, root_attrs
 from .manager import get_plugin_manager
+from .options import PYTHON
 from .probe import Plugin
 from .resume import mark_resumed
 from .store import GroupWriter, RunStore, store_exists
 
 __all__ = ["attach", "Session"]
 
+#: the run options whose attach keywords share their names, defaults and checks
+_RUN = run_options()
+
 
 def attach(model: nn.Module, optimizer: Any = None, loss_fn: Callable | str | None = None, train_data: Any = None,
            eval_data: Any = None, plugins: Iterable[str] = (), plugin_options: Mapping[str, Mapping[str, Any]] | None = None,
-           out: str | None = None, seed: int = 0, progress: bool = True, *, disable: Iterable[str] = (),
+           out: str | None = _RUN["out"].default, seed: int = _RUN["seed"].default,
+           progress: bool = _RUN["progress"].default, *, disable: Iterable[str] = (),
            adapter: Callable | None = None, batch_size: int | str | None = None, total_steps: int | None = None,
            steps_per_epoch: int | None = None, resume: bool = False,
            pm: pluggy.PluginManager | None = None) -> "Session":
@@ -378,25 +383,20 @@ class _NoTrainData:
 
 def _config(model, optimizer, loss_fn, adapter, train_data, lr, momentum, batch_size, plugins, plugin_options,
             disable, out, seed, progress, total_steps) -> RunConfig:
-    """The run's config as far as the objects can be described (names, not rebuildable)."""
+    """The run's config as far as the objects can be described (names, not rebuildable);
+    the keywords given to ``attach`` are checked as the run options of the same names."""
     if loss_fn is None:
         loss = "model" if adapter is None else _describe(adapter)
     else:
         loss = loss_fn if isinstance(loss_fn, str) else _describe(loss_fn)
-    if batch_size is not None and batch_size != "full":
-        try:
-            batch_size = int(batch_size)
-        except (TypeError, ValueError):
-            raise UsageError(f"bad batch_size {batch_size!r}: a number of samples or 'full'") from None
-        if batch_size < 1:
-            raise UsageError(f"bad batch_size {batch_size}: must be >= 1")
-    options = {str(k): dict(v) for k, v in (plugin_options or {}).items()}
+    given = {"batch_size": batch_size, "plugins": plugins, "plugin_options": plugin_options, "out": out,
+             "seed": seed, "progress": progress, "disable": list(disable)}
+    for name, value in given.items():
+        _RUN[name].check(value, PYTHON)
     return RunConfig(model=_describe(model), data=_describe(train_data) if train_data is not None else "none",
-                     loss=loss, optimizer=_describe(optimizer) if optimizer is not None else "none", lr=lr,
-                     momentum=momentum, batch_size=batch_size if batch_size is not None else 0,
-                     steps=total_steps, plugins=list(plugins), plugin_options=options, disable=list(disable),
-                     out=None if out is None else str(out), seed=int(seed), progress=bool(progress),
-                     eval_schedule="never", checkpoint_schedule="never")
+                     loss=loss, optimizer=_describe(optimizer) if optimizer is not None else "none").merged(
+        {**given, "lr": lr, "momentum": momentum, "batch_size": 0 if batch_size is None else batch_size,
+         "steps": total_steps, "eval_schedule": "never", "checkpoint_schedule": "never"}, PYTHON)
 
 
 def _describe(obj: Any) -> str:

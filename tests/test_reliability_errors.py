@@ -48,6 +48,9 @@ CASES = [
     ("a plugin option that is infinite", [*RUN, "--plugin", "sharpness", "-o", "sharpness.tol=inf", "--out", "o.zarr"],
      None),
     ("`nan` in a TOML experiment file", [*RUN, "--config", "exp.toml", "--out", "o.zarr"], "toml-nan"),
+    ("a run option out of its range", [*RUN, "--momentum", "1.5", "--out", "o.zarr"], None),
+    ("a run option of the wrong type in a TOML file (named by its key)", [*RUN, "--config", "exp.toml", "--out",
+                                                                          "o.zarr"], "toml-type"),
     ("an integer option that is infinite", [*RUN, "--plugin", "hessian", "-o", "hessian.k=inf", "--out", "o.zarr"],
      None),
     ("a model factory raising RuntimeError", [*RUN, "--model", "helpers_reliability:raises_runtime", "--out", "o.zarr"],
@@ -105,6 +108,8 @@ def _prepare(what, here: Path, finished: Path) -> None:
         (here / "afile").write_text("a file\n")
     if what == "toml-nan":
         (here / "exp.toml").write_text("[plugins.sharpness]\ntol = nan\n")
+    if what == "toml-type":
+        (here / "exp.toml").write_text('compile = "yes"\n')
     if what == "other.pt":
         torch.save({"net.1.weight": torch.zeros(3, 3)}, here / "other.pt")
     if what == "pickled.pt":

@@ -88,7 +88,7 @@ def test_the_data_seed_is_apart_from_the_training_seed(tmp_path):
     (x0, w0), (x1, w1), (x2, _) = split(seed=0), split(seed=1), split(seed=0, data_seed=3)
     assert torch_equal(x0, x1) and not torch_equal(w0, w1)  # --seed: same data, another initialisation
     assert not torch_equal(x0, x2)
-    with pytest.raises(UsageError, match="--data-seed"):
+    with pytest.raises(UsageError, match="data_seed="):
         lscape.api.make_config(data_seed="x").validate()
 
 
@@ -384,7 +384,8 @@ def test_every_config_key_is_reachable_from_the_command_line():
     from lscape.cli import run as run_command
     from lscape.config import RunConfig
 
-    flags = {opt.lstrip("-").replace("-", "_") for p in run_command.params for opt in getattr(p, "opts", [])}
+    flags = {opt.lstrip("-").replace("-", "_") for p in run_command.params
+             for opt in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]}
     covered = {"model_opts": "model_opt", "data_opts": "data_opt", "optimizer_opts": "optimizer_opt",
                "plugins": "plugin", "plugin_options": "o", "progress": "no_progress", "regime": "regime"}
     missing = [f.name for f in dataclasses.fields(RunConfig) if covered.get(f.name, f.name) not in flags]
