@@ -35,15 +35,16 @@ from .lifecycle import (activate_plugins, broadcast, check_workload, default_out
                         run_device, stop_on_signals)
 from .manager import Registry, build_registry, get_plugin_manager
 from .probe import Plugin, StepOwner
-from .resume import ResumePoint, config_for_resume, extension_attrs, mark_resumed, objects_for, restore
+from .resume import EXTENDABLE, ResumePoint, config_for_resume, extension_attrs, mark_resumed, objects_for, restore
 from .schedule import Schedule
 from .sharding import check_sharded_plugins, full_model_state, init_single_group, shard_model
 from .store import RunStore, store_exists
 from .training import NULL_CONTEXT, Precision, UntilLoss, apply_regime, finite, set_lr
 
 # ``evaluate``, ``load_checkpoint``, ``call_hook`` and ``Interrupted`` were defined here before
-# lscape.lifecycle, lscape.checkpoint and lscape.events held them: the old imports still work.
-__all__ = ["Engine", "RunResult", "Interrupted", "evaluate", "load_checkpoint", "call_hook"]
+# lscape.lifecycle, lscape.checkpoint and lscape.events held them: the old imports still work
+# (the CLI takes ``EXTENDABLE``, lscape.resume's, from here).
+__all__ = ["Engine", "RunResult", "Interrupted", "evaluate", "load_checkpoint", "call_hook", "EXTENDABLE"]
 
 
 @dataclass
