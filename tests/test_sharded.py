@@ -77,8 +77,12 @@ def _records(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--micro-batch-size", "5"]], ids=["batch", "micro-batches"])
-def test_fsdp_two_processes_equals_single_process_and_rank0_alone_writes(tmp_path, extra):
+@pytest.mark.parametrize("extra, rtol", [([], 2e-6), (["--micro-batch-size", "5"], 2e-6),
+                                         (["--precision", "bf16"], 1e-2)], ids=["batch", "micro-batches", "bf16"])
+def test_fsdp_two_processes_equals_single_process_and_rank0_alone_writes(tmp_path, extra, rtol):
+    """fp32: float32 sums in another order (each rank's shard of the batch, reduce-scatter),
+    measured ~2e-7 relative. bf16 (autocast in one process, FSDP's policy on two): bf16
+    roundings of differently split sums, measured ~2e-3 relative on the loss."""
     single = tmp_path / "single.zarr"
     proc = _lscape([*ARGS, *extra, "--out", str(single)], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -89,10 +93,9 @@ def test_fsdp_two_processes_equals_single_process_and_rank0_alone_writes(tmp_pat
     assert b.attrs["status"] == "completed" and b.attrs["config"]["strategy"] == "fsdp"
     la, lb = a.read("train")["loss"], b.read("train")["loss"]
     assert len(lb) == 12
-    # float32 sums in another order (each rank's shard of the batch, reduce-scatter): ~1e-7 relative
-    np.testing.assert_allclose(lb, la, rtol=2e-6)
+    np.testing.assert_allclose(lb, la, rtol=rtol)
     for name in ("grad_norm", "param_norm", "dist_from_init", "update_size"):
-        np.testing.assert_allclose(b.read("grad-norm")[name], a.read("grad-norm")[name], rtol=2e-5, err_msg=name)
+        np.testing.assert_allclose(b.read("grad-norm")[name], a.read("grad-norm")[name], rtol=10 * rtol, err_msg=name)
     # rank 0 alone wrote the store; the other rank only its DCP shard files inside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fsdp.zarr", "single.zarr"]  # (before measure below)
     latest = zarr.open_group(str(sharded), mode="r")["checkpoints"].attrs["latest"]
@@ -106,7 +109,7 @@ def test_fsdp_two_processes_equals_single_process_and_rank0_alone_writes(tmp_pat
     assert full_b["sharded"] == {"dcp": f"{latest}.dcp", "world_size": 2}
     assert full_b["model"].keys() == full_a.keys()
     for key in full_a:
-        torch.testing.assert_close(full_b["model"][key], full_a[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(full_b["model"][key], full_a[key], rtol=100 * rtol, atol=100 * rtol)
     shown = _lscape(["show", str(sharded)], tmp_path)
     assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
     if not extra:  # lscape measure of an FSDP store: the full model, measured on a plain one (curvature too)
