@@ -25,7 +25,8 @@ from lscape.store import RunReader
 
 ARGS = ["run", "--data", "synthetic", "--data-opt", "n=96", "--data-opt", "dim=6", "--data-opt", "classes=3",
         "--model-opt", "widths=12,10", "--model-opt", "activation=tanh", "--batch-size", "24", "--steps", "12",
-        "--momentum", "0.9", "--plugin", "grad-norm", "--no-progress"]
+        "--momentum", "0.9", "--plugin", "grad-norm", "--plugin", "trajectory", "-o", "trajectory.dim=8",
+        "-o", "trajectory.gradient=true", "--no-progress"]
 
 KILLER = textwrap.dedent('''
     """Test plugin: every rank SIGKILLs itself at the start of step $KILL_AT (no flush, no hooks)."""
@@ -96,6 +97,10 @@ def test_fsdp_two_processes_equals_single_process_and_rank0_alone_writes(tmp_pat
     np.testing.assert_allclose(lb, la, rtol=rtol)
     for name in ("grad_norm", "param_norm", "dist_from_init", "update_size"):
         np.testing.assert_allclose(b.read("grad-norm")[name], a.read("grad-norm")[name], rtol=10 * rtol, err_msg=name)
+    tol = max(rtol, 1e-5)  # projected θ and ∇L_B: coordinates near 0 too
+    for name in ("theta", "grad", "loss", "path_length"):
+        np.testing.assert_allclose(b.read("trajectory")[name], a.read("trajectory")[name], rtol=tol, atol=tol,
+                                   err_msg=name)
     # rank 0 alone wrote the store; the other rank only its DCP shard files inside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fsdp.zarr", "single.zarr"]  # (before measure below)
     latest = zarr.open_group(str(sharded), mode="r")["checkpoints"].attrs["latest"]
