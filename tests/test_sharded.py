@@ -4,7 +4,8 @@ The loss curve equals the one-process run within float32 summation tolerance; ra
 writes the store (every rank writes only its Distributed Checkpoint shard files, inside the
 store's ``checkpoints/step_N.dcp`` group); SIGKILL + ``--resume`` stores bitwise what an
 uninterrupted FSDP run stores; resuming on one process reshards; a plugin that cannot run
-on a sharded model is one line, exit 2, nothing written. The wrapping rule is unit-tested.
+on a sharded model is one line, exit 2, nothing written; gradient clipping and Adam on the
+shards equal the unsharded model's. The wrapping rule is unit-tested.
 """
 
 import os
@@ -49,6 +50,47 @@ KILLER = textwrap.dedent('''
     @hookimpl
     def register_plugins(register):
         register(Killer)
+''')
+
+
+CLIP = textwrap.dedent('''
+    """Gradient clipping and an optimizer on FSDP2-sharded parameters (lscape.sharding.shard_model)
+    against the same model unsharded in the same process: equal to float32 tolerance."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from lscape.sharding import shard_model
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Sequential(nn.Linear(7, 7), nn.Tanh()), nn.Linear(7, 3))
+
+
+    plain, sharded = make(), shard_model(make())
+    opt_plain, opt_sharded = torch.optim.Adam(plain.parameters(), lr=0.1), torch.optim.Adam(sharded.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    for _ in range(3):
+        for opt in (opt_plain, opt_sharded):
+            opt.zero_grad()
+        nn.functional.cross_entropy(plain(x), y).backward()
+        nn.functional.cross_entropy(sharded(x[rank::2]), y[rank::2]).backward()  # halves: their mean is the batch's
+        norm_plain = nn.utils.clip_grad_norm_(plain.parameters(), 0.1)
+        norm_sharded = nn.utils.clip_grad_norm_(sharded.parameters(), 0.1)
+        torch.testing.assert_close(norm_sharded.full_tensor(), norm_plain)
+        for p, q in zip(plain.parameters(), sharded.parameters()):
+            torch.testing.assert_close(q.grad.full_tensor(), p.grad)
+        opt_plain.step()
+        opt_sharded.step()
+    for p, q in zip(plain.parameters(), sharded.parameters()):
+        torch.testing.assert_close(q.full_tensor(), p)
+    print(f"rank {rank} OK", flush=True)
+    dist.destroy_process_group()
 ''')
 
 
@@ -177,6 +219,16 @@ def test_refused_under_fsdp_in_one_line_before_anything_is_written(tmp_path, ext
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_gradient_clipping_and_optimizer_on_sharded_parameters(tmp_path):
+    (tmp_path / "clip.py").write_text(CLIP)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_free_port()), "clip.py"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 OK" in proc.stdout and "rank 1 OK" in proc.stdout
 
 
 class _Block(nn.Module):
