@@ -91,7 +91,8 @@ def _run_options(*names: str, measuring: bool = False):
 def run(config_path, trust_store, **given):
     """Train a model and record what the active plugins measure."""
     from lscape.config import RunConfig, load_toml, run_options
-    from lscape.engine import EXTENDABLE, Engine
+    from lscape.engine import Engine
+    from lscape.resume import EXTENDABLE
     from lscape.options import CLI
 
     given = {k: v for k, v in given.items() if v is not None}

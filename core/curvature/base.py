@@ -63,8 +63,12 @@ class CurvatureOperator:
     whose product uses it (default: at most 8 listed batches and no ``chunk``; a cached
     operator describes the parameters at its first product); ``seed`` fixes dropout masks
     (train mode) and any sampling; ``chunk`` splits every batch into pieces of at most that
-    many samples; ``fd_eps``/``fd_offset`` the finite-difference step and denominator
-    offset. After each product ``peak_memory`` holds the peak CUDA bytes (None on the CPU).
+    many samples; ``fd_eps``/``fd_offset`` the finite-difference step (None: the per-dtype
+    rule of :func:`lscape.curvature.products.fd_step`) and denominator offset;
+    ``fd_richardson`` Richardson-extrapolated finite differences. With ``method="auto"``
+    the first product chooses the product (:func:`lscape.curvature.products.ladder`) and
+    records it in ``method``, ``method_reason`` and ``method_check``; see :meth:`describe`.
+    After each product ``peak_memory`` holds the peak CUDA bytes (None on the CPU).
     """
 
     #: the registry name of the matrix (``kind``)
@@ -73,6 +77,9 @@ class CurvatureOperator:
     product: ClassVar[str | None] = None
     #: whether the matrix needs the loss as a function of the output (a separable loss)
     needs_output_loss: ClassVar[bool] = False
+    #: whether parameters and vectors are sharded across ranks (each rank a slice): inner
+    #: products are then summed over ranks, not averaged. No built-in operator is (FSDP: to come)
+    sharded: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -85,16 +92,23 @@ class CurvatureOperator:
         cache_graph: bool | None = None,
         seed: int = 0,
         chunk: int | None = None,
-        fd_eps: float = 1e-3,
+        fd_eps: float | None = None,
         fd_offset: float = 0.0,
+        fd_richardson: bool = False,
     ):
         if mode not in MODES:
             raise CurvatureArgumentError(f"unknown mode {mode!r}; choose 'eval' or 'train'", "mode")
         if chunk is not None and int(chunk) < 1:
             raise CurvatureArgumentError(f"chunk must be a positive number of samples, not {chunk}", "chunk")
-        if fd_eps <= 0:
+        if fd_eps is not None and fd_eps <= 0:
             raise CurvatureArgumentError(f"the finite-difference step fd_eps must be positive, not {fd_eps}", "fd_eps")
         self.method = products.choose_method(method, self.product)
+        #: why ``method`` is the product used ("auto": decided on the first product by the ladder)
+        self.method_reason: str | None = (
+            f"the matrix's own product (kind={self.name})" if self.product is not None
+            else None if self.method == "auto" else f"asked for (method={self.method})")
+        #: the ladder's measurements on the first product (method="auto"), else None
+        self.method_check: dict[str, Any] | None = None
         self.model = model
         self.adapter = as_adapter(loss_fn)
         self.loss_fn = self.adapter.loss_fn
@@ -107,8 +121,15 @@ class CurvatureOperator:
         self.kind = self.name
         self.seed = seed
         self.chunk = int(chunk) if chunk is not None else None
-        self.fd_eps = float(fd_eps)
+        self.fd_eps = float(fd_eps) if fd_eps is not None else None
         self.fd_offset = float(fd_offset)
+        self.fd_richardson = bool(fd_richardson)
+        #: largest relative error estimate of a finite-difference product so far (None: none made)
+        self.product_error: float | None = None
+        #: ‖θ‖ of the selected parameters (the finite-difference step rule), once computed
+        self.theta_norm: float | None = None
+        #: error rows of a finite-difference product waiting for their reduction
+        self.pending_error: Any = None
         self.dim = lparams.numel(self.params)
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
@@ -164,19 +185,34 @@ class CurvatureOperator:
         over ranks and divided by the global sample count. The one method a derived matrix
         (preconditioned, scaled, shifted) overrides."""
         with model_state(self.model, self.mode), torch.enable_grad():  # probes may run under no_grad
-            total = products.PRODUCTS[self.method](self, vs)
-        return distributed.all_reduce_(total).div_(self.num_samples)
+            if self.method == "auto":  # the first product: choose the product (and record why)
+                return products.ladder(self, vs)
+            return products.reduce_product(self, products.PRODUCTS[self.method](self, vs))
 
     def gradient(self) -> torch.Tensor:
         """The size-weighted mean gradient over the operator's batches (flat, all-reduced)."""
-        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         with model_state(self.model, self.mode), torch.enable_grad():
-            for i, batch in enumerate(self.iter_batches()):
-                with self.batch_rng(i):
-                    loss = self.batch_loss(batch)
-                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-                total += batch_size_of(batch) * lparams.flatten(grads, like=self.params).detach()
+            total = self.gradient_sum()
         return distributed.all_reduce_(total).div_(self.num_samples)
+
+    def gradient_sum(self) -> torch.Tensor:
+        """Σ_b n_b ∇L_b over this rank's batches (flat, not reduced), at the parameters as they
+        are, in the current module state: the gradient path every gradient of the operator
+        takes (finite-difference products too)."""
+        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        for i, batch in enumerate(self.iter_batches()):
+            with self.batch_rng(i):
+                loss = self.batch_loss(batch)
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            total += batch_size_of(batch) * lparams.flatten(grads, like=self.params).detach()
+        return total
+
+    def describe(self) -> dict[str, Any]:
+        """The product in use and its error, for the record (probes store it in their attrs):
+        ``method``, ``method_reason``, ``product_error`` (relative, finite differences; None
+        otherwise), ``fd_richardson`` and ``check`` (the ladder's measurements, or None)."""
+        return {"method": self.method, "method_reason": self.method_reason, "product_error": self.product_error,
+                "fd_richardson": self.fd_richardson, "check": self.method_check}
 
     def loss(self) -> float:
         """The size-weighted mean loss over the operator's batches (all-reduced)."""

@@ -6,13 +6,20 @@ they are summed across ranks and divided by the global number of samples. Dot pr
 replicated vectors are already equal on every rank up to rounding; they are averaged so
 that every rank takes bitwise-identical decisions (convergence tests, Ritz values).
 Everything here is a no-op unless ``torch.distributed`` is initialised.
+
+Sharded vectors (each rank holding its own slice of the parameters and of every vector,
+as under FSDP) need a *sum* of the local partial dots instead of their mean: the
+functions taking ``sharded`` do that, and the finite-difference products and the ladder
+(:mod:`lscape.curvature.products`) pass the operator's ``sharded`` flag to them. A
+sharded operator, and the Lanczos/trace code passing ``sharded`` through, are future work
+(issue 22, item 2); with ``sharded=False`` nothing changes.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["is_distributed", "world_size", "all_reduce_", "dot", "dots", "norm"]
+__all__ = ["is_distributed", "world_size", "all_reduce_", "dot", "dots", "norm", "row_norms"]
 
 
 def is_distributed() -> bool:
@@ -51,3 +58,11 @@ def dots(rows: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def norm(a: torch.Tensor) -> torch.Tensor:
     """Euclidean norm of a flat vector, identical on every rank."""
     return dot(a, a).clamp_min(0).sqrt()
+
+
+def row_norms(rows: torch.Tensor, sharded: bool = False) -> torch.Tensor:
+    """Euclidean norms of the rows of a (c, d) block, one reduction for all rows, identical on
+    every rank: local squares averaged over ranks for replicated rows, summed for ``sharded``
+    ones (each rank holding a slice of every row). Computed in float64."""
+    squares = (rows.detach().double() ** 2).sum(dim=1)
+    return all_reduce_(squares, op="sum" if sharded else "mean").clamp_min(0).sqrt()

@@ -9,6 +9,7 @@ of the Rayleigh quotient, and reports its honest residual next to it.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,6 +17,9 @@ from typing import Any, Protocol
 import torch
 
 from lscape.curvature import distributed
+from lscape.curvature._basis import BLOCK, Basis, dots64, norm64
+from lscape.curvature._ritz import gap_scale as _gap_scale
+from lscape.curvature._ritz import ritz, select
 from lscape.errors import UsageError
 
 __all__ = ["EigenResult", "lanczos", "power_iteration", "LinearOperator", "WHICH"]
@@ -45,7 +49,12 @@ class EigenResult:
     ``verified`` whether the fresh-direction check ran and passed (None when not asked);
     ``spare_vectors`` the next Ritz vectors beyond the k wanted ones (``spare``: 1 for k = 1, else 2) (warm starts keep them,
     so a swap between λ_k and λ_{k+1} is seen at once); ``tol_floor`` the smallest relative
-    tolerance the operator's dtype can certify for each pair.
+    tolerance the operator's dtype can certify for each pair; ``memory`` (Lanczos only) what the basis
+    held: ``basis_vectors`` (allocated basis rows, in blocks of 16), ``remainder_vectors``,
+    ``final_vectors``, ``bytes_per_vector``, ``basis_bytes`` and ``peak_bytes`` (the solver's
+    share of the peak: add the model and one product's autograd graph), ``basis_dtype``,
+    ``basis_device``, ``budget_bytes``, ``capacity`` (basis rows the budget allows), ``reorth``
+    ("full" or "thick-restart") and ``restarts``.
     """
 
     eigenvalues: torch.Tensor
@@ -57,6 +66,7 @@ class EigenResult:
     verified: bool | None = None
     spare_vectors: torch.Tensor | None = None
     tol_floor: torch.Tensor | None = None
+    memory: dict[str, Any] | None = None
 
     @property
     def all_converged(self) -> bool:
@@ -70,8 +80,8 @@ class EigenResult:
         return torch.cat([self.eigenvectors, self.spare_vectors.to(self.eigenvectors.dtype)])
 
 
-# Basis and products are kept in float64 while they fit in this many bytes (both together).
-_FLOAT64_BYTES = 4 * 2**30
+# The basis is kept in float64 while it fits in this many bytes.
+_FLOAT64_BYTES = 256 * 2**20
 
 
 def lanczos(
@@ -86,33 +96,64 @@ def lanczos(
     fresh: int | None = None,
     verify: int | None = None,
     spare: int | None = None,
+    basis_device: str | torch.device | None = None,
+    memory_budget: int | None = None,
 ) -> EigenResult:
-    """The ``k`` extreme eigenpairs of the symmetric operator ``op`` by block Lanczos with
-    Rayleigh–Ritz on the whole basis.
+    """The ``k`` extreme eigenpairs of the symmetric operator ``op`` by Lanczos with full
+    reorthogonalisation and Rayleigh–Ritz on the whole basis.
 
     ``which`` "LA" largest algebraic, "LM" largest magnitude, "SA" smallest algebraic.
 
     Start block: the rows of ``v0`` (a flat vector, or a (j, dim) block such as the previous
     measurement's :meth:`EigenResult.warm_start`) plus ``fresh`` random directions (default:
     one with a warm start, so a warm start never hides an eigenvalue the previous vectors
-    miss; a cold start is one random vector). The basis grows by the orthogonalised residual
-    of the worst unconverged wanted Ritz pair (for one start vector this is exactly Lanczos
-    with full reorthogonalisation, two Gram–Schmidt passes). Ritz pairs come from the
-    projected matrix Qᵀ(HQ) built from the stored products, so any basis, of any number of
-    start vectors, gives exact Rayleigh–Ritz.
+    miss; a cold start is one random vector). The basis grows by the residual direction of
+    the worst unconverged wanted Ritz pair (for one start vector this is exactly Lanczos with
+    full reorthogonalisation: two block Gram–Schmidt passes, ``c = Q w``, ``w -= cᵀQ``).
+
+    Memory: only the basis is stored, never the products: each product is kept as float64
+    coefficients on the basis and on a small block of remainder directions (see
+    ``lscape.curvature._basis``), so the Ritz residuals are exact sums of squares of small
+    vectors. Peak memory = model + autograd graph of one product + (m + u + 2k + spare)
+    vectors of ``dim`` entries (m basis vectors ≤ the products spent, u remainder directions:
+    1 for a cold start, ≤ start rows + 2 otherwise; at the end k Ritz vectors, their k
+    products and the spare vectors), held on ``basis_device`` (default: the operator's
+    device; ``"cpu"`` keeps the basis in host memory while products run on the GPU). The
+    basis is float64 for float64 operators or when it is small (≤ 256 MB), else the
+    operator's dtype, with dot products accumulated in float64. ``memory_budget`` (bytes for
+    the basis; default a quarter of the basis device's memory) caps m: when the basis would
+    not fit, Lanczos is *thick-restarted* — the wanted and spare Ritz vectors are kept, the
+    rest dropped, and the search goes on from their exact residual directions. This costs no
+    accuracy in the returned pairs (residuals are still exact and the stopping rule the
+    same) but convergence is slower — more products, typically 1.5–3× for a capacity of a
+    few times k — and a missed near-tie is found later. The choice is recorded in
+    :attr:`EigenResult.memory`.
 
     Stopping rule: every wanted pair has ‖H y − θ y‖ ≤ ``tol``·|θ| (some eigenvalue lies
-    within the residual of every Ritz value, typically within its square over the gap).
+    within the residual of every Ritz value) and, while searching, also ‖H y − θ y‖²/gap ≤
+    ``tol``²·|θ| with gap the distance to the nearest other Ritz value (Kato–Temple: the Ritz
+    value is then within tol²·|θ| of an eigenvalue). The second term matters only for near
+    ties: a Ritz vector mixing two eigenvalues closer than the residual passes the first test
+    alone and one member of the tie is then never resolved (returned as the next eigenvalue,
+    converged and verified); it costs a few more products only where gaps are tight.
+    Before stopping, the residuals are *recomputed* with one fresh product per wanted Ritz
+    vector (k products), and those true residuals decide ``converged``; if they sit above the
+    in-loop ones because of the products' own rounding, the search tightens and, when it
+    cannot go lower, stops with one warning naming that floor.
     Residuals cannot see an eigenvalue the basis missed (a member of a tight cluster, a
     second copy of a multiple eigenvalue, the top of a near-tied pair after a warm start), so
     when ``k > 1`` or the start was warm, convergence is then *verified*: a fresh random
-    direction orthogonal to the basis is added and its Krylov sequence grown ``verify``
-    products (default 4, or 1 for a warm-started k = 1; 0 switches the check off); if the wanted Ritz values move by more
-    than the tolerance or a pair becomes unconverged, the search resumes and is verified
-    again. ``converged`` is true only for pairs that met the residual rule after a passed
-    check. A tolerance below what the dtype can certify (about 10·eps·max|θ|) stops at that
-    floor, reports those pairs unconverged and warns. At most ``max_iter`` products
-    (default min(dim, 300)).
+    direction orthogonal to the basis is added and its Krylov sequence grown at least
+    ``verify`` products (default 4, or 1 for a warm-started k = 1; 0 switches the check off),
+    and for as long as the best Ritz pair beyond the k-th (the guard) is neither converged
+    nor clearly separated from the k-th (its interval θ ± residual on the far side): an
+    eigenvalue the basis misses shows up there as a rising, unconverged Ritz value. If the
+    wanted Ritz values move by more than the tolerance or a pair becomes unconverged, the
+    search resumes and is verified again. ``converged`` is true only for pairs that met the
+    residual rule after a passed check. A tolerance below what the dtype can certify (about
+    10·eps·max|θ|) stops at that floor, reports those pairs unconverged and warns. At most
+    ``max_iter`` products in the search (default min(dim, 300)), plus the k final ones; a
+    search that ends there unconverged warns.
     """
     which = which.upper()
     if which not in WHICH:
@@ -125,6 +166,7 @@ def lanczos(
     max_iter = min(dim, max_iter if max_iter is not None else 300)
     max_iter = max(max_iter, min(k, dim))
     dtype, device = _dtype_device(op, v0)
+    bdev = torch.device(basis_device) if basis_device is not None else torch.device(device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     starts = _start_rows(v0, dim)
     warm = starts is not None
@@ -132,100 +174,77 @@ def lanczos(
         fresh = 1 if warm else 0
     if verify is None:
         verify = 4 if k > 1 else (1 if warm else 0)
-    store = torch.float64 if (dtype == torch.float64 or 16 * dim * (max_iter + 1) <= _FLOAT64_BYTES) else dtype
-    eps = float(torch.finfo(dtype).eps)
     if spare is None:
         spare = 1 if k == 1 else 2
-    gram_floor = 4 * float(torch.finfo(store).eps) ** 0.5
-
-    basis = _Rows(dim, store, device)
-    products = _Rows(dim, store, device)
-    T = torch.zeros(0, 0, dtype=torch.float64)
-    G = torch.zeros(0, 0, dtype=torch.float64)
+    store = torch.float64 if (dtype == torch.float64 or 8 * dim * (max_iter + 1) <= _FLOAT64_BYTES) else dtype
+    eps = float(torch.finfo(dtype).eps)
+    bytes_per_vector = dim * torch.empty(0, dtype=store).element_size()
+    budget = int(memory_budget) if memory_budget is not None else _default_budget(bdev)
+    extra = 2 * k + spare + (len(starts) if starts is not None else 0) + fresh + 2  # remainders, final vectors
+    keep_on_restart = k + spare + 1
+    capacity = max(budget // bytes_per_vector - extra, keep_on_restart + max(verify, 1) + 2)
+    basis = Basis(dim, store, bdev, block=min(BLOCK, capacity))  # blocks never overshoot the capacity
+    reorth = "full" if capacity >= max_iter else "thick-restart"
     num_products = 0
+    restarts = 0
 
     def randn() -> torch.Tensor:
-        return torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=store, device=device)
+        return torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=store, device=bdev)
 
-    def add(direction: torch.Tensor) -> bool:
-        """Orthonormalise ``direction`` against the basis, multiply it, extend T and G."""
-        nonlocal T, G, num_products
-        q = direction.to(dtype=store, device=device)
-        n0 = float(distributed.norm(q))
-        if n0 == 0.0 or not torch.isfinite(torch.tensor(n0)):
+    def add(direction: torch.Tensor | None) -> bool:
+        nonlocal num_products
+        if direction is None or len(basis) >= dim:
             return False
-        q = q / n0
-        for _ in range(2):
-            if len(basis):
-                q = q - basis.view().T @ distributed.dots(basis.view(), q)
-        n = float(distributed.norm(q))
-        if n <= 1e-8:  # dependent on the basis (in the working precision)
+        q = basis.new_direction(direction)
+        if q is None:
             return False
-        q = q / n
-        w = op.matvec(q.to(dtype)).to(store)
+        w = op.matvec(q.to(dtype=dtype, device=device))
         num_products += 1
-        m = len(basis)
-        basis.append(q)
-        products.append(w)
-        tq = distributed.dots(basis.view(), w).double().cpu()  # q_i · H q_m, i ≤ m
-        # q_m · H q_i, i < m: products in a low precision are not exactly symmetric, and the
-        # residual identity ‖HQs − θQs‖² = sᵀGs − θ² needs the symmetric part of the exact
-        # projection Qᵀ(HQ), both triangles (else it is off by √eps of the operator).
-        tr = distributed.dots(products.view()[:m], q).double().cpu() if m else tq[:0]
-        gq = distributed.dots(products.view(), w).double().cpu()
-        T2 = torch.zeros(m + 1, m + 1, dtype=torch.float64)
-        G2 = torch.zeros(m + 1, m + 1, dtype=torch.float64)
-        T2[:m, :m], G2[:m, :m] = T, G
-        T2[:, m] = tq
-        T2[m, :m] = tr
-        G2[m, :], G2[:, m] = gq, gq
-        T, G = T2, G2
+        basis.append(q, w)
         return True
 
     def add_random() -> bool:
-        for _ in range(3):
-            if len(basis) >= dim:
-                return False
-            if add(randn()):
-                return True
-        return False
+        return any(add(randn()) for _ in range(3))
 
     # The start block.
     if starts is not None:
         for row in starts:
             if num_products < max_iter:
                 add(row)
-    fresh_seq: list[int] = []  # product rows of the start block's fresh directions (grown first when verifying)
+    fresh_seq: list[int] = []  # basis rows of the start block's fresh directions (grown first when verifying)
     for _ in range(fresh if warm else 1):
         if num_products < max_iter and add_random():
-            fresh_seq.append(len(products) - 1)
+            fresh_seq.append(len(basis) - 1)
     if not len(basis):
         add_random()
 
     verifying = 0  # products left in the current verification round
+    round_steps = 0  # products added in the current round
     snapshot = None  # wanted Ritz values when the round started
     verified: bool | None = None if verify == 0 else False
+    tighten = 1.0  # internal tolerance factor, lowered when the true residuals disagree
+    floor_hit: list[tuple[float, float]] = []  # (value, true residual) of pairs stuck at the products' floor
+    history: list[tuple[float, torch.Tensor]] = []  # (worst relative residual, wanted Ritz values) per pass
     while True:
-        theta, s = torch.linalg.eigh((T + T.T) / 2)
+        theta, S, res = ritz(basis.T, basis.B)
         m = len(basis)
-        wanted = _select(theta, min(k, m), which)
+        wanted = select(theta, min(k, m), which)
         scale = float(theta.abs().max()) or 1.0
         floor = 10 * eps * scale
-        res = _gram_residuals(theta, s, G)
-        bound = torch.maximum(tol * theta.abs(), torch.full_like(theta, floor))
+        bound = torch.maximum(tol * tighten * _gap_scale(theta), torch.full_like(theta, floor))
         ok = res <= bound
-        # The Gram estimate loses digits below √eps·max|θ|: there, residuals are computed
-        # from the vectors (only near convergence, only for the wanted pairs).
-        unsure = [int(i) for i in wanted
-                  if float(res[int(i)]) <= gram_floor * scale and float(bound[int(i)]) < gram_floor * scale]
-        if unsure and all(bool(ok[int(i)]) or int(i) in unsure for i in wanted):
-            idx = torch.tensor(unsure)
-            coef = s[:, idx].T.to(store).to(device)
-            r = coef @ products.view() - theta[idx].to(store).to(device)[:, None] * (coef @ basis.view())
-            res = res.clone()
-            res[idx] = r.norm(dim=1).double().cpu()
-            ok = res <= bound
         done = m >= k and bool(ok[wanted].all()) and m >= min_iter
+        worst_rel = float((res[wanted] / theta[wanted].abs().clamp_min(1e-300)).max())
+        history.append((worst_rel, theta[wanted].clone()))
+        stall = max(30, 6 * k)
+        if not done and not verifying and len(history) > stall and _stalled(history, stall):
+            # No progress in `stall` passes and the Ritz values stand still: the products' own
+            # rounding is the floor.
+            final = _final_pairs(op, basis, theta, S, wanted, dtype, device)
+            num_products += len(wanted)
+            floor_hit = [(float(v), float(r)) for v, r in zip(final[1], final[2])
+                         if float(r) > tol * abs(float(v))]
+            break
         if verifying:
             changed = snapshot is not None and (
                 len(snapshot) != len(wanted)
@@ -237,66 +256,101 @@ def lanczos(
                 verifying -= 1
                 if verifying == 0:
                     verified = True
-                    break
-        elif done:
-            if verify == 0 or verified:
-                break
-            verifying, snapshot = verify, theta[wanted].clone()
+        elif done and verify and not verified:
+            verifying, round_steps, snapshot = verify, 0, theta[wanted].clone()
+        finished = done and (verify == 0 or bool(verified))
         if m >= dim:  # the basis spans the space: Rayleigh–Ritz is exact, nothing can be missed
             verified = True if verify else None
-            break
+            finished = True
+        if finished:
+            final = _final_pairs(op, basis, theta, S, wanted, dtype, device)
+            num_products += len(wanted)
+            values, residuals = final[1], final[2]
+            bad = residuals > torch.maximum(tol * values.abs(), torch.full_like(values, floor))
+            if not bool(bad.any()) or m >= dim or num_products >= max_iter or tighten < 0.1:
+                if bool(bad.any()):
+                    floor_hit = [(float(values[i]), float(residuals[i])) for i in range(len(values)) if bad[i]]
+                break
+            tighten *= 0.25  # the in-loop residuals were optimistic: search on below them
+            continue
         if num_products >= max_iter:
+            final = _final_pairs(op, basis, theta, S, wanted, dtype, device)
+            num_products += len(wanted)
             break
+        if m >= capacity:  # the budget is full: thick restart on the wanted and spare Ritz vectors
+            basis.restart(S[:, select(theta, min(keep_on_restart, m), which)])
+            restarts += 1
+            fresh_seq.clear()  # a verification round goes on from the kept vectors' residuals
+            continue
         if verifying:
             # Grow the fresh direction's Krylov sequence: a random start, then its last product.
-            if verifying == verify and warm and fresh_seq:
-                # The start block's fresh direction has been multiplied once: grow its sequence.
-                grown = add(products.view()[fresh_seq.pop(0)])
-            elif verifying == verify:
+            if round_steps == 0 and warm and fresh_seq:
+                grown = add(basis.remainder(_unit(m, fresh_seq.pop(0))))
+            elif round_steps == 0:
                 grown = add_random()
             else:
-                grown = add(products.view()[-1])
+                grown = add(basis.remainder(_unit(m, m - 1)))
+            round_steps += 1
             if not grown and not add_random():
+                final = _final_pairs(op, basis, theta, S, wanted, dtype, device)
+                num_products += len(wanted)
                 break
             continue
-        # The residual of the worst unconverged wanted pair (exactly Lanczos for one start).
+        # The residual direction of the worst unconverged wanted pair (exactly Lanczos for one start).
         pending = [int(i) for i in wanted if not bool(ok[int(i)])] or [int(i) for i in wanted]
         worst = max(pending, key=lambda i: float(res[i] / bound[i]))
-        coef = s[:, worst].to(store).to(device)
-        direction = coef @ products.view() - float(theta[worst]) * (coef @ basis.view())
-        if not add(direction) and not add_random():
+        if not add(basis.remainder(S[:, worst])) and not add_random():
+            final = _final_pairs(op, basis, theta, S, wanted, dtype, device)
+            num_products += len(wanted)
             break
 
-    # Final pairs from the stored products, by linearity; honest residuals.
-    theta, s = torch.linalg.eigh((T + T.T) / 2)
+    y, values, residuals = final
     m = len(basis)
-    order = _select(theta, m, which)
-    wanted, spare_idx = order[: min(k, m)], order[min(k, m) : min(k, m) + spare]
-    coef = s[:, wanted].T.to(store).to(device)
-    y = coef @ basis.view()
-    hy = coef @ products.view()
-    norms = y.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    y, hy = y / norms, hy / norms
-    values = (y * hy).sum(dim=1).double().cpu()
-    residuals = (hy - values.to(store).to(device)[:, None] * y).norm(dim=1).double().cpu()
-    scale = float(theta.abs().max()) or 1.0
-    floor = 10 * eps * scale
+    order = select(theta, m, which)
+    spare_idx = order[len(wanted) : len(wanted) + spare]
     attainable = tol * values.abs() >= floor
     if not bool(attainable.all()):
         warnings.warn(f"lanczos: tol={tol:g} is below what {str(dtype).replace('torch.', '')} products can certify "
                       f"for {int((~attainable).sum())} of {len(values)} eigenvalues (residual floor ≈ {floor:.1e}); "
                       f"they are reported unconverged", RuntimeWarning, stacklevel=2)
+    elif floor_hit:
+        worst_rel = max(r / max(abs(v), 1e-300) for v, r in floor_hit)
+        warnings.warn(f"lanczos: tol={tol:g} cannot be reached for {len(floor_hit)} of {len(values)} eigenvalues: "
+                      f"the products' rounding floor is ≈ {worst_rel:.1e} relative (true residual after "
+                      f"{num_products} products); they are reported unconverged", RuntimeWarning, stacklevel=2)
     converged = (residuals <= tol * values.abs()) & attainable
     if verify and not verified:
         converged = torch.zeros_like(converged)
+    if not bool(converged.all()) and bool(attainable.all()) and not floor_hit:
+        worst_rel = float((residuals / values.abs().clamp_min(1e-300)).max())
+        why = "verification did not finish" if bool((residuals <= tol * values.abs()).all()) else \
+            f"worst relative residual {worst_rel:.1e}"
+        warnings.warn(f"lanczos: stopped after {num_products} products (max_iter={max_iter}) with "
+                      f"{int((~converged).sum())} of {len(values)} pairs unconverged ({why})",
+                      RuntimeWarning, stacklevel=2)
     spares = None
     if len(spare_idx):
-        sc = s[:, spare_idx].T.to(store).to(device)
-        spares = sc @ basis.view()
-        spares = (spares / spares.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(dtype)
+        spares = basis.Q.combine(S[:, spare_idx])
+        spares = (spares / spares.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(dtype=dtype, device=device)
+    bpv = basis.bytes_per_vector
+    final_vectors = 2 * len(values) + len(spare_idx)
+    memory = {
+        "basis_vectors": basis.Q.peak_rows,
+        "remainder_vectors": basis.peak_u,
+        "final_vectors": final_vectors,
+        "bytes_per_vector": bpv,
+        "basis_bytes": basis.peak_vectors() * bpv,
+        "peak_bytes": (basis.peak_vectors() + final_vectors) * bpv,
+        "basis_dtype": str(store).replace("torch.", ""),
+        "basis_device": str(bdev),
+        "budget_bytes": budget,
+        "capacity": int(capacity),
+        "reorth": reorth,
+        "restarts": restarts,
+    }
     return EigenResult(
         eigenvalues=values,
-        eigenvectors=y.to(dtype),
+        eigenvectors=y.to(dtype=dtype, device=device),
         residuals=residuals,
         converged=converged,
         num_products=num_products,
@@ -304,35 +358,52 @@ def lanczos(
         verified=verified,
         spare_vectors=spares,
         tol_floor=torch.full_like(values, floor) / values.abs().clamp_min(1e-300),
+        memory=memory,
     )
 
 
-class _Rows:
-    """A growable (m, dim) block of rows, preallocated in chunks."""
-
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device):
-        self.data = torch.zeros(0, dim, dtype=dtype, device=device)
-        self.m = 0
-
-    def append(self, row: torch.Tensor) -> None:
-        if self.m == self.data.shape[0]:
-            grow = max(16, self.data.shape[0])
-            self.data = torch.cat([self.data, torch.zeros(grow, self.data.shape[1], dtype=self.data.dtype,
-                                                          device=self.data.device)])
-        self.data[self.m] = row
-        self.m += 1
-
-    def view(self) -> torch.Tensor:
-        return self.data[: self.m]
-
-    def __len__(self) -> int:
-        return self.m
+def _final_pairs(op, basis: Basis, theta, S, wanted, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The wanted Ritz vectors, their Rayleigh quotients and *true* residuals from fresh products."""
+    y = basis.Q.combine(S[:, wanted])
+    y = y / y.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    values = torch.zeros(len(y), dtype=torch.float64)
+    residuals = torch.zeros(len(y), dtype=torch.float64)
+    for i in range(len(y)):
+        hy = op.matvec(y[i].to(dtype=dtype, device=device)).to(dtype=y.dtype, device=y.device)
+        values[i] = float(dots64(y[i][None], hy)[0]) / max(float(dots64(y[i][None], y[i])[0]), 1e-300)
+        residuals[i] = norm64(hy - float(values[i]) * y[i])
+    return y, values, residuals
 
 
-def _gram_residuals(theta: torch.Tensor, s: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """‖(HQ)ᵀs − θ Qᵀs‖ for every Ritz pair from the Gram matrix G = (HQ)(HQ)ᵀ (Q orthonormal)."""
-    sq = (s * (G @ s)).sum(dim=0) - theta**2
-    return sq.clamp_min(0).sqrt()
+def _stalled(history: list[tuple[float, torch.Tensor]], stall: int) -> bool:
+    """The residuals did not halve over the last ``stall`` passes while the wanted Ritz values
+    moved less than those residuals: what a floor of product rounding looks like (a slow but
+    real convergence moves the Ritz values)."""
+    recent, before = history[-stall:], history[:-stall]
+    best_recent, best_before = min(r for r, _ in recent), min(r for r, _ in before)
+    if best_recent <= 0.5 * best_before:
+        return False
+    first, last = recent[0][1], recent[-1][1]
+    if first.shape != last.shape:
+        return False
+    moved = float(((last - first).abs() / last.abs().clamp_min(1e-300)).max())
+    return moved < best_recent
+
+
+def _unit(m: int, i: int) -> torch.Tensor:
+    e = torch.zeros(m, dtype=torch.float64)
+    e[i] = 1.0
+    return e
+
+
+def _default_budget(device: torch.device) -> int:
+    """A quarter of the device's memory (host RAM for the CPU)."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory // 4
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return 4 * 2**30
 
 
 def _start_rows(v0: torch.Tensor | None, dim: int) -> torch.Tensor | None:
@@ -421,15 +492,6 @@ def _dtype_device(op: Any, v0: torch.Tensor | None) -> tuple[torch.dtype, torch.
     dtype = getattr(op, "dtype", None) or (v0.dtype if v0 is not None else torch.float32)
     device = getattr(op, "device", None) or (v0.device if v0 is not None else torch.device("cpu"))
     return dtype, device
-
-
-def _select(values: torch.Tensor, k: int, which: str) -> torch.Tensor:
-    """Indices of the k wanted Ritz values, in the order they are reported."""
-    if which == "LA":
-        return torch.argsort(values, descending=True)[:k]
-    if which == "SA":
-        return torch.argsort(values)[:k]
-    return torch.argsort(values.abs(), descending=True)[:k]
 
 
 def _deflate(v: torch.Tensor, found: list[torch.Tensor]) -> torch.Tensor:

@@ -36,8 +36,9 @@ def HessianOperator(  # noqa: N802 - the public name of the factory since versio
     cache_graph: bool | None = None,
     seed: int = 0,
     chunk: int | None = None,
-    fd_eps: float = 1e-3,
+    fd_eps: float | None = None,
     fd_offset: float = 0.0,
+    fd_richardson: bool = False,
     mc_samples: int = 1,
 ) -> CurvatureOperator:
     """The Hessian (or Gauss–Newton matrix, or a Fisher matrix) of a model's loss as a linear operator.
@@ -50,8 +51,13 @@ def HessianOperator(  # noqa: N802 - the public name of the factory since versio
     (``"fc1.*"``, ``["layer1", "layer2"]``), or a list of the model's parameters; ``mode``
     ``"eval"`` or ``"train"`` (the module mode during products); ``method``
     ``"double-backward"``, ``"forward-over-reverse"``, ``"finite-difference"`` (central
-    differences of exact gradients, (g(θ+εv) − g(θ−εv)) / (2ε + ``fd_offset``), an explicit
-    option for replicating seeds that used it) or ``"auto"``; ``kind`` a registered matrix:
+    differences of gradients on the parameters in place, (g(θ+εv) − g(θ−εv)) / (2ε +
+    ``fd_offset``), ε = ``fd_eps`` or, when None, u^{1/3}·max(1, ‖θ‖)/‖v‖ (u^{1/5} with
+    ``fd_richardson``, which combines ε and ε/2 to O(ε⁴)); the estimated relative error is
+    ``op.product_error``) or ``"auto"`` (the default: on the first product the autograd
+    products are checked against finite differences along one vector, and the first that
+    agrees is used, else finite differences; ``op.method``, ``op.method_reason`` and
+    ``op.describe()`` say which and why); ``kind`` a registered matrix:
 
     - ``"hessian"`` (:class:`lscape.curvature.hessian.Hessian`);
     - ``"ggn"``: Gauss–Newton Jᵀ ∇²_out L J (:class:`lscape.curvature.ggn.GaussNewton`);
@@ -82,7 +88,8 @@ def HessianOperator(  # noqa: N802 - the public name of the factory since versio
                                          f"kind={cls.name}", "mc_samples")
         extra["mc_samples"] = mc_samples
     return cls(model, loss_fn, batches, params=params, mode=mode, method=method, cache_graph=cache_graph,
-               seed=seed, chunk=chunk, fd_eps=fd_eps, fd_offset=fd_offset, **extra)
+               seed=seed, chunk=chunk, fd_eps=fd_eps, fd_offset=fd_offset, fd_richardson=fd_richardson,
+               **extra)
 
 
 def gradient(

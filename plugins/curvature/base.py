@@ -28,7 +28,8 @@ from lscape.data import derived_seed
 from lscape.errors import UsageError
 from lscape.params import select_parameters
 
-__all__ = ["CurvatureProbe", "WarmStart", "CURVATURE_OPTIONS", "KIND_CHOICES", "WHICH_OUTPUT", "make_operator",
+__all__ = ["CurvatureProbe", "WarmStart", "RecordsProducts", "record_products",
+           "CURVATURE_OPTIONS", "KIND_CHOICES", "WHICH_OUTPUT", "make_operator",
            "curvature_batches", "check_curvature", "selected_dim", "parse_groups", "groups_of", "loss_adapter", "usage_error"]
 
 #: the array a selected extreme eigenvalue is stored as
@@ -83,7 +84,8 @@ CURVATURE_OPTIONS = (
            "blocks=layer*) or 'NAME=PATTERN[,PATTERN];NAME=...' (stored with a group dimension)"),
     Option("kind", str, "hessian", "matrix: the Hessian, the Gauss-Newton matrix, the Monte-Carlo Fisher "
            "(cross-entropy), the empirical Fisher, or any registered curvature matrix", choices=KIND_CHOICES),
-    Option("method", str, "auto", "Hessian-vector products (finite-difference: an explicit option)",
+    Option("method", str, "auto", "Hessian-vector products (auto: double backward where it agrees with finite "
+           "differences on the first product, else forward-over-reverse, else finite differences)",
            choices=METHODS),
     Option("chunk", int, None, "split batches into chunks of at most this many samples (memory)", minimum=1),
 )
@@ -188,9 +190,56 @@ def make_operator(probe: Probe, ctx: Any, batches: list[Any], params: Any = None
                      seed=derived_seed(getattr(getattr(ctx, "config", None), "seed", 0), "curvature", probe.name) % (2**31))
     arguments.update(overrides)
     try:
-        return HessianOperator(ctx.model, loss_adapter(ctx), batches, **arguments)
+        op = HessianOperator(ctx.model, loss_adapter(ctx), batches, **arguments)
     except ValueError as err:
         raise usage_error(probe, err) from err
+    made = getattr(probe, "made_operators", None)
+    if made is not None:  # a RecordsProducts probe: its attrs say which product was used
+        made.append(op)
+    return op
+
+
+def record_products(probe: Probe, ctx: Any, operators: Sequence[CurvatureOperator]) -> dict[str, Any]:
+    """Write the product method of ``operators`` (those of one measurement) and its error into
+    the attrs of every store group the probe has written: ``hvp_method`` (the method, or
+    several joined by commas), ``hvp_method_reason`` (why: asked for, or the ladder's
+    finding), ``hvp_product_error`` (the largest relative error estimate of finite-difference
+    products over the run so far; None for autograd products) and ``hvp_check`` (the
+    ladder's measurements on the first product: relative disagreement and tolerance per
+    autograd product, the finite-difference error estimate). Returns the attrs."""
+    described = [op.describe() for op in operators if op.num_products]
+    if not described:
+        return {}
+    methods = list(dict.fromkeys(d["method"] for d in described))
+    errors = [d["product_error"] for d in described if d["product_error"] is not None]
+    previous = getattr(probe, "product_attrs", None) or {}
+    if previous.get("hvp_product_error") is not None:
+        errors.append(previous["hvp_product_error"])
+    attrs = {"hvp_method": ",".join(methods), "hvp_method_reason": described[0]["method_reason"],
+             "hvp_product_error": max(errors) if errors else None,
+             "hvp_check": next((d["check"] for d in described if d["check"]), None)}
+    probe.product_attrs = attrs
+    for writer in getattr(probe, "_writers", {}).values():  # the groups it wrote (main rank only)
+        writer.group.attrs.update(attrs)
+    return attrs
+
+
+class RecordsProducts:
+    """Probe mixin: after each measurement, the product method of the operators it made with
+    :func:`make_operator` and the product error go into the probe's store attrs
+    (:func:`record_products`)."""
+
+    made_operators: list[CurvatureOperator] | None = None
+    product_attrs: dict[str, Any] | None = None
+
+    def run_measure(self, ctx, state) -> dict[str, Any]:
+        self.made_operators = []
+        try:
+            values = super().run_measure(ctx, state)
+            record_products(self, ctx, self.made_operators)
+        finally:
+            self.made_operators = None
+        return values
 
 
 def curvature_batches(probe: Probe, ctx: Any, state: Any) -> list[Any]:
@@ -243,7 +292,7 @@ def groups_of(probe: Probe, ctx: Any) -> list[tuple[str, list[str]]]:
     return probe._groups
 
 
-class CurvatureProbe(Probe):
+class CurvatureProbe(RecordsProducts, Probe):
     """Base of the curvature probes: measured by default on the fixed subset shared by every
     curvature probe, after the backward pass, with :data:`CURVATURE_OPTIONS` (which matrix,
     parameters, groups, mode, product method, chunk). Probes that warm-start Lanczos add the
@@ -251,16 +300,18 @@ class CurvatureProbe(Probe):
 
     A subclass sets ``name``, ``options = CURVATURE_OPTIONS + (...)``, ``outputs`` and
     ``measure``, in which ``self.operator(ctx, batches)`` is the matrix the options describe
-    and ``self.groups(ctx)`` the parameter groups (``[]`` without ``groups``).
+    and ``self.groups(ctx)`` the parameter groups (``[]`` without ``groups``). The product
+    method the operators used and its error are stored in the group's attrs
+    (:class:`RecordsProducts`).
     """
 
     data = "subset"
     at = "after_backward"
     options = CURVATURE_OPTIONS
-    # double backward fails on FSDP2's DTensor parameters: sharded curvature waits for the
-    # finite-difference products of issue 22 (lscape.curvature.products)
-    sharded_note = ("Hessian-vector products by double backward do not work on FSDP2's sharded parameters, "
-                    "and finite-difference products are not there yet (issue 22)")
+    # autograd.grad fails on FSDP2's DTensor parameters; finite-difference products exist
+    # (lscape.curvature.products) but no operator works on sharded vectors yet
+    sharded_note = ("its Hessian-vector products need torch.autograd.grad, which fails on FSDP2's sharded parameters, "
+                    "and the sharded finite-difference operator is not there yet (issue 22)")
     _groups: list[tuple[str, list[str]]] | None = None
 
     def check(self, ctx) -> None:

@@ -9,13 +9,13 @@ import torch
 from lscape import Option, Output, Probe, hookimpl
 from lscape.curvature import METHODS, gradient, lanczos
 from lscape.params import flat_parameters, set_flat_parameters
-from lscape.plugins.curvature.base import WarmStart, loss_adapter, make_operator
 from lscape.optim import sam_edge
+from lscape.plugins.curvature.base import RecordsProducts, WarmStart, loss_adapter, make_operator
 
 __all__ = ["EdgeOfStability", "plot_eos"]
 
 
-class EdgeOfStability(WarmStart, Probe):
+class EdgeOfStability(WarmStart, RecordsProducts, Probe):
     """λ_max (top-k) of the training loss's Hessian with the stability thresholds 2/η and SAM-edge.
 
     On the step's minibatch (the full batch under ``--batch-size full``), at θ_step with
@@ -40,8 +40,9 @@ class EdgeOfStability(WarmStart, Probe):
         Option("mode", str, "train", "module mode for gradients and products", choices=("train", "eval")),
         Option("warm_start", bool, True, "start Lanczos from the previous measurement's eigenvectors"),
         Option("norm", bool, True, "also measure ‖H‖ = largest |λ| (the sam_edge seed's number) by Lanczos LM"),
-        Option("method", str, "auto", "Hessian-vector products: exact (auto) or central finite differences "
-               "of exact gradients (the seed's)", choices=METHODS),
+        Option("method", str, "auto", "Hessian-vector products: auto (double backward, checked against finite "
+               "differences on the first product), or forced; finite-difference with fd_eps is the seed's",
+               choices=METHODS),
         Option("fd_eps", float, 1e-3, "finite-difference step ε (method=finite-difference)", minimum=0.0),
         Option("compat", str, "default", "original: the sam_edge seed's finite-difference HVP, divided by "
                "2ε + 1e-5 (biases every eigenvalue by about −0.5% at ε = 1e-3)", choices=("default", "original")),

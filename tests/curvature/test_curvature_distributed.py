@@ -36,8 +36,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         v = torch.linspace(-1, 1, op.dim, dtype=torch.float64)
         result = lanczos(op, k=2, tol=1e-8)
         trace = hutchpp(op, 30, seed=3)
+        # finite differences: gradients on each rank's shard, θ moved in place, one all-reduce
+        fd = HessianOperator(model, ce, shards[rank], method="finite-difference", fd_richardson=True)
+        fd_hv = fd.matvec(v)
         torch.save({"hv": op.matvec(v), "grad": op.gradient(), "eig": result.eigenvalues,
-                    "trace": trace.estimate, "samples": op.num_samples}, os.path.join(out_dir, f"{rank}.pt"))
+                    "trace": trace.estimate, "samples": op.num_samples, "method": op.method,
+                    "fd_hv": fd_hv, "fd_error": fd.product_error,
+                    "params": [p.detach().clone() for p in model.parameters()]},
+                   os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -65,6 +71,11 @@ def test_two_ranks_reduce_products_to_the_pooled_operator(tmp_path):
         torch.testing.assert_close(got["hv"], pooled.matvec(v), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got["grad"], pooled.gradient(), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got["eig"], expected_eig, rtol=1e-7, atol=0)
+        assert got["method"] == "double-backward"  # the ladder's check, reduced over ranks
+        exact = pooled.matvec(v)
+        assert float(torch.linalg.norm(got["fd_hv"] - exact) / torch.linalg.norm(exact)) <= 3 * got["fd_error"] < 1e-5
+        assert all(torch.equal(a, b) for a, b in zip(got["params"], _problem()[0].parameters()))
     # every rank takes the same decisions and returns bitwise the same numbers
     assert torch.equal(ranks[0]["eig"], ranks[1]["eig"]) and ranks[0]["trace"] == ranks[1]["trace"]
+    assert ranks[0]["fd_error"] == ranks[1]["fd_error"]
     assert ranks[0]["trace"] == pytest.approx(hutchpp(pooled, 30, seed=3).estimate, rel=1e-9)
