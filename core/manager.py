@@ -39,6 +39,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "lscape.plugins.curvature.hessian",
     "lscape.plugins.curvature.hessian_exact",
     "lscape.plugins.curvature.eos",
+    "lscape.plugins.curvature.critical_sharpness",
     # optim
     "lscape.plugins.optim.sam",
     "lscape.plugins.optim.smoothout",

@@ -74,6 +74,10 @@ class Plugin:
             self._writers[key] = writer
         return writer
 
+    def opened_groups(self) -> list[GroupWriter]:
+        """The writers of the groups this plugin has opened so far (none on ranks that do not write)."""
+        return list(self._writers.values())
+
     def store_attrs(self) -> dict[str, Any]:
         """Attributes written on the plugin's group: its options (and schedule)."""
         return {"plugin": self.name, "options": {k: _attr(v) for k, v in vars(self.opts).items()}}

@@ -35,14 +35,15 @@ BASE = dict(data="synthetic", data_opts={"n": 64, "dim": 4, "classes": 3}, model
 # them cheap on the tiny model and make each measure several times, across both kills.
 RUNS = {
     "probes": (["trajectory", "diffusion", "grad-norm", "sharpness", "hessian", "hessian-exact", "landscape",
-                "interpolate", "eps-sharpness", "eos"],
+                "interpolate", "eps-sharpness", "eos", "critical-sharpness"],
                {"diffusion": {"window": 8, "span": 4, "fit_points": 6, "fragment": 4},
                 "sharpness": {"every": 5}, "hessian": {"every": 6, "k": 2, "trace_schedule": "every:9",
                                                         "density_schedule": "every:13", "density_points": 16,
                                                         "density_steps": 8, "density_runs": 2},
                 "hessian-exact": {"every": 8}, "landscape": {"every": 9, "alpha": "-1:1:#5"},
                 "interpolate": {"schedule": "every:10", "alpha": "0:1:#3"},
-                "eps-sharpness": {"every": 10, "iters": 2, "repeats": 1}, "eos": {"every": 5}}),
+                "eps-sharpness": {"every": 10, "iters": 2, "repeats": 1}, "eos": {"every": 5, "batch_sharpness": 2},
+                "critical-sharpness": {"every": 4}}),
     "sam": (["sam", "grad-stats", "trajectory"], {"sam": {"stats": "every:3"}, "grad-stats": {"every": 4},
                                                   "trajectory": {"every": 3, "dim": 5}}),
     "smoothout": (["smoothout", "grad-norm"], {"smoothout": {"stats": "every:3"}}),

@@ -9,7 +9,7 @@ Usable on any model, loss and batches without the engine::
     top.eigenvalues, top.residuals, top.num_products
 
 Layout: ``base.py`` (:class:`CurvatureOperator`, what every matrix shares), one file per
-matrix (``hessian.py``, ``ggn.py``, ``fisher.py``, ``empirical_fisher.py``), ``registry.py``
+matrix (``hessian.py``, ``ggn.py``, ``fisher.py``, ``empirical_fisher.py``, ``preconditioned.py``), ``registry.py``
 (the ``kind`` table), ``products.py`` (how a matrix is applied to vectors), ``operator.py``
 (the ``HessianOperator`` factory).
 """
@@ -27,6 +27,12 @@ from lscape.curvature.lanczos import EigenResult, lanczos, power_iteration
 from lscape.curvature.operator import KINDS, METHODS, MODES, HessianOperator, gradient
 from lscape.curvature.registry import OPERATORS, collect_operators, operator_class, operator_names, register_operator
 from lscape.curvature.trace import TraceEstimate, hutchinson, hutchpp
+from lscape.curvature.preconditioner import (EdgeThreshold, NotSteppedError, Preconditioner, PreconditionerRule,
+                                             edge_threshold, preconditioner, preconditioner_rule,
+                                             register_preconditioner)
+from lscape.curvature.preconditioned import PreconditionedHessian, PreconditionedOperator
+from lscape.curvature.directional import (BatchSharpness, CriticalSharpness, DirectionalCurvature, batch_sharpness,
+                                          critical_sharpness, directional_curvature, random_batches)
 
 __all__ = [
     "HessianOperator",
@@ -60,4 +66,21 @@ __all__ = [
     "DenseSpectrum",
     "DEFAULT_MAX_PARAMS",
     "distributed",
+    "Preconditioner",
+    "PreconditionerRule",
+    "EdgeThreshold",
+    "preconditioner",
+    "edge_threshold",
+    "register_preconditioner",
+    "preconditioner_rule",
+    "NotSteppedError",
+    "PreconditionedOperator",
+    "PreconditionedHessian",
+    "BatchSharpness",
+    "batch_sharpness",
+    "random_batches",
+    "DirectionalCurvature",
+    "directional_curvature",
+    "CriticalSharpness",
+    "critical_sharpness",
 ]

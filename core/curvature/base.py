@@ -80,6 +80,10 @@ class CurvatureOperator:
     #: whether parameters and vectors are sharded across ranks (each rank a slice): inner
     #: products are then summed over ranks, not averaged. No built-in operator is (FSDP: to come)
     sharded: ClassVar[bool] = False
+    #: whether the matrix reads the training optimizer (passed as ``optimizer=``, e.g. its
+    #: preconditioner); probes pass the run's optimizer to such a matrix and ask
+    #: :meth:`check_optimizer` before the store exists
+    needs_optimizer: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -157,6 +161,17 @@ class CurvatureOperator:
             raise CurvatureArgumentError(f"kind={cls.name} needs the loss as a function of the model's output (a "
                                          f"separable loss), not the model's own loss: pass a loss function, or use "
                                          f"kind=hessian", "loss_fn")
+
+    @classmethod
+    def check_optimizer(cls, optimizer: Any) -> None:
+        """Raise :class:`CurvatureArgumentError` (argument ``"optimizer"``) when a matrix that
+        ``needs_optimizer`` cannot be formed for this optimizer (none given, no rule for it)."""
+
+    @classmethod
+    def describe_matrix(cls, optimizer: Any = None) -> dict[str, str]:
+        """What the matrix is, as attributes a probe stores beside its arrays (default none;
+        a derived matrix says e.g. ``{"matrix": "P^-1/2 H P^-1/2 (adam)"}``)."""
+        return {}
 
     # -- the flat-vector contract -----------------------------------------------------------
 

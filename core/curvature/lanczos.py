@@ -20,7 +20,7 @@ from lscape.curvature import distributed
 from lscape.curvature._basis import BLOCK, Basis, dots64, norm64
 from lscape.curvature._ritz import gap_scale as _gap_scale
 from lscape.curvature._ritz import ritz, select
-from lscape.errors import UsageError
+from lscape.curvature.errors import CurvatureArgumentError
 
 __all__ = ["EigenResult", "lanczos", "power_iteration", "LinearOperator", "WHICH"]
 
@@ -155,16 +155,7 @@ def lanczos(
     ``max_iter`` products in the search (default min(dim, 300)), plus the k final ones; a
     search that ends there unconverged warns.
     """
-    which = which.upper()
-    if which not in WHICH:
-        raise UsageError(f"unknown eigenvalue selection {which!r}; choose LA, LM or SA")
-    dim = int(op.dim)
-    if k < 1 or k > dim:
-        raise UsageError(f"k must be between 1 and the operator size {dim}, not {k}")
-    if tol < 0:
-        raise UsageError(f"tol must be non-negative, not {tol}")
-    max_iter = min(dim, max_iter if max_iter is not None else 300)
-    max_iter = max(max_iter, min(k, dim))
+    which, dim, max_iter = _checked(op, k, which, tol, max_iter)
     dtype, device = _dtype_device(op, v0)
     bdev = torch.device(basis_device) if basis_device is not None else torch.device(device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -309,45 +300,15 @@ def lanczos(
     order = select(theta, m, which)
     spare_idx = order[len(wanted) : len(wanted) + spare]
     attainable = tol * values.abs() >= floor
-    if not bool(attainable.all()):
-        warnings.warn(f"lanczos: tol={tol:g} is below what {str(dtype).replace('torch.', '')} products can certify "
-                      f"for {int((~attainable).sum())} of {len(values)} eigenvalues (residual floor ≈ {floor:.1e}); "
-                      f"they are reported unconverged", RuntimeWarning, stacklevel=2)
-    elif floor_hit:
-        worst_rel = max(r / max(abs(v), 1e-300) for v, r in floor_hit)
-        warnings.warn(f"lanczos: tol={tol:g} cannot be reached for {len(floor_hit)} of {len(values)} eigenvalues: "
-                      f"the products' rounding floor is ≈ {worst_rel:.1e} relative (true residual after "
-                      f"{num_products} products); they are reported unconverged", RuntimeWarning, stacklevel=2)
     converged = (residuals <= tol * values.abs()) & attainable
     if verify and not verified:
         converged = torch.zeros_like(converged)
-    if not bool(converged.all()) and bool(attainable.all()) and not floor_hit:
-        worst_rel = float((residuals / values.abs().clamp_min(1e-300)).max())
-        why = "verification did not finish" if bool((residuals <= tol * values.abs()).all()) else \
-            f"worst relative residual {worst_rel:.1e}"
-        warnings.warn(f"lanczos: stopped after {num_products} products (max_iter={max_iter}) with "
-                      f"{int((~converged).sum())} of {len(values)} pairs unconverged ({why})",
-                      RuntimeWarning, stacklevel=2)
+    _warn_unconverged(values, residuals, converged, attainable, floor_hit, tol, floor, dtype, num_products, max_iter)
     spares = None
     if len(spare_idx):
         spares = basis.Q.combine(S[:, spare_idx])
         spares = (spares / spares.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(dtype=dtype, device=device)
-    bpv = basis.bytes_per_vector
-    final_vectors = 2 * len(values) + len(spare_idx)
-    memory = {
-        "basis_vectors": basis.Q.peak_rows,
-        "remainder_vectors": basis.peak_u,
-        "final_vectors": final_vectors,
-        "bytes_per_vector": bpv,
-        "basis_bytes": basis.peak_vectors() * bpv,
-        "peak_bytes": (basis.peak_vectors() + final_vectors) * bpv,
-        "basis_dtype": str(store).replace("torch.", ""),
-        "basis_device": str(bdev),
-        "budget_bytes": budget,
-        "capacity": int(capacity),
-        "reorth": reorth,
-        "restarts": restarts,
-    }
+    memory = _memory_report(basis, 2 * len(values) + len(spare_idx), store, bdev, budget, capacity, reorth, restarts)
     return EigenResult(
         eigenvalues=values,
         eigenvectors=y.to(dtype=dtype, device=device),
@@ -361,6 +322,63 @@ def lanczos(
         memory=memory,
     )
 
+
+
+def _checked(op: Any, k: int, which: str, tol: float, max_iter: int | None) -> tuple[str, int, int]:
+    """The validated ``which``, the operator size and the product cap (ValueError in the
+    library's own words)."""
+    which = which.upper()
+    if which not in WHICH:
+        raise CurvatureArgumentError(f"unknown eigenvalue selection {which!r}; choose LA, LM or SA", "which")
+    dim = int(op.dim)
+    if k < 1 or k > dim:
+        raise CurvatureArgumentError(f"k must be between 1 and the operator size {dim}, not {k}", "k")
+    if tol < 0:
+        raise CurvatureArgumentError(f"tol must be non-negative, not {tol}", "tol")
+    max_iter = min(dim, max_iter if max_iter is not None else 300)
+    return which, dim, max(max_iter, min(k, dim))
+
+
+def _warn_unconverged(values, residuals, converged, attainable, floor_hit, tol, floor, dtype, num_products,
+                      max_iter) -> None:
+    """One warning when pairs come back unconverged, naming why: a tol below what the dtype can
+    certify, the products' rounding floor, or the product cap."""
+    if not bool(attainable.all()):
+        warnings.warn(f"lanczos: tol={tol:g} is below what {str(dtype).replace('torch.', '')} products can certify "
+                      f"for {int((~attainable).sum())} of {len(values)} eigenvalues (residual floor ≈ {floor:.1e}); "
+                      f"they are reported unconverged", RuntimeWarning, stacklevel=3)
+    elif floor_hit:
+        worst_rel = max(r / max(abs(v), 1e-300) for v, r in floor_hit)
+        warnings.warn(f"lanczos: tol={tol:g} cannot be reached for {len(floor_hit)} of {len(values)} eigenvalues: "
+                      f"the products' rounding floor is ≈ {worst_rel:.1e} relative (true residual after "
+                      f"{num_products} products); they are reported unconverged", RuntimeWarning, stacklevel=3)
+    elif not bool(converged.all()):
+        worst_rel = float((residuals / values.abs().clamp_min(1e-300)).max())
+        why = "verification did not finish" if bool((residuals <= tol * values.abs()).all()) else \
+            f"worst relative residual {worst_rel:.1e}"
+        warnings.warn(f"lanczos: stopped after {num_products} products (max_iter={max_iter}) with "
+                      f"{int((~converged).sum())} of {len(values)} pairs unconverged ({why})",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _memory_report(basis: Basis, final_vectors: int, store: torch.dtype, bdev: torch.device, budget: int,
+                   capacity: int, reorth: str, restarts: int) -> dict[str, Any]:
+    """What :attr:`EigenResult.memory` records: the vectors held at the peak and their bytes."""
+    bpv = basis.bytes_per_vector
+    return {
+        "basis_vectors": basis.Q.peak_rows,
+        "remainder_vectors": basis.peak_u,
+        "final_vectors": final_vectors,
+        "bytes_per_vector": bpv,
+        "basis_bytes": basis.peak_vectors() * bpv,
+        "peak_bytes": (basis.peak_vectors() + final_vectors) * bpv,
+        "basis_dtype": str(store).replace("torch.", ""),
+        "basis_device": str(bdev),
+        "budget_bytes": budget,
+        "capacity": int(capacity),
+        "reorth": reorth,
+        "restarts": restarts,
+    }
 
 def _final_pairs(op, basis: Basis, theta, S, wanted, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The wanted Ritz vectors, their Rayleigh quotients and *true* residuals from fresh products."""
@@ -411,7 +429,7 @@ def _start_rows(v0: torch.Tensor | None, dim: int) -> torch.Tensor | None:
         return None
     rows = v0.reshape(1, -1) if v0.ndim == 1 else v0
     if rows.ndim != 2 or rows.shape[1] != dim:
-        raise UsageError(f"start vector has {rows.shape[-1]} entries, the operator acts on {dim}")
+        raise CurvatureArgumentError(f"start vector has {rows.shape[-1]} entries, the operator acts on {dim}", "v0")
     rows = rows[torch.isfinite(rows).all(dim=1)]
     return rows if len(rows) else None
 
@@ -434,7 +452,7 @@ def power_iteration(
     """
     dim = int(op.dim)
     if k < 1 or k > dim:
-        raise UsageError(f"k must be between 1 and the operator size {dim}, not {k}")
+        raise CurvatureArgumentError(f"k must be between 1 and the operator size {dim}, not {k}", "k")
     dtype, device = _dtype_device(op, v0)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     found: list[torch.Tensor] = []

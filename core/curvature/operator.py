@@ -40,6 +40,7 @@ def HessianOperator(  # noqa: N802 - the public name of the factory since versio
     fd_offset: float = 0.0,
     fd_richardson: bool = False,
     mc_samples: int = 1,
+    optimizer: Any = None,
 ) -> CurvatureOperator:
     """The Hessian (or Gauss–Newton matrix, or a Fisher matrix) of a model's loss as a linear operator.
 
@@ -65,7 +66,13 @@ def HessianOperator(  # noqa: N802 - the public name of the factory since versio
       (:class:`lscape.curvature.empirical_fisher.EmpiricalFisher`);
     - ``"fisher"``: the Monte-Carlo Fisher with ``mc_samples`` label draws per row from a
       fixed seed, cross-entropy only (:class:`lscape.curvature.fisher.MonteCarloFisher`);
+    - ``"preconditioned"``: P^{-1/2} H P^{-1/2} with P read from ``optimizer``'s state
+      (:class:`lscape.curvature.preconditioned.PreconditionedHessian`; Adam/AdamW, RMSprop,
+      Adagrad, SGD, or any optimizer taught with :func:`lscape.curvature.register_preconditioner`);
     - any matrix added with :func:`lscape.curvature.register_operator`.
+
+    ``optimizer`` the training optimizer, passed to a matrix that reads it (a class with
+    ``needs_optimizer``, such as ``"preconditioned"``) and ignored by the others.
 
     The GGN and the Fisher matrices need the loss as a function of a tensor output
     (``adapter.criterion``): they are refused for the model's own loss.
@@ -87,6 +94,8 @@ def HessianOperator(  # noqa: N802 - the public name of the factory since versio
             raise CurvatureArgumentError(f"mc_samples applies to Monte-Carlo matrices (kind=fisher), not "
                                          f"kind={cls.name}", "mc_samples")
         extra["mc_samples"] = mc_samples
+    if cls.needs_optimizer:
+        extra["optimizer"] = optimizer
     return cls(model, loss_fn, batches, params=params, mode=mode, method=method, cache_graph=cache_graph,
                seed=seed, chunk=chunk, fd_eps=fd_eps, fd_offset=fd_offset, fd_richardson=fd_richardson,
                **extra)

@@ -17,6 +17,7 @@ from lscape.curvature.errors import CurvatureArgumentError
 from lscape.curvature.fisher import MonteCarloFisher
 from lscape.curvature.ggn import GaussNewton
 from lscape.curvature.hessian import Hessian
+from lscape.curvature.preconditioned import PreconditionedHessian
 
 __all__ = ["OPERATORS", "register_operator", "operator_names", "operator_class", "collect_operators"]
 
@@ -26,6 +27,7 @@ OPERATORS: dict[str, type[CurvatureOperator]] = {
     "ggn": GaussNewton,
     "fisher": MonteCarloFisher,
     "empirical-fisher": EmpiricalFisher,
+    "preconditioned": PreconditionedHessian,
 }
 
 

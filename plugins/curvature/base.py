@@ -20,6 +20,7 @@ from lscape.curvature import (
     METHODS,
     CurvatureOperator,
     HessianOperator,
+    NotSteppedError,
     collect_operators,
     operator_class,
     operator_names,
@@ -174,6 +175,10 @@ def usage_error(probe: Probe, err: ValueError) -> UsageError:
     argument = getattr(err, "argument", None)
     if argument in ("params", "kind", "method", "chunk", "mode", "mc_samples", "fd_eps", "max_params"):
         return UsageError(f"bad value for {probe.name}.{argument}: {err}")
+    if argument == "optimizer":
+        kind = getattr(probe.opts, "kind", None)
+        return UsageError(f"bad value for {probe.name}.kind{f' ({kind})' if kind else ''}: {err} "
+                          f"(the run's optimizer is --optimizer)")
     if argument == "loss_fn":
         return UsageError(f"{probe.name}: {err} (the run's loss is --loss, e.g. --loss ce)")
     return UsageError(f"{probe.name}: {err}")
@@ -185,12 +190,16 @@ def make_operator(probe: Probe, ctx: Any, batches: list[Any], params: Any = None
     arguments the options would give. Bad arguments are :class:`UsageError` naming the option."""
     opts = probe.opts
     arguments = dict(params=params if params is not None else getattr(opts, "params", None),
-                     mode=opts.mode, method=opts.method, kind=getattr(opts, "kind", "hessian"),
+                     mode=opts.mode, method=getattr(opts, "method", "auto"), kind=getattr(opts, "kind", "hessian"),
                      chunk=getattr(opts, "chunk", None),
                      seed=derived_seed(getattr(getattr(ctx, "config", None), "seed", 0), "curvature", probe.name) % (2**31))
     arguments.update(overrides)
+    if operator_class(arguments["kind"]).needs_optimizer:
+        arguments.setdefault("optimizer", getattr(ctx, "optimizer", None))
     try:
         op = HessianOperator(ctx.model, loss_adapter(ctx), batches, **arguments)
+    except NotSteppedError:
+        raise  # not bad input: the optimizer has not updated yet (CurvatureProbe skips the measurement)
     except ValueError as err:
         raise usage_error(probe, err) from err
     made = getattr(probe, "made_operators", None)
@@ -219,7 +228,7 @@ def record_products(probe: Probe, ctx: Any, operators: Sequence[CurvatureOperato
              "hvp_product_error": max(errors) if errors else None,
              "hvp_check": next((d["check"] for d in described if d["check"]), None)}
     probe.product_attrs = attrs
-    for writer in getattr(probe, "_writers", {}).values():  # the groups it wrote (main rank only)
+    for writer in probe.opened_groups():  # the groups it wrote (main rank only)
         writer.group.attrs.update(attrs)
     return attrs
 
@@ -280,7 +289,11 @@ def check_curvature(probe: Probe, ctx: Any) -> None:
         raise UsageError(f"{probe.name}: kind={kind} needs a loss of the model's output (a separable "
                          f"loss); name a loss (--loss ce) instead of --loss model, or use kind=hessian")
     try:
-        operator_class(kind).check_loss(as_adapter(adapter))
+        cls = operator_class(kind)
+        cls.check_loss(as_adapter(adapter))
+        if cls.needs_optimizer:  # e.g. kind=preconditioned with an optimizer it has no rule for
+            cls.check_optimizer(getattr(ctx, "optimizer", None))
+            probe._matrix_attrs = cls.describe_matrix(ctx.optimizer)
     except ValueError as err:  # e.g. kind=fisher without a cross-entropy loss
         raise usage_error(probe, err) from None
 
@@ -313,9 +326,30 @@ class CurvatureProbe(RecordsProducts, Probe):
     sharded_note = ("its Hessian-vector products need torch.autograd.grad, which fails on FSDP2's sharded parameters, "
                     "and the sharded finite-difference operator is not there yet (issue 22)")
     _groups: list[tuple[str, list[str]]] | None = None
+    #: what the matrix is (``matrix``, ``preconditioner_rule``, ...), for a derived ``kind``
+    _matrix_attrs: dict[str, str] | None = None
 
     def check(self, ctx) -> None:
         check_curvature(self, ctx)
+
+    def store_attrs(self) -> dict[str, Any]:
+        attrs = super().store_attrs()
+        attrs.update(self._matrix_attrs or {})
+        return attrs
+
+    def run_measure(self, ctx, state) -> dict[str, Any]:
+        """Measure and record; a matrix read from the optimizer's state (``kind=preconditioned``)
+        has none before the optimizer's first update, so that measurement (step 0) is skipped.
+        ``lscape measure`` rebuilds the optimizer without its state: said in one line."""
+        try:
+            return super().run_measure(ctx, state)
+        except NotSteppedError:
+            store = getattr(ctx, "store", None)
+            if store is not None and getattr(store, "attrs", None) is not None and store.attrs.get("kind") == "measure":
+                raise UsageError(f"{self.name}.kind={getattr(self.opts, 'kind', '?')} reads the optimizer's state, "
+                                 f"which lscape measure does not restore from a checkpoint (yet); measure it "
+                                 f"during the run (lscape run --plugin {self.name})") from None
+            return {}
 
     def batches(self, ctx, state) -> list[Any]:
         return curvature_batches(self, ctx, state)

@@ -120,8 +120,9 @@ def plot_sharpness(runs, out_dir):
         if stored != "lambda_max":  # which=SA or LM: the selected eigenvalue, no 2/η line
             line(ax, d["step"], d[stored], label=f"{name} {stored}", color=colour)
             continue
-        line(ax, d["step"], d["lambda_max"], label=f"{name} λ_max", color=colour)
-        if run.has("train"):
+        matrix = run.group_attrs("sharpness").get("matrix")  # a derived kind (preconditioned): 2/η is not its edge
+        line(ax, d["step"], d["lambda_max"], label=f"{name} λ_max" + (f" of {matrix}" if matrix else ""), color=colour)
+        if run.has("train") and not matrix:
             train = run.read("train")
             if "lr" in train and len(train["lr"]) and len(d["lambda_max"]):
                 lr = np.asarray(train["lr"], dtype=float)
