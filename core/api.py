@@ -136,7 +136,8 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
         base = stored.merged(overrides)
     else:
         base = make_config(None, **overrides)
-    cfg = base.merged({"plugins": plugins, "progress": progress})
+    # a sharded run's checkpoints hold the gathered full model: measured on a plain model unless asked otherwise
+    cfg = base.merged({"plugins": plugins, "progress": progress, "strategy": overrides.get("strategy") or "ddp"})
     cfg.plugin_options = {k: dict(v) for k, v in (plugin_options or {}).items()}
     cfg.disable = ["train-metrics", "progress"]
     if out is None:

@@ -5,11 +5,18 @@ A checkpoint is one ``torch.save`` payload kept as a uint8 array ``checkpoints/s
 engine saves them (:func:`save_checkpoint`), resume loads them (``lscape.resume``),
 ``lscape measure`` and the landscape probes read them (:func:`load_checkpoint`), and a
 resumed run or session drops the rows recorded after one (:func:`truncate_after`).
+
+A sharded run (``--strategy fsdp``) keeps its model and optimizer state, as every rank's
+shards, in Distributed Checkpoint files inside the zarr group ``checkpoints/step_NNNNNNNNN.dcp``
+(:func:`save_sharded_checkpoint`); the array ``checkpoints/step_NNNNNNNNN`` then holds the
+rest (step, data stream, plugin states, RNG), the gathered full model under ``model`` (what
+``lscape measure`` and the landscape probes read) and ``sharded = {"dcp": ..., "world_size": ...}``.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,7 +31,8 @@ if TYPE_CHECKING:
     from .probe import Plugin
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_names", "checkpoint_name",
-           "truncate_after", "plugin_states", "load_plugin_states", "state_mismatch"]
+           "truncate_after", "plugin_states", "load_plugin_states", "state_mismatch", "save_sharded_checkpoint",
+           "load_sharded_checkpoint"]
 
 GROUP = "checkpoints"
 
@@ -48,6 +56,31 @@ def save_checkpoint(store: RunStore, state: dict[str, Any], step: int, epoch: in
                        overwrite=True)[:] = data
     group.attrs.update({"latest": name})
     return name
+
+
+def save_sharded_checkpoint(store: RunStore | None, path: str, step: int, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer, world_size: int) -> dict[str, Any]:
+    """Every rank: write the sharded model and optimizer of ``step`` with Distributed
+    Checkpoint into ``path/checkpoints/step_N.dcp`` (a collective); rank 0 (the one with
+    ``store``) makes that folder a zarr group first. Returns the reference the checkpoint
+    array keeps (``state["sharded"]``)."""
+    from .sharding import DCP_SUFFIX, save_sharded
+
+    folder = checkpoint_name(step) + DCP_SUFFIX
+    if store is not None:
+        group = store.root.require_group(GROUP).require_group(folder)
+        group.attrs.update({"format": "torch.distributed.checkpoint", "step": step, "world_size": world_size})
+    save_sharded(os.path.join(path, GROUP, folder), model, optimizer)
+    return {"dcp": folder, "world_size": world_size}
+
+
+def load_sharded_checkpoint(path: str, state: dict[str, Any], model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer) -> None:
+    """Every rank: load the Distributed Checkpoint a checkpoint ``state`` of the store at
+    ``path`` refers to into the sharded ``model`` and ``optimizer`` (a collective)."""
+    from .sharding import load_sharded
+
+    load_sharded(os.path.join(path, GROUP, state["sharded"]["dcp"]), model, optimizer)
 
 
 def checkpoint_names(root: zarr.Group) -> list[str]:

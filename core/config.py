@@ -27,10 +27,12 @@ from .errors import UsageError, did_you_mean
 from .options import PYTHON, Flag, Option, Spelling, in_file, parse_key_values
 from .schedule import Schedule, parse_duration
 
-__all__ = ["RunConfig", "load_toml", "run_options", "LR_SCHEDULES", "PRECISIONS"]
+__all__ = ["RunConfig", "load_toml", "run_options", "LR_SCHEDULES", "PRECISIONS", "STRATEGIES"]
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: how torchrun's processes share the model: replicated (DDP) or sharded (FSDP2; lscape.sharding)
+STRATEGIES = ("ddp", "fsdp")
 _FLOAT32_MAX = 3.4028234663852886e38
 #: probes active when neither the config file nor the command line names any
 DEFAULT_PLUGINS = ("grad-norm",)
@@ -328,6 +330,9 @@ class RunConfig:
     nan_check_every: int | None = option(
         None, "check the loss for NaN/inf every N steps (one host sync)", integer, within="[1, inf)",
         what="a positive integer", cli=Flag(metavar="N", default_text="1 on CPU, 50 on CUDA"))
+    #: ddp (a full model per rank) or fsdp (FSDP2 shards parameters, gradients, optimizer state)
+    strategy: str = option("ddp", "under torchrun: ddp (a full model per rank) or fsdp (FSDP2 shards it; "
+                           "docs/scaling.md)", parse_precision, choices=STRATEGIES)
 
     #: epochs used when neither epochs, steps nor a time limit is given
     DEFAULT_EPOCHS = DEFAULT_EPOCHS
@@ -432,6 +437,9 @@ class RunConfig:
 
         if values["epochs"] is not None and values["steps"] is not None:
             raise UsageError(f"give {spelled('epochs')} or {spelled('steps')}, not both")
+        if values["strategy"] == "fsdp" and values["precision"] == "fp16":
+            raise UsageError(f"{spelled('precision')} fp16 (a GradScaler) does not combine with {spelled('strategy')} "
+                             f"fsdp; use {spelled('precision')} bf16")
         if values["regime"] is not None and values["lr_schedule"].split(":", 1)[0] != "constant":
             raise UsageError(f"a regime sets the learning rate per epoch: use it with {spelled('lr_schedule')} "
                              "constant")

@@ -25,7 +25,8 @@ from . import __version__, activity
 from .batch import batch_size_of, chunks, shard
 from .build import (build_adapter, build_data, build_loss, build_model, build_optimizer, check_optimizer_params,
                     require_trust, store_imports)
-from .checkpoint import latest_checkpoint, checkpoint_name, load_checkpoint, plugin_states, save_checkpoint
+from .checkpoint import (checkpoint_name, load_checkpoint, plugin_states, save_checkpoint,
+                         save_sharded_checkpoint)
 from .config import RunConfig
 from .context import RunContext, StepState
 from .data import BatchStream, close_fetchers, default_workers, derived_seed
@@ -36,15 +37,17 @@ from .lifecycle import (activate_plugins, broadcast, check_workload, default_out
                         run_device, stop_on_signals)
 from .manager import Registry, build_registry, get_plugin_manager
 from .probe import Plugin, StepOwner
-from .resume import (ResumePlan, ResumePoint, check_length, config_for_resume, extension_attrs, mark_resumed,
-                     objects_for, open_planned, plan_resume, restore_state)
+from .resume import (EXTENDABLE, ResumePlan, ResumePoint, check_length, config_for_resume, extension_attrs,
+                     mark_resumed, objects_for, open_planned, plan_resume, restore_state)
 from .schedule import Schedule
+from .sharding import check_sharded_plugins, full_model_state, init_single_group, shard_model
 from .store import RunReader, RunStore, store_exists
 from .training import NULL_CONTEXT, Precision, UntilLoss, apply_regime, finite, never_negative, set_lr
 
 # ``evaluate``, ``load_checkpoint``, ``call_hook`` and ``Interrupted`` were defined here before
-# lscape.lifecycle, lscape.checkpoint and lscape.events held them: the old imports still work.
-__all__ = ["Engine", "RunResult", "Interrupted", "evaluate", "load_checkpoint", "call_hook"]
+# lscape.lifecycle, lscape.checkpoint and lscape.events held them: the old imports still work
+# (the CLI takes ``EXTENDABLE``, lscape.resume's, from here).
+__all__ = ["Engine", "RunResult", "Interrupted", "evaluate", "load_checkpoint", "call_hook", "EXTENDABLE"]
 
 
 @dataclass
@@ -88,6 +91,9 @@ class Engine:
         self._plan: ResumePlan | None = None
         self._until_loss = UntilLoss()
         self._note: str | None = None
+        self._sharded = False
+        #: the checkpoint this process saved (or resumed from) last
+        self._saved: str | None = None
 
     @property
     def step(self) -> int:
@@ -117,6 +123,15 @@ class Engine:
         self._owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
             torch.distributed.is_available() and torch.distributed.is_initialized())
         rank, world = init_distributed(cfg.device)
+        self._sharded = cfg.strategy == "fsdp"
+        try:
+            return self._build(cfg, rank, world)
+        except BaseException:
+            if self._owns_group and torch.distributed.is_initialized():  # an in-process lscape.run() that failed
+                torch.distributed.destroy_process_group()
+            raise
+
+    def _build(self, cfg: RunConfig, rank: int, world: int) -> RunContext:
         if self.pm is None:
             self.pm = get_plugin_manager()
         if cfg.resume:  # a store can come from anyone: import only what the user trusts
@@ -129,11 +144,18 @@ class Engine:
             raise UsageError(f"{cfg.out} already exists; pass --resume {cfg.out} to continue it, or choose another --out")
         device = run_device(cfg.device, rank, world)
         plugin_classes, modules = resolve_plugins(self.pm, reg, cfg)
+        if self._sharded:
+            check_sharded_plugins(cls for _, cls in plugin_classes)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         built = objects_for(cfg, self.objects)
         train, evaluation = build_data(built["data"], cfg.data_opts, reg.datasets, cfg.data_seed)
         model = build_model(built["model"], cfg.model_opts, reg.models, train).to(device)
+        if self._sharded:  # before the optimizer: it holds the sharded (DTensor) parameters
+            if world == 1 and not torch.distributed.is_initialized():  # FSDP2 needs a process group
+                init_single_group(cfg.device)
+                self._owns_group = True
+            shard_model(model, cfg.precision)
         loss_fn = build_loss(built["loss"], reg.losses)
         if cfg.until_loss is not None and cfg.until_loss < 0 and never_negative(loss_fn):
             raise UsageError(f"--until-loss {cfg.until_loss:g} can never be reached: the loss '{cfg.loss}' is never "
@@ -153,10 +175,10 @@ class Engine:
                          device=device, optimizer=optimizer, registry=reg, stream=stream,
                          steps_per_epoch=stream.steps_per_epoch, rank=rank, world_size=world, adapter=adapter,
                          workers=workers)
-        self._precision = Precision(cfg.precision, device)
+        self._precision = Precision(cfg.precision, device, sharded=self._sharded)
         self._nan_every = cfg.nan_check_every or (50 if device.type == "cuda" else 1)
         self._forward = model
-        if world > 1:
+        if world > 1 and not self._sharded:  # a sharded model reduces its own gradients
             from torch.nn.parallel import DistributedDataParallel
 
             # DDP averages gradients in every backward pass (each closure call of a step
@@ -217,6 +239,7 @@ class Engine:
             # one writer: a second --resume is refused; the rows after the checkpoint go (rank 0)
             store = open_planned(self._plan, lock=ctx.is_main) if ctx.is_main else RunStore.open(cfg.resume, lock=False)
             point = self._resumed
+            self._saved = self._plan.name
             # the epoch goes on unless the checkpoint was taken at an epoch's end
             events.restore(point.step, point.epoch, epoch_open=point.step != 0 and ctx.stream.position != 0)
             if ctx.is_main:
@@ -279,12 +302,15 @@ class Engine:
         if ctx.stream is not None:
             ctx.stream.close()  # persistent loader workers
         close_fetchers(ctx.fetchers)
-        if ctx.store is None:  # ranks other than 0 write nothing
+        if ctx.store is None and not self._sharded:  # ranks other than 0 write nothing
             return
         if status in ("completed", "interrupted", "diverged") and not self._mid_step:
             # "latest" is the model the run ended with, unless the latest checkpoint already is it
-            if latest_checkpoint(ctx.store.root) != checkpoint_name(self.step):
+            # (under fsdp every rank writes its shards, so every rank knows)
+            if self._saved != checkpoint_name(self.step):
                 self.save_checkpoint()
+        if ctx.store is None:
+            return
         mark_ended(ctx.store, status, error, self.step)
         ctx.store.close()  # releases the writer lock
 
@@ -354,7 +380,8 @@ class Engine:
                 at, value = self._divergence
                 late = f" (noticed at step {step}: --nan-check-every {every})" if at != step else ""
                 raise DivergedError(f"loss became {value} at step {at}{late}; stopped (on_nan = stop)")
-            if ckpt_schedule.due(step, epoch_end=epoch_end, now=time.time() - ctx.start_time) and ctx.is_main:
+            if ckpt_schedule.due(step, epoch_end=epoch_end, now=time.time() - ctx.start_time) and (
+                    ctx.is_main or self._sharded):
                 self.save_checkpoint()
             if cfg.until_loss is not None and self.step % cfg.until_loss_every == 0 and not self._stop_requested and \
                     self._until_loss.reached(ctx, self.step - 1):
@@ -368,6 +395,7 @@ class Engine:
         micro = self.config.micro_batch_size
         precision = self._precision
         events = self.events
+        sharded = ctx.model if self._sharded else None
         calls = 0
 
         def closure() -> torch.Tensor:
@@ -392,6 +420,8 @@ class Engine:
                 last = i == len(pieces) - 1
                 # one all-reduce per step under DDP, after the last chunk
                 sync = model.no_sync() if world > 1 and not last and hasattr(model, "no_sync") else NULL_CONTEXT
+                if sharded is not None and len(pieces) > 1:  # FSDP2: reduce-scatter after the last chunk only
+                    sharded.set_requires_gradient_sync(last)
                 with sync:
                     with precision.autocast():
                         loss = adapter.loss(model, piece)
@@ -426,16 +456,27 @@ class Engine:
     # -- checkpoints ---------------------------------------------------------------------
 
     def save_checkpoint(self) -> str:
-        """Save everything resume needs into the store (``lscape.checkpoint``)."""
+        """Save everything resume needs into the store (``lscape.checkpoint``). Under
+        ``--strategy fsdp`` every rank calls it (model and optimizer shards go through
+        Distributed Checkpoint); otherwise rank 0 alone."""
         ctx = self.ctx
-        assert ctx is not None and ctx.store is not None
+        assert ctx is not None and (ctx.store is not None or self._sharded)
+        self._saved = checkpoint_name(self.step)
+        sharded = None
+        if self._sharded:
+            model_state = full_model_state(ctx.model)  # gathered on rank 0, for measure/landscape
+            sharded = save_sharded_checkpoint(ctx.store, str(self.config.out), self.step, ctx.model, ctx.optimizer,
+                                              ctx.world_size)
+            if ctx.store is None:
+                return self._saved
         scaler = self._precision.scaler
         state = {
             "step": self.step,
             "epoch": self.epoch,
             "elapsed": time.time() - ctx.start_time,
-            "model": ctx.model.state_dict(),
-            "optimizer": ctx.optimizer.state_dict(),
+            "model": model_state if sharded else ctx.model.state_dict(),
+            "optimizer": None if sharded else ctx.optimizer.state_dict(),
+            "sharded": sharded,
             "stream": ctx.stream.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "plugins": plugin_states(self.plugins),

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 __all__ = [
     "select_parameters",
@@ -52,13 +53,17 @@ def select_parameters(
 
 
 def flatten(tensors: Iterable[torch.Tensor | None], like: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """Concatenate tensors into one flat vector; ``None`` entries become zeros shaped like ``like``."""
+    """Concatenate tensors into one flat vector; ``None`` entries become zeros shaped like ``like``.
+    A ``DTensor`` (a parameter or gradient sharded by ``--strategy fsdp``) is gathered whole
+    (a collective: every rank calls it), so the vector is the same on every rank."""
     parts = []
     for i, t in enumerate(tensors):
         if t is None:
             if like is None:
                 raise ValueError("a None tensor needs `like` to know its shape")
             t = torch.zeros_like(like[i])
+        if isinstance(t, DTensor):  # a sharded (FSDP) parameter or gradient: the whole of it, on every rank
+            t = t.full_tensor()
         parts.append(t.reshape(-1))
     if not parts:
         raise ValueError("nothing to flatten")

@@ -41,6 +41,11 @@ class Plugin:
     group_name: ClassVar[str | None] = None
     #: plugins that must be active too (checked before anything is written)
     requires: ClassVar[tuple[str, ...]] = ()
+    #: runs on a sharded model (``--strategy fsdp``: parameters and gradients are DTensor
+    #: shards); a plugin that does not say so is refused there before anything is written
+    sharded: ClassVar[bool] = False
+    #: why not, said in that refusal (default: it was not written for sharded parameters)
+    sharded_note: ClassVar[str] = ""
 
     def __init__(self, **options: Any):
         self.opts = resolve_options(self.all_options(), options, self.name)

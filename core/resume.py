@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import GROUP, load_plugin_states, state_mismatch, truncate_after
+from .checkpoint import GROUP, load_plugin_states, load_sharded_checkpoint, state_mismatch, truncate_after
 from .config import RunConfig
 from .context import RunContext
 from .errors import UsageError, message_line
 from .lifecycle import utc_now
 from .probe import Plugin
+from .sharding import DCP_SUFFIX
 from .store import (LOCK_GROUP, ROWS_ATTR, RunReader, RunStore, WriterLock, committed_rows, local_path, missing_chunks,
                     stored_config, written_rows)
 from .trust import signed_config
@@ -201,7 +202,7 @@ def _checkpoint_arrays(root: Any, local: str | None) -> tuple[dict[str, Any], st
     except Exception:  # the group's metadata is not JSON: its arrays may still be intact
         if folder is None or not os.path.isdir(folder):
             raise UsageError(f"{root.store}/{GROUP} is damaged and cannot be read") from None
-        names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n, "zarr.json")))
+        names = sorted(n for n in os.listdir(folder) if _is_checkpoint_folder(folder, n))
         arrays: dict[str, Any] = {}
         for name in names:
             try:
@@ -212,7 +213,7 @@ def _checkpoint_arrays(root: Any, local: str | None) -> tuple[dict[str, Any], st
     latest = group.attrs.get("latest")
     names = set()
     if folder is not None and os.path.isdir(folder):  # listing by folder: a damaged array is still seen
-        names = {n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n, "zarr.json"))}
+        names = {n for n in os.listdir(folder) if _is_checkpoint_folder(folder, n)}
     arrays = {}
     for name in sorted(names | set(_listed(group))):
         try:
@@ -220,6 +221,11 @@ def _checkpoint_arrays(root: Any, local: str | None) -> tuple[dict[str, Any], st
         except Exception as e:
             arrays[name] = e
     return arrays, latest if isinstance(latest, str) else None, False
+
+
+def _is_checkpoint_folder(folder: str, name: str) -> bool:
+    """A checkpoint array's folder (a sharded run's ``step_N.dcp`` DCP group beside it is not one)."""
+    return not name.endswith(DCP_SUFFIX) and os.path.isfile(os.path.join(folder, name, "zarr.json"))
 
 
 def _listed(group: Any) -> list[str]:
@@ -341,12 +347,14 @@ def _repair_group(store: RunStore, plan: ResumePlan) -> None:
 
 
 def _remove_checkpoint(store: RunStore, name: str) -> None:
+    """Drop checkpoint ``name`` and, for a sharded run, its DCP folder."""
     local = local_path(store.path)
-    if local is not None:
-        shutil.rmtree(os.path.join(local, GROUP, name), ignore_errors=True)
-    else:
-        with contextlib.suppress(Exception):
-            del store.root[GROUP][name]
+    for node in (name, name + DCP_SUFFIX):
+        if local is not None:
+            shutil.rmtree(os.path.join(local, GROUP, node), ignore_errors=True)
+        else:
+            with contextlib.suppress(Exception):
+                del store.root[GROUP][node]
 
 
 def check_length(cfg: RunConfig, total_steps: int | None, change: dict[str, Any]) -> None:
@@ -375,12 +383,16 @@ def restore_state(plan: ResumePlan, ctx: RunContext, plugins: list[Plugin],
     if state is None:
         return ResumePoint()
     where = f"checkpoint {plan.name} of {plan.path}"
-    differs = state_mismatch(ctx.model, state["model"])
+    sharded = bool(state.get("sharded"))  # --strategy fsdp: every rank loads its shards (DCP reshards)
+    differs = None if sharded else state_mismatch(ctx.model, state["model"])
     if differs:
         raise UsageError(f"{where} does not fit the model its config builds: {differs}")
     try:
-        ctx.model.load_state_dict(state["model"])
-        ctx.optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            load_sharded_checkpoint(plan.path, state, ctx.model, ctx.optimizer)
+        else:
+            ctx.model.load_state_dict(state["model"])
+            ctx.optimizer.load_state_dict(state["optimizer"])
         ctx.stream.load_state_dict(state["stream"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])

@@ -31,12 +31,14 @@ def finite(value: Any) -> bool:
 
 class Precision:
     """Training precision: ``fp32``, or autocast to ``bf16``/``fp16`` (fp16 with a GradScaler,
-    whose state is checkpointed). Probes run outside it, in the parameters' dtype."""
+    whose state is checkpointed). Probes run outside it, in the parameters' dtype. A sharded
+    model (``--strategy fsdp``) gets no autocast: its FSDP policy computes in bf16."""
 
-    def __init__(self, name: str, device: torch.device):
+    def __init__(self, name: str, device: torch.device, sharded: bool = False):
         self.name = name
         self.device = device
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+        # a sharded model computes in its FSDP mixed-precision policy's dtype (lscape.sharding), not under autocast
+        self.dtype = None if sharded else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
         self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
 
     def autocast(self) -> Any:

@@ -13,6 +13,7 @@ class GradNorm(Probe):
     """‖∇L_B‖ on the step's minibatch, the update size ‖θ_{t+1} − θ_t‖, ‖θ‖ and ‖θ − θ_0‖."""
 
     name = "grad-norm"
+    sharded = True  # tried under --strategy fsdp (tests/test_sharded.py)
     schedule = "every:1"
     at = "after_backward"
     options = (Option("params", str, None, "parameter subset: comma-separated glob patterns on names"),)

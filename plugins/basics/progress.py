@@ -14,6 +14,7 @@ class Progress(Plugin):
     """Shows training progress on stderr; switch off with `--disable progress`."""
 
     name = "progress"
+    sharded = True  # tried under --strategy fsdp (tests/test_sharded.py)
     always_on = True
     options = (Option("log_every", float, 10.0, "seconds between plain log lines", minimum=0.0),)
 

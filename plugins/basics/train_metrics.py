@@ -9,6 +9,7 @@ class TrainMetrics(Plugin):
     """Records the minibatch loss, learning rate, epoch, wall time and eval metrics per step."""
 
     name = "train-metrics"
+    sharded = True  # tried under --strategy fsdp (tests/test_sharded.py)
     group_name = "train"
     always_on = True
     outputs = (

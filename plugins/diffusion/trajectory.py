@@ -29,6 +29,7 @@ class Trajectory(Probe):
     """
 
     name = "trajectory"
+    sharded = True  # tried under --strategy fsdp (tests/test_sharded.py)
     help = "flat parameters (or a JL projection) every K steps, with minibatch loss and step length"
     schedule = "every:1"
     data = "minibatch"
