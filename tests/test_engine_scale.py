@@ -169,8 +169,9 @@ def test_a_landscape_grid_too_big_for_one_measurement_is_refused_before_the_stor
 
 
 @pytest.mark.parametrize("plugin, options, match", [
-    ("hessian", {"k": 10**7}, "hessian.k"),  # more than the parameters
-    ("hessian", {"k": 200_000}, "hessian.k"),  # fewer, but its basis would not fit
+    ("hessian", {"k": 10**7}, "hessian.k=10000000"),  # more products than the default budget
+    ("hessian", {"k": 10**7, "budget": 10**8}, "hessian.k"),  # more than the parameters
+    ("hessian", {"k": 200_000, "budget": 10**6}, "hessian.k"),  # fewer, but its basis would not fit
     ("hessian-exact", {"max_params": 10**9}, "hessian-exact.params"),  # 3·n²·8 bytes of a wide MLP
 ])
 def test_curvature_sizes_beyond_the_model_or_memory_are_refused_before_the_store(tmp_path, plugin, options, match):

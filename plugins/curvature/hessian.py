@@ -56,7 +56,7 @@ def plan_products(opts: Any, on: dict[str, bool]) -> dict[str, int]:
     sized = [part for part in ("top", "trace", "density") if on[part] and part not in fixed]
     need = sum(fixed.values()) + sum(minimum[part] for part in sized)
     if need > budget:
-        asked = [f"{p}={getattr(opts, p)}" for p in ("k", "trace_samples", "density_runs", "density_steps")
+        asked = [f"hessian.{p}={getattr(opts, p)}" for p in ("k", "trace_samples", "density_runs", "density_steps")
                  if getattr(opts, p) is not None and (p == "k" and on["top"] or p.startswith("trace") and on["trace"]
                                                        or p.startswith("density") and on["density"])]
         raise UsageError(f"hessian: the parts switched on need at least {need} products per measurement "
