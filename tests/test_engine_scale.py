@@ -173,6 +173,10 @@ def test_a_landscape_grid_too_big_for_one_measurement_is_refused_before_the_stor
     ("hessian", {"k": 10**7, "budget": 10**8}, "hessian.k"),  # more than the parameters
     ("hessian", {"k": 200_000, "budget": 10**6}, "hessian.k"),  # fewer, but its basis would not fit
     ("hessian-exact", {"max_params": 10**9}, "hessian-exact.params"),  # 3·n²·8 bytes of a wide MLP
+    ("hessian", {"budget": 10**9}, "hessian.trace_samples"),  # the trace's share: its probe vectors do not fit
+    ("hessian", {"density_schedule": "every:1", "density_points": 10**9}, "hessian.density_points"),  # the grid
+    ("hessian", {"density_schedule": "every:1", "density_steps": 10**9}, "hessian.density_steps"),  # the budget
+    ("eos", {"k": 10**7}, "eos.k"),  # eos checks k as every curvature probe does
 ])
 def test_curvature_sizes_beyond_the_model_or_memory_are_refused_before_the_store(tmp_path, plugin, options, match):
     out = tmp_path / "c.zarr"

@@ -15,7 +15,7 @@ from lscape.data import derived_seed, fixed_batches, shard
 from lscape.errors import UsageError
 from lscape.params import flat_parameters, set_flat_parameters
 from lscape.optim import sam_edge
-from lscape.plugins.curvature.base import RecordsProducts, WarmStart, loss_adapter, make_operator
+from lscape.plugins.curvature.base import RecordsProducts, WarmStart, check_curvature, loss_adapter, make_operator
 
 __all__ = ["EdgeOfStability", "plot_eos"]
 
@@ -99,7 +99,9 @@ class EdgeOfStability(WarmStart, RecordsProducts, Probe):
     _rule: Any = None
 
     def check(self, ctx) -> None:
-        """Read the optimizer's rule and threshold once (attrs); batch sharpness needs a sized data set."""
+        """k within the parameters and memory (as every curvature probe); read the optimizer's rule
+        and threshold once (attrs); batch sharpness needs a sized data set."""
+        check_curvature(self, ctx)
         optimizer = getattr(ctx, "optimizer", None)
         try:
             rule = preconditioner_rule(optimizer) if optimizer is not None else None

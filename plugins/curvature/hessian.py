@@ -16,6 +16,7 @@ from lscape.plugins.curvature.base import (
     WarmStart,
     lanczos_memory,
     memory_attrs,
+    selected_dim,
 )
 from lscape.schedule import Schedule
 
@@ -44,7 +45,7 @@ def plan_products(opts: Any, on: dict[str, bool]) -> dict[str, int]:
     ``density_steps``). Sizes that do not fit are :class:`UsageError`, naming the options."""
     budget, k = int(opts.budget), int(opts.k)
     minimum = {"top": 2 * k, "trace": 6 if opts.trace_method == "hutchpp" else 2,
-               "density": 2 * (opts.density_runs or 1)}
+               "density": (opts.density_runs or 1) * max(opts.density_steps or 2, 2)}
     if opts.trace_samples is not None and opts.trace_samples < minimum["trace"]:
         raise UsageError(f"bad value for hessian.trace_samples: trace_method={opts.trace_method} needs at least "
                          f"{minimum['trace']} products, not {opts.trace_samples}")
@@ -163,6 +164,26 @@ class Hessian(WarmStart, CurvatureProbe):
         self.density_schedule = Schedule.parse(self.opts.density_schedule or "never")
         self._due: tuple[int, dict[str, bool]] | None = None
         self.plan = plan_products(self.opts, self.switched_on())
+
+    def check(self, ctx) -> None:
+        """Besides every curvature probe's checks: the vectors the trace and density hold at once,
+        and the density's grid, fit in memory (refused before the store exists)."""
+        super().check(ctx)
+        from lscape.limits import require_memory
+
+        dim, size = selected_dim(self, ctx), 4
+        if self.plan["trace"]:
+            n = self.plan["trace"]  # Hutch++: S, HS, Q (float64 QR), HQ, G, HG; Hutchinson: a block
+            need = (2 * n * size + n // 3 * 8) * dim if self.opts.trace_method == "hutchpp" else 32 * size * dim
+            require_memory(need, f"hessian: the trace's {n} probe vectors of {dim} parameters",
+                           "hessian.trace_samples (or hessian.budget)", ctx.device)
+        if self.plan["density"]:
+            points = int(self.opts.density_points)
+            # a run's Lanczos basis, and the Gaussian kernel evaluated on the grid 2048 nodes at a time
+            need = self.plan["density_steps"] * dim * size + 3 * 8 * points * min(2048, self.plan["density"])
+            require_memory(need, f"hessian: the density ({self.plan['density_steps']} Lanczos vectors of {dim} "
+                           f"parameters, {points} grid points)", "hessian.density_points (or density_steps, "
+                           "hessian.budget)", ctx.device)
 
     def switched_on(self) -> dict[str, bool]:
         """The parts whose schedule is not ``never``."""
