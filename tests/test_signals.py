@@ -16,10 +16,12 @@ from lscape.store import RunReader
 
 pytestmark = pytest.mark.slow
 
-#: a hessian measurement that would run for hours: 100000 SLQ runs of 80 products each
+#: a hessian measurement that would run for hours: 100000 SLQ runs of 80 products each, within a budget
+#: that admits them (the default budget of 150 products would cap it at a fraction of a second)
 LONG_PROBE = ["--data", "synthetic", "--data-opt", "n=256", "--data-opt", "dim=16", "--data-opt", "classes=3",
               "--model-opt", "widths=64", "--batch-size", "32", "--no-progress", "--steps", "5",
-              "--plugin", "hessian", "-o", "hessian.density_runs=100000", "-o", "hessian.trace_schedule=never",
+              "--plugin", "hessian", "-o", "hessian.budget=10000000", "-o", "hessian.density_runs=100000",
+              "-o", "hessian.density_steps=80", "-o", "hessian.density_schedule=every:1", "-o", "hessian.k=1", "-o", "hessian.trace_schedule=never",
               "--checkpoint-schedule", "every:1"]
 
 
