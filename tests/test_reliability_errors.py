@@ -103,6 +103,8 @@ CASES = [
                                                  "--out", "o.zarr"], None),
     ("`hessian` sizes beyond its product budget", [*RUN, "--plugin", "hessian", "-o", "hessian.trace_samples=200",
                                                   "--out", "o.zarr"], None),
+    ("`hessian` density sizes with the density off", [*RUN, "--plugin", "hessian", "-o", "hessian.density_runs=4",
+                                                       "--out", "o.zarr"], None),
     ("a memory size that is not one", [*RUN, "--plugin", "sharpness", "-o", "sharpness.memory_budget=lots",
                                        "--out", "o.zarr"], None),
     ("`interpolate.other` that does not exist", [*RUN, "--plugin", "interpolate", "-o", "interpolate.other=bad.pt",

@@ -44,6 +44,13 @@ def plan_products(opts: Any, on: dict[str, bool]) -> dict[str, int]:
     sizes that give them (``max_iter``, ``trace_samples``, ``density_runs``,
     ``density_steps``). Sizes that do not fit are :class:`UsageError`, naming the options."""
     budget, k = int(opts.budget), int(opts.k)
+    idle = {"trace": ("trace_samples", "trace_schedule=every:N (or leave it at the main schedule)"),
+            "density": ("density_runs", "density_steps", "density_schedule=every:N")}
+    for part, names in idle.items():
+        given = [f"hessian.{p}={getattr(opts, p)}" for p in names[:-1] if getattr(opts, p) is not None]
+        if given and not on[part]:
+            raise UsageError(f"hessian: {', '.join(given)} sizes the {part}, which is off; switch it on with "
+                             f"-o hessian.{names[-1]}, or drop the size")
     minimum = {"top": 2 * k, "trace": 6 if opts.trace_method == "hutchpp" else 2,
                "density": (opts.density_runs or 1) * max(opts.density_steps or 2, 2)}
     if opts.trace_samples is not None and opts.trace_samples < minimum["trace"]:

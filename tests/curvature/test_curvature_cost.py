@@ -102,6 +102,12 @@ def test_plan_shares_the_budget_and_refuses_sizes_that_do_not_fit():
     with pytest.raises(UsageError, match="trace_samples.*at least 6"):
         Hessian(trace_samples=3)
     assert Hessian(trace_samples=3, trace_method="hutchinson").plan["trace"] == 3
+    # a size for a part that is off would do nothing: refused, naming the switch
+    with pytest.raises(UsageError, match="density_runs=4.*density_schedule"):
+        Hessian(density_runs=4)
+    with pytest.raises(UsageError, match="trace_samples=30.*trace_schedule"):
+        Hessian(trace_samples=30, trace_schedule="never")
+    assert Hessian(density_runs=4, density_steps=5, density_schedule="every:2").plan["density"] == 20
     off = plan_products(Hessian().opts, {"top": True, "trace": False, "density": False})
     assert off["top"] == 150 and off["trace"] == 0
 
