@@ -148,6 +148,7 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
     cfg.out = out
     engine = Engine(cfg)
     ctx = engine.prepare()
+    ctx.probe_budget = None  # measuring is all probes: a run's --probe-budget does not apply
     probes = [p for p in engine.plugins if isinstance(p, Probe)]
     if not probes:
         raise UsageError("lscape measure runs probes; none of the named plugins is a probe")

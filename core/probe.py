@@ -192,13 +192,21 @@ class Probe(Plugin):
 
     def run_measure(self, ctx: RunContext, state: StepState) -> dict[str, Any]:
         """Measure with the model's state preserved, and record the values. A measurement
-        the stopping run abandons (Ctrl-C: ``activity.Stopped``) records nothing."""
+        the stopping run abandons (Ctrl-C: ``activity.Stopped``) records nothing. Under a
+        run's ``--probe-budget`` (``ctx.probe_budget``) a firing that would take the probes
+        over it is skipped (counted), and each measurement's time is charged to it."""
+        budget = getattr(ctx, "probe_budget", None)
+        if budget is not None and not budget.allows(self.name):
+            return {}
         started = time.perf_counter()
         try:
             with activity.doing(self.name), preserve_state(ctx.model):
                 values = self.measure(ctx, state) or {}
         except activity.Stopped:
             return {}
+        finally:
+            if budget is not None:
+                budget.charge(self.name, time.perf_counter() - started)
         if values:
             if "compute_dtype" not in self._data_attrs:  # said once, in the group's attrs
                 dtype = next((p.dtype for p in ctx.model.parameters()), None)
