@@ -179,12 +179,28 @@ class Probe(Plugin):
     @hookimpl
     def on_after_backward(self, ctx: RunContext, state: StepState) -> None:
         if self.at == "after_backward" and self.due(state):
-            self.run_measure(ctx, state)
+            self.fire(ctx, state)
 
     @hookimpl
     def on_step_end(self, ctx: RunContext, state: StepState) -> None:
         if self.at == "step_end" and self.due(state):
-            self.run_measure(ctx, state)
+            self.fire(ctx, state)
+
+    def fire(self, ctx: RunContext, state: StepState) -> dict[str, Any]:
+        """A scheduled measurement: :meth:`run_measure`, unless the run's ``--probe-budget``
+        (``ctx.probe_budget``, :class:`lscape.limits.ProbeBudget`) says it would take the
+        probes over their share of training time (then skipped, and counted); its whole time
+        (measuring, recording, attributes) is charged to the budget."""
+        budget = getattr(ctx, "probe_budget", None)
+        if budget is None:
+            return self.run_measure(ctx, state)
+        if not budget.allows(self.name):
+            return {}
+        started = time.perf_counter()
+        try:
+            return self.run_measure(ctx, state)
+        finally:
+            budget.charge(self.name, time.perf_counter() - started)
 
     def due(self, state: StepState) -> bool:
         """Whether the schedule asks for a measurement at this step."""
@@ -192,21 +208,14 @@ class Probe(Plugin):
 
     def run_measure(self, ctx: RunContext, state: StepState) -> dict[str, Any]:
         """Measure with the model's state preserved, and record the values. A measurement
-        the stopping run abandons (Ctrl-C: ``activity.Stopped``) records nothing. Under a
-        run's ``--probe-budget`` (``ctx.probe_budget``) a firing that would take the probes
-        over it is skipped (counted), and each measurement's time is charged to it."""
-        budget = getattr(ctx, "probe_budget", None)
-        if budget is not None and not budget.allows(self.name):
-            return {}
+        the stopping run abandons (Ctrl-C: ``activity.Stopped``) records nothing. A scheduled
+        measurement comes through :meth:`fire` (the run's ``--probe-budget``)."""
         started = time.perf_counter()
         try:
             with activity.doing(self.name), preserve_state(ctx.model):
                 values = self.measure(ctx, state) or {}
         except activity.Stopped:
             return {}
-        finally:
-            if budget is not None:
-                budget.charge(self.name, time.perf_counter() - started)
         if values:
             if "compute_dtype" not in self._data_attrs:  # said once, in the group's attrs
                 dtype = next((p.dtype for p in ctx.model.parameters()), None)

@@ -31,6 +31,10 @@ def test_budget_arithmetic():
     assert budget.allows("p") and budget.skipped == {"p": 1}
     budget.charge("q", 0.5)  # outside a step (run start/end): probe time, not training time
     assert budget.train_seconds == pytest.approx(20.0) and budget.probe_seconds == pytest.approx(1.5)
+    assert budget.cost("p") == pytest.approx(1.0)  # one measurement: its time
+    budget.charge("p", 0.2)
+    budget.charge("p", 0.4)
+    assert budget.cost("p") == pytest.approx(0.3)  # the mean after the first (which paid the setup)
     other = ProbeBudget(0.1)
     other.load_state_dict(budget.state_dict())
     assert other.attrs() == budget.attrs()

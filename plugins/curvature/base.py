@@ -276,9 +276,18 @@ def record_products(probe: Probe, ctx: Any, operators: Sequence[CurvatureOperato
 
 
 def update_attrs(probe: Probe, attrs: dict[str, Any]) -> None:
-    """Write ``attrs`` into every store group the probe has written (main rank only)."""
+    """Write ``attrs`` into every store group the probe has written (main rank only); a value
+    that group already holds from an earlier call is not written again (each attribute write
+    is a store operation: measured every step, they cost more than a small model's products)."""
+    written = probe.__dict__.setdefault("_attrs_written", {})
     for writer in probe.opened_groups():  # the groups it wrote (main rank only)
-        writer.group.attrs.update(attrs)
+        changed = {k: v for k, v in attrs.items() if written.get((id(writer), k), _UNSET) != v}
+        if changed:
+            writer.group.attrs.update(changed)
+            written.update({(id(writer), k): v for k, v in changed.items()})
+
+
+_UNSET = object()
 
 
 class RecordsProducts:

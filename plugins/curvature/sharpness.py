@@ -135,7 +135,7 @@ class Sharpness(WarmStart, CurvatureProbe):
         else:
             result = self._solve(op, state)
         op.release()
-        if self.measure_attrs is not None:
+        if self.measure_attrs is not None and result.memory is not None:  # a tracked pair holds no basis
             self.measure_attrs["lanczos_memory"] = memory_attrs(result, op)
         value = float(result.eigenvalues[0])
         values = {
