@@ -2,22 +2,22 @@
 
 Between two measurements a few SGD steps move θ a little, and the top eigenvector with it.
 :func:`track_eigenpair` starts a small Krylov search from the previous measurement's
-eigenvector (and, where the previous Ritz data says the gap to the next eigenvalue is small,
-its second Ritz vector), grows it by the residual direction of the wanted Ritz pair and
-accepts as soon as the *true* residual ‖Hy − θy‖ ≤ tol·|θ| — the same rule as
-:func:`lscape.curvature.lanczos`. The products of the basis are kept (the basis is at most
-``max_iter`` vectors), so the residual comes from them by linearity and accepting costs no
-extra product: an eigenvector that did not move is re-measured for **one** product. A
-search that is not accepted within ``max_iter`` products falls back to a full, verified
-Lanczos solve started from what the search found (:func:`track_eigenpair` says so in
-``TrackResult.accepted``).
+eigenvector (with its second vector while the next eigenvalue is not known), grows it by the
+residual direction of the wanted Ritz pair (Lanczos on the basis of
+:func:`lscape.curvature.lanczos`) and accepts as soon as the eigenvalue's error bound
+min(r, r²/δ) ≤ tol·|θ|, r = ‖Hy − θy‖ its residual (exact by linearity from the kept
+coefficients of the products: accepting costs no extra product, so an eigenvector that did
+not move is re-measured for **one** product) and δ half the gap to the next eigenvalue known
+from the last cold solve (Kato–Temple, :func:`kato_temple`). A search that is not accepted
+within ``max_iter`` products falls back to a full, verified Lanczos solve started from what it
+found (``TrackResult.accepted`` says which).
 
-A residual test says that θ is within tol·|θ| of *an* eigenvalue, not that it is the largest:
-a tracked pair can follow an eigenvalue that another one overtook. So a caller re-solves from
-a random start every few measurements (:class:`Tracker`, ``verify_every``) and compares:
-:func:`disagree` says whether the two are the same eigenvalue (relative gap beyond 2·tol, what
-two pairs each within tol·|θ| of one eigenvalue can differ by). The cold solve then wins and
-tracking goes on from its vectors.
+A residual test says that θ is near *an* eigenvalue, not that it is the largest: a tracked
+pair can follow an eigenvalue that another one overtook. So :class:`Tracker` also solves from
+a random start every ``verify_every``-th measurement (:func:`cold_solve`, the top two pairs,
+verified) and compares: :func:`disagree` says whether the two are the same eigenvalue
+(relative gap beyond 2·tol, what two values each within tol·|θ| of one eigenvalue can differ
+by). The cold solve then wins and tracking goes on from its vectors.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from lscape.curvature._basis import BLOCK, Basis, norm64
+from lscape.curvature._ritz import ritz, select
 from lscape.curvature.lanczos import EigenResult, lanczos
 
 __all__ = ["TrackResult", "Tracker", "track_eigenpair", "cold_solve", "disagree", "relative_gap", "kato_temple"]
@@ -116,15 +118,18 @@ def track_eigenpair(op: Any, start: torch.Tensor, which: str = "LA", tol: float 
 
     The search basis begins with the first row (and the second when ``spare`` is true; with
     ``spare=None`` when ``next_value`` is unknown) and grows by the residual direction of the
-    wanted Ritz pair: Lanczos with full reorthogonalisation (two Gram–Schmidt passes) from a
-    warm start. The products are kept, so each pass's residual r = ‖W s − θ Q s‖ of the wanted
-    Ritz pair is its true residual (to rounding) at no product. Accepted when the eigenvalue
+    wanted Ritz pair: Lanczos with full reorthogonalisation from a warm start, on the basis
+    :func:`lscape.curvature.lanczos` uses. Each product is kept as float64 coefficients on
+    the basis and a small remainder block, so each pass's residual ‖H y − θ y‖ of the wanted
+    Ritz pair is exact by linearity (to the products' rounding) and accepting costs no product. Accepted when the eigenvalue
     error bound min(r, r²/δ) ≤ ``tol``·|θ|: r always bounds it; r²/δ (Kato–Temple,
     :func:`kato_temple`) when ``next_value`` — the next eigenvalue, from the last cold solve —
     gives the gap δ. After ``max_iter`` products without that, a full
     :func:`lscape.curvature.lanczos` (``fallback_iter`` products at most, verified with a
-    fresh direction) starts from the search's two best Ritz vectors. Memory: 2·``max_iter``
-    vectors of ``op.dim`` (basis and products), float64 while they fit in 256 MB.
+    fresh direction) starts from the search's two best Ritz vectors. Memory: the Lanczos basis
+    of :func:`lscape.curvature.lanczos` (``lscape.curvature._basis``: at most ``max_iter``
+    basis vectors and a few remainder directions, never the products), float64 while it fits
+    in 256 MB.
     """
     which = which.upper()
     dim = int(op.dim)
@@ -134,64 +139,48 @@ def track_eigenpair(op: Any, start: torch.Tensor, which: str = "LA", tol: float 
     if rows.shape[-1] != dim:
         raise ValueError(f"start vector has {rows.shape[-1]} entries, the operator acts on {dim}")
     rows = rows[torch.isfinite(rows).all(dim=1)]
-    store = torch.float64 if (dtype == torch.float64 or 16 * dim * max_iter <= _FLOAT64_BYTES) else dtype
+    cap = min(dim, max_iter)
+    store = torch.float64 if (dtype == torch.float64 or 8 * dim * (cap + 2) <= _FLOAT64_BYTES) else dtype
+    basis = Basis(dim, store, torch.device(device), block=min(BLOCK, cap + 2))
     if spare is None:
         spare = next_value is None or math.isnan(next_value)
-    Q: list[torch.Tensor] = []
-    W: list[torch.Tensor] = []
 
-    def add(v: torch.Tensor) -> bool:
-        if len(Q) >= min(dim, max_iter):
+    def add(direction: torch.Tensor | None) -> bool:
+        if direction is None or len(basis) >= cap:
             return False
-        v = v.to(dtype=store, device=device).clone()
-        norm0 = float(v.norm())
-        if not norm0 > 0 or not math.isfinite(norm0):
+        q = basis.new_direction(direction)
+        if q is None:
             return False
-        if Q:
-            basis = torch.stack(Q)
-            for _ in range(2):  # two Gram–Schmidt passes
-                v -= (basis @ v) @ basis
-        norm = float(v.norm())
-        if norm <= 1e-10 * norm0:
-            return False
-        q = v / norm
-        w = op.matvec(q.to(dtype=dtype, device=device)).to(dtype=store, device=device)
-        Q.append(q)
-        W.append(w)
+        basis.append(q, op.matvec(q.to(dtype=dtype, device=device)))
         return True
 
     for row in rows[: 2 if spare else 1]:
         add(row)
-    if not Q:  # nothing usable to start from: a full solve
+    if not len(basis):  # nothing usable to start from: a full solve
         return _fallback(op, None, which, tol, fallback_iter, seed, 0, lanczos_kw)
     while True:
-        Qm = torch.stack(Q).to(torch.float64)
-        Wm = torch.stack(W).to(torch.float64)
-        T = Qm @ Wm.T
-        theta, S = torch.linalg.eigh((T + T.T) / 2)
-        order = _select(theta, which)
-        s = S[:, int(order[0])]
-        y, hy = s @ Qm, s @ Wm
-        value = float(theta[int(order[0])])
-        r = hy - value * y
-        residual = float(r.norm())
+        theta, S, res = ritz(basis.T, basis.B)  # residuals exact by linearity: H Q s = Q T s + U B s
+        order = select(theta, len(theta), which)
+        i = int(order[0])
+        value, residual = float(theta[i]), float(res[i])
         bound = min(residual, kato_temple(residual, value, next_value, which))
         if bound <= tol * abs(value) and abs(value) > 0:
+            y = basis.Q.combine(S[:, i])
             spare_vectors = None
-            if len(Q) > 1:
-                spare_vectors = (S[:, int(order[1])] @ Qm)[None].to(dtype=dtype, device=device)
+            if len(basis) > 1:
+                spare_vectors = basis.Q.combine(S[:, int(order[1])])[None].to(dtype=dtype, device=device)
             elif len(rows) > 1:
                 spare_vectors = rows[1:2].to(dtype=dtype, device=device)  # the previous one stays useful
             result = EigenResult(
                 eigenvalues=torch.tensor([value], dtype=torch.float64),
-                eigenvectors=(y / y.norm())[None].to(dtype=dtype, device=device),
+                eigenvectors=(y / norm64(y))[None].to(dtype=dtype, device=device),
                 residuals=torch.tensor([residual], dtype=torch.float64),
                 converged=torch.tensor([True]),
-                num_products=len(Q), iterations=len(Q), verified=None, spare_vectors=spare_vectors)
-            return TrackResult(result, True, len(Q), 0, bound)
-        if len(Q) >= min(dim, max_iter) or not add(r):
-            best = torch.stack([S[:, int(j)] @ Qm for j in order[:2]]).to(dtype=dtype, device=device)
-            return _fallback(op, best, which, tol, fallback_iter, seed, len(Q), lanczos_kw)
+                num_products=len(basis), iterations=len(basis), verified=None, spare_vectors=spare_vectors)
+            return TrackResult(result, True, len(basis), 0, bound)
+        if len(basis) >= cap or not add(basis.remainder(S[:, i])):
+            best = basis.Q.combine(S[:, order[:2]]).to(dtype=dtype, device=device)
+            return _fallback(op, best, which, tol, fallback_iter, seed, len(basis), lanczos_kw)
 
 
 def _fallback(op: Any, v0: torch.Tensor | None, which: str, tol: float, max_iter: int | None, seed: int,
