@@ -7,8 +7,8 @@ residual direction of the wanted Ritz pair (Lanczos on the basis of
 :func:`lscape.curvature.lanczos`) and accepts as soon as the eigenvalue's error bound
 min(r, r²/δ) ≤ tol·|θ|, r = ‖Hy − θy‖ its residual (exact by linearity from the kept
 coefficients of the products: accepting costs no extra product, so an eigenvector that did
-not move is re-measured for **one** product) and δ half the gap to the next eigenvalue known
-from the last cold solve (Kato–Temple, :func:`kato_temple`). A search that is not accepted
+not move is re-measured for **one** product) and δ the gap to the next eigenvalue known from
+the last cold solve, less how far the wanted one moved since (Kato–Temple, :func:`kato_temple`). A search that is not accepted
 within ``max_iter`` products falls back to a full, verified Lanczos solve started from what it
 found (``TrackResult.accepted`` says which).
 
@@ -36,9 +36,9 @@ __all__ = ["TrackResult", "Tracker", "track_eigenpair", "cold_solve", "disagree"
 
 # The search basis and its products are kept in float64 while both fit in this many bytes.
 _FLOAT64_BYTES = 256 * 2**20
-#: the gap θ − λ₂ (λ₂ from the last cold solve) counts as this much of a gap in the Kato–Temple
-#: bound r²/δ: λ₂ may have risen since, by up to half the gap
-KATO_SAFETY = 0.5
+#: the share of the gap δ = (θ − λ₂) − |θ − λ₁| (λ₁, λ₂ from the last cold solve) the Kato–Temple
+#: bound r²/δ counts (1: the allowance for λ₂'s drift is how far λ₁ moved)
+KATO_SAFETY = 1.0
 
 
 @dataclass
@@ -91,12 +91,14 @@ def _select(theta: torch.Tensor, which: str) -> torch.Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
-def kato_temple(residual: float, value: float, next_value: float | None, which: str = "LA") -> float:
+def kato_temple(residual: float, value: float, next_value: float | None, which: str = "LA",
+                moved: float = 0.0) -> float:
     """The Kato–Temple bound r²/δ on |θ − λ| for a Ritz pair (θ, residual r), with δ a lower
-    bound on the distance from θ to every eigenvalue but λ, taken as :data:`KATO_SAFETY` times
-    the distance from θ to ``next_value`` (the next eigenvalue on the wanted side, from the
-    last cold solve: LA θ − λ₂, SA λ₂ − θ, LM |θ| − |λ₂|); inf when that is unknown or θ is not
-    beyond it."""
+    bound on the distance from θ to every eigenvalue but λ: :data:`KATO_SAFETY` times the
+    distance from θ to ``next_value`` (the next eigenvalue on the wanted side, from the last
+    cold solve: LA θ − λ₂, SA λ₂ − θ, LM |θ| − |λ₂|) less ``moved`` (how far the wanted
+    eigenvalue moved since that solve: λ₂ may have moved as far towards θ); inf when that is
+    unknown or θ is not beyond it."""
     if next_value is None or math.isnan(next_value):
         return math.inf
     if which == "LA":
@@ -105,13 +107,14 @@ def kato_temple(residual: float, value: float, next_value: float | None, which: 
         delta = next_value - value
     else:
         delta = abs(value) - abs(next_value)
-    delta *= KATO_SAFETY
+    delta = KATO_SAFETY * (delta - abs(moved))
     return residual**2 / delta if delta > 0 else math.inf
 
 
 def track_eigenpair(op: Any, start: torch.Tensor, which: str = "LA", tol: float = 1e-3, max_iter: int = 12,
                     fallback_iter: int | None = 100, seed: int = 0, spare: bool | None = None,
-                    next_value: float | None = None, **lanczos_kw: Any) -> TrackResult:
+                    next_value: float | None = None, cold_value: float | None = None,
+                    **lanczos_kw: Any) -> TrackResult:
     """The extreme eigenpair of ``op`` (``which``: LA, SA, LM) tracked from ``start``: the
     previous eigenvector, or a (j, dim) block whose first row is the previous eigenvector and
     whose second row the previous next eigenvector or Ritz vector (:meth:`EigenResult.warm_start`).
@@ -124,7 +127,7 @@ def track_eigenpair(op: Any, start: torch.Tensor, which: str = "LA", tol: float 
     Ritz pair is exact by linearity (to the products' rounding) and accepting costs no product. Accepted when the eigenvalue
     error bound min(r, r²/δ) ≤ ``tol``·|θ|: r always bounds it; r²/δ (Kato–Temple,
     :func:`kato_temple`) when ``next_value`` — the next eigenvalue, from the last cold solve —
-    gives the gap δ. After ``max_iter`` products without that, a full
+    gives the gap δ (less how far θ moved from ``cold_value``, the wanted eigenvalue then). After ``max_iter`` products without that, a full
     :func:`lscape.curvature.lanczos` (``fallback_iter`` products at most, verified with a
     fresh direction) starts from the search's two best Ritz vectors. Memory: the Lanczos basis
     of :func:`lscape.curvature.lanczos` (``lscape.curvature._basis``: at most ``max_iter``
@@ -163,7 +166,8 @@ def track_eigenpair(op: Any, start: torch.Tensor, which: str = "LA", tol: float 
         order = select(theta, len(theta), which)
         i = int(order[0])
         value, residual = float(theta[i]), float(res[i])
-        bound = min(residual, kato_temple(residual, value, next_value, which))
+        moved = abs(value - cold_value) if cold_value is not None and math.isfinite(cold_value) else 0.0
+        bound = min(residual, kato_temple(residual, value, next_value, which, moved))
         if bound <= tol * abs(value) and abs(value) > 0:
             y = basis.Q.combine(S[:, i])
             spare_vectors = None
@@ -220,6 +224,7 @@ class Tracker:
     count: int = 0
     vectors: torch.Tensor | None = None
     next_value: float = math.nan
+    cold_value: float = math.nan
     disagreements: int = 0
 
     def measure(self, op: Any, which: str = "LA", tol: float = 1e-3, fallback_iter: int | None = 100,
@@ -232,6 +237,7 @@ class Tracker:
         if vectors is not None:
             tracked = track_eigenpair(op, vectors, which=which, tol=tol, max_iter=self.max_iter,
                                       fallback_iter=fallback_iter, seed=seed, next_value=self.next_value,
+                                      cold_value=self.cold_value,
                                       **lanczos_kw)
             info["track_products"] = tracked.num_products
             info["tracked"] = tracked.accepted
@@ -243,6 +249,7 @@ class Tracker:
                 gap, bad = disagree(tracked.eigenvalue, float(cold.eigenvalues[0]), tol)
                 info["track_gap"], info["track_disagree"] = gap, bad
                 self.disagreements += int(bad)
+            self.cold_value = float(cold.eigenvalues[0])
             self.next_value = float(cold.eigenvalues[1]) if len(cold.eigenvalues) > 1 and bool(
                 cold.converged[1]) else math.nan
             result = cold
@@ -253,6 +260,7 @@ class Tracker:
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count, "vectors": self.vectors, "next_value": self.next_value,
+                "cold_value": self.cold_value,
                 "disagreements": self.disagreements}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
@@ -260,4 +268,5 @@ class Tracker:
         self.count = int(state.get("count", 0))
         self.vectors = state.get("vectors")
         self.next_value = float(state.get("next_value", math.nan))
+        self.cold_value = float(state.get("cold_value", math.nan))
         self.disagreements = int(state.get("disagreements", 0))

@@ -90,8 +90,11 @@ def test_fallback_when_not_accepted_is_a_full_solve(which):
 
 
 def test_kato_temple_bound_and_disagree():
-    assert kato_temple(0.1, 5.0, 4.0, "LA") == pytest.approx(0.01 / 0.5)
-    assert kato_temple(0.1, -5.0, -4.0, "SA") == pytest.approx(0.01 / 0.5)
+    assert kato_temple(0.1, 5.0, 4.0, "LA") == pytest.approx(0.01 / 1.0)
+    assert kato_temple(0.1, -5.0, -4.0, "SA") == pytest.approx(0.01 / 1.0)
+    assert kato_temple(0.1, -5.0, 4.5, "LM") == pytest.approx(0.01 / 0.5)
+    assert kato_temple(0.1, 5.0, 4.0, "LA", moved=0.6) == pytest.approx(0.01 / 0.4)  # λ₂ may have come closer
+    assert kato_temple(0.1, 5.0, 4.0, "LA", moved=1.2) == math.inf
     assert kato_temple(0.1, 4.0, 5.0, "LA") == math.inf  # θ is not beyond λ₂: no gap
     assert kato_temple(0.1, 5.0, math.nan) == math.inf
     assert relative_gap(2.0, 2.002) == pytest.approx(0.002 / 2.002)
