@@ -194,7 +194,7 @@ class Probe(Plugin):
         budget = getattr(ctx, "probe_budget", None)
         if budget is None:
             return self.run_measure(ctx, state)
-        if not budget.allows(self.name):
+        if not _rank0_decides(budget.allows(self.name)):  # every rank measures, or none (collectives)
             return {}
         started = time.perf_counter()
         try:
@@ -300,6 +300,17 @@ class Probe(Plugin):
                               for b in full_batches(dataset, size, ctx.device, workers=ctx.workers)]
         self._data_attrs = {"measure_samples": len(dataset), "measure_batch_size": size}
         return ctx.cache[key]
+
+
+def _rank0_decides(allowed: bool) -> bool:
+    """Rank 0's decision on every rank under torch.distributed (the clocks differ per rank, and
+    a measurement's products are collectives); the decision itself otherwise."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return allowed
+    box = [bool(allowed)]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 class StepOwner(Plugin):

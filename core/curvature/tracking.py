@@ -34,7 +34,7 @@ from lscape.curvature.lanczos import EigenResult, lanczos
 
 __all__ = ["TrackResult", "Tracker", "track_eigenpair", "cold_solve", "disagree", "relative_gap", "kato_temple"]
 
-# The search basis and its products are kept in float64 while both fit in this many bytes.
+# The search basis is kept in float64 while it fits in this many bytes.
 _FLOAT64_BYTES = 256 * 2**20
 #: the share of the gap δ = (θ − λ₂) − |θ − λ₁| (λ₁, λ₂ from the last cold solve) the Kato–Temple
 #: bound r²/δ counts (1: the allowance for λ₂'s drift is how far λ₁ moved)
@@ -81,14 +81,6 @@ def disagree(tracked: float, cold: float, tol: float) -> tuple[float, bool]:
     followed another eigenvalue (or a near-tie swapped), a disagreement."""
     gap = relative_gap(float(tracked), float(cold))
     return gap, bool(math.isnan(gap) or gap > 2.0 * tol * (1.0 + 1e-9) + 1e-12)
-
-
-def _select(theta: torch.Tensor, which: str) -> torch.Tensor:
-    if which == "LA":
-        return torch.argsort(theta, descending=True)
-    if which == "SA":
-        return torch.argsort(theta)
-    return torch.argsort(theta.abs(), descending=True)
 
 
 def kato_temple(residual: float, value: float, next_value: float | None, which: str = "LA",
