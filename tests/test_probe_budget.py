@@ -40,7 +40,7 @@ def test_budget_arithmetic():
     assert other.attrs() == budget.attrs()
 
 
-def test_a_budget_skips_firings_and_records_the_overhead(tmp_path):
+def test_a_budget_skips_firings_and_records_the_overhead(tmp_path, cli):
     out = str(tmp_path / "b.zarr")
     assert lscape.run(**BASE, steps=30, probe_budget=0.02, out=out).status == "completed"
     r = RunReader(out)
@@ -52,6 +52,9 @@ def test_a_budget_skips_firings_and_records_the_overhead(tmp_path):
     assert attrs["probe_budget"] == 0.02
     assert math.isfinite(attrs["probe_overhead"]) and attrs["probe_overhead"] > 0
     assert attrs["probe_overhead"] == pytest.approx(attrs["probe_seconds"] / attrs["train_seconds"])
+    code, shown, _ = cli("show", out)
+    assert code == 0 and f"probe budget 0.02: realised overhead {attrs['probe_overhead']:.3g}" in shown
+    assert f"sharpness {fired} measured, {skipped} skipped" in shown
     # without a budget every scheduled firing measures and nothing is recorded about it
     plain = str(tmp_path / "p.zarr")
     assert lscape.run(**BASE, steps=30, out=plain).status == "completed"
