@@ -75,3 +75,20 @@ def test_measure_without_optimizer_state_is_refused(cli, tmp_path):
         lines = [line for line in err.strip().splitlines() if line.strip()]
         assert len(lines) == 1 and "optimizer" in lines[0] and "Traceback" not in err, err
         assert set(os.listdir(tmp_path)) == before
+
+
+def test_measure_from_checkpoints_equals_the_measurement_during_the_run(cli, tmp_path):
+    """P at checkpoint steps 1, 4, 7 (after that many updates), read back by lscape measure,
+    gives what the run measured at those steps (the same θ, the same optimizer state)."""
+    run = tmp_path / "adam.zarr"
+    code, _, err = cli("run", *ADAM, "--steps", "8", "--checkpoint-schedule", "every:3", "--plugin", "sharpness",
+                       "-o", "sharpness.kind=preconditioned", "-o", "sharpness.schedule=at:1,4,7",
+                       "-o", "sharpness.tol=1e-4", "--out", run)
+    assert code == 0, err
+    code, _, err = cli("measure", run, "--plugin", "sharpness", "-o", "sharpness.kind=preconditioned",
+                       "-o", "sharpness.tol=1e-4", "--checkpoints", "1,4,7", "--out", tmp_path / "m.zarr")
+    assert code == 0, err
+    during, after = RunReader(run).read("sharpness"), RunReader(tmp_path / "m.zarr").read("sharpness")
+    assert list(during["step"]) == list(after["step"]) == [1, 4, 7]
+    torch.testing.assert_close(torch.tensor(after["lambda_max"]), torch.tensor(during["lambda_max"]), rtol=3e-4,
+                               atol=0)
