@@ -141,8 +141,14 @@ def test_a_tracked_pair_that_follows_an_overtaken_eigenvalue_is_a_disagreement()
     result, info = tracker.measure(Dense(B), tol=1e-6, seed=2)  # cold verify
     assert info["track_disagree"] and info["track_gap"] == pytest.approx(1 / 3, rel=1e-5)
     assert float(result.eigenvalues[0]) == pytest.approx(3.0) and tracker.disagreements == 1
-    result, info = tracker.measure(Dense(B), tol=1e-6, seed=3)  # tracking goes on from the cold vectors
+    op = Dense(B)
+    result, info = tracker.measure(op, tol=1e-6, seed=3)  # tracking goes on from the cold vectors
     assert info["tracked"] and float(result.eigenvalues[0]) == pytest.approx(3.0)
+    assert op.products == info["track_products"] + info["cold_products"]  # every product is counted
+    op = Dense(B)
+    tracker.verify_every = 1
+    result, info = tracker.measure(op, tol=1e-6, seed=4)  # tracked and cold
+    assert info["cold_products"] > 0 and op.products == info["track_products"] + info["cold_products"]
 
 
 def test_tracker_state_round_trip():
