@@ -194,6 +194,10 @@ def plot_sharpness(runs, out_dir):
             continue
         matrix = run.group_attrs("sharpness").get("matrix")  # a derived kind (preconditioned): 2/η is not its edge
         line(ax, d["step"], d["lambda_max"], label=f"{name} λ_max" + (f" of {matrix}" if matrix else ""), color=colour)
+        if "track_disagree" in d and np.asarray(d["track_disagree"]).any():  # track=true: where a cold verify disagreed
+            bad = np.asarray(d["track_disagree"], dtype=bool)
+            ax.plot(np.asarray(d["step"])[bad], np.asarray(d["lambda_max"])[bad], "x", color="red", ms=7,
+                    label=f"{name} tracked ≠ cold verify")
         if run.has("train") and not matrix:
             train = run.read("train")
             if "lr" in train and len(train["lr"]) and len(d["lambda_max"]):
