@@ -291,6 +291,15 @@ def show(run_path, as_json):
         console.print("summary: first -> last [min, max], late = mean of the last 10%  (all: --json)", markup=False)
         for line in lines:
             console.print("  " + line, markup=False, soft_wrap=True)
+    budget = reader.attrs.get("probe_budget")
+    if budget is not None:
+        overhead = reader.attrs.get("probe_overhead")
+        fired, skipped = reader.attrs.get("probe_fired") or {}, reader.attrs.get("probe_skipped") or {}
+        counts = ", ".join(f"{name} {fired.get(name, 0)} measured, {skipped.get(name, 0)} skipped"
+                           for name in sorted(set(fired) | set(skipped)))
+        console.print(f"probe budget {budget:g}: realised overhead "
+                      f"{'n/a' if overhead is None else format(overhead, '.3g')} of training time"
+                      f"{' (' + counts + ')' if counts else ''}", markup=False, soft_wrap=True)
     ckpt = summary.get("latest_checkpoint")
     if ckpt:
         console.print(f"checkpoints: {ckpt['count']}; \"latest\" (what `lscape measure RUN` measures) is step "

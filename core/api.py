@@ -148,12 +148,16 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
     cfg.out = out
     engine = Engine(cfg)
     ctx = engine.prepare()
+    ctx.probe_budget = None  # measuring is all probes: a run's --probe-budget does not apply
     probes = [p for p in engine.plugins if isinstance(p, Probe)]
     if not probes:
         raise UsageError("lscape measure runs probes; none of the named plugins is a probe")
     states = _model_states(reader, source, checkpoints)
-    for _, _, model_state in states:  # before the store exists: a state of another model is bad input
+    for _, _, model_state, _ in states:  # before the store exists: a state of another model is bad input
         _check_fits(ctx.model, model_state, source, cfg.model)
+    readers = _optimizer_readers(probes)
+    if readers:  # a matrix read from the optimizer's state (kind=preconditioned): the checkpoint must hold it
+        _check_optimizer_states(readers[0], states, source)
     attrs = engine.root_attrs()
     attrs.update({"kind": "measure", "source": None if source is None else str(source)})
     ctx.store = RunStore.create(out, attrs)
@@ -161,9 +165,11 @@ def measure(source: str | os.PathLike | None, plugins: Iterable[str], *,
     # Ctrl-C/SIGTERM abandon the measurement in progress (no row) and end the measuring
     try:
         with stop_on_signals(engine.request_stop):
-            for step, epoch, model_state in states:
+            for step, epoch, model_state, optimizer_state in states:
                 if model_state is not None:
                     ctx.model.load_state_dict(model_state)
+                if optimizer_state is not None:
+                    _load_optimizer(ctx.optimizer, optimizer_state, step, source, required=bool(readers))
                 batch, _, _ = ctx.stream.next()
                 state = StepState(step=step, epoch=epoch, batch=batch)
                 for probe in probes:
@@ -219,12 +225,59 @@ def _replace_killed_measure(out: str) -> None:
     shutil.rmtree(out.removeprefix("file://"))
 
 
-def _model_states(reader: RunReader | None, source: Any, which: str) -> list[tuple[int, int, Any]]:
+def _optimizer_readers(probes: list[Any]) -> list[tuple[str, str]]:
+    """``(probe name, kind)`` of the probes whose matrix reads the optimizer's state."""
+    from .curvature import operator_class
+
+    out = []
+    for probe in probes:
+        kind = getattr(getattr(probe, "opts", None), "kind", None)
+        try:
+            needs = isinstance(kind, str) and operator_class(kind).needs_optimizer
+        except (KeyError, ValueError):
+            needs = False
+        if needs:
+            out.append((probe.name, kind))
+    return out
+
+
+def _check_optimizer_states(reader: tuple[str, str], states: list[tuple[int, int, Any, Any]], source: Any) -> None:
+    """One line, before the store exists, when a measured state has no optimizer state to read P from."""
+    name, kind = reader
+    for step, _, _, optimizer_state in states:
+        if optimizer_state is not None and (optimizer_state.get("state") or len(states) > 1):
+            continue  # (a state before the first update, among others, is skipped like step 0 of a run)
+        if optimizer_state is not None:
+            what = f"the checkpoint at step {step} of {source} was taken before the optimizer's first update"
+        elif source is None:
+            what = "a freshly initialised model has no optimizer state"
+        elif str(source).endswith(".pt"):
+            what = f"{source} is a model state dict, without the optimizer's state"
+        else:
+            what = (f"the checkpoint at step {step} of {source} holds no optimizer state (a sharded checkpoint's "
+                    f"is not read)")
+        raise UsageError(f"{name}.kind={kind} reads the preconditioner from the optimizer's state, and {what}; "
+                         f"measure a run store's checkpoint (lscape measure RUN --plugin {name} -o {name}.kind={kind})")
+
+
+def _load_optimizer(optimizer: Any, state: Any, step: int, source: Any, required: bool) -> None:
+    """The checkpoint's optimizer state into the rebuilt optimizer (P, bias corrections and
+    learning rates as at that step); one that does not fit is one line when a probe needs it."""
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        if required:
+            raise UsageError(f"the optimizer state of the checkpoint at step {step} of {source} does not fit the "
+                             f"optimizer its config builds: {message_line(e, 160)}") from None
+
+
+def _model_states(reader: RunReader | None, source: Any, which: str) -> list[tuple[int, int, Any, Any]]:
+    """``(step, epoch, model state, optimizer state or None)`` of each measured state."""
     from .checkpoint import checkpoint_names, latest_checkpoint, load_checkpoint
 
     if reader is None:
         if source is None:
-            return [(0, 0, None)]
+            return [(0, 0, None, None)]
         try:
             state = torch.load(source, weights_only=True, map_location="cpu")
         except Exception as e:
@@ -233,7 +286,7 @@ def _model_states(reader: RunReader | None, source: Any, which: str) -> list[tup
                                  "tensors; lscape never runs pickled code: save model.state_dict() and measure that"
                                  ) from None
             raise UsageError(f"cannot load {source} as a state dict: {message_line(e, 160)}") from e
-        return [(0, 0, state.get("model", state) if isinstance(state, dict) else state)]
+        return [(0, 0, state.get("model", state) if isinstance(state, dict) else state, None)]
     root = reader.root
     names = checkpoint_names(root)
     if not names:
@@ -256,5 +309,5 @@ def _model_states(reader: RunReader | None, source: Any, which: str) -> list[tup
         state = load_checkpoint(root, name)
         if state is None:
             raise UsageError(f"checkpoint {name} of {reader.path} cannot be read")
-        out.append((int(state["step"]), int(state["epoch"]), state["model"]))
+        out.append((int(state["step"]), int(state["epoch"]), state["model"], state.get("optimizer")))
     return out

@@ -330,6 +330,11 @@ class RunConfig:
     nan_check_every: int | None = option(
         None, "check the loss for NaN/inf every N steps (one host sync)", integer, within="[1, inf)",
         what="a positive integer", cli=Flag(metavar="N", default_text="1 on CPU, 50 on CUDA"))
+    #: the share of training wall time that probes may take; scheduled firings over it are skipped
+    probe_budget: float | None = option(
+        None, "spend at most this fraction of the training wall time in probes (e.g. 0.05): scheduled "
+        "measurements that would go over it are skipped; the realised overhead is the root attr probe_overhead",
+        real, within="(0, 1]", what="a fraction in (0, 1], e.g. 0.05", cli=Flag(metavar="F"))
     #: ddp (a full model per rank) or fsdp (FSDP2 shards parameters, gradients, optimizer state)
     strategy: str = option("ddp", "under torchrun: ddp (a full model per rank) or fsdp (FSDP2 shards it; "
                            "docs/scaling.md)", parse_precision, choices=STRATEGIES)

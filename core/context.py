@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .config import RunConfig
-from .limits import ProbeTimer
+from .limits import ProbeBudget, ProbeTimer
 from .store import RunStore
 
 if TYPE_CHECKING:  # these modules import this one
@@ -62,6 +62,8 @@ class RunContext:
     fetchers: dict[Any, Fetcher] = field(default_factory=dict)
     #: estimates how long each probe will take, after its first measurement
     probe_timer: ProbeTimer = field(default_factory=ProbeTimer)
+    #: the run's ``--probe-budget`` (``lscape.limits.ProbeBudget``); None: every scheduled firing measures
+    probe_budget: ProbeBudget | None = None
 
     def __post_init__(self) -> None:
         if self.adapter is None:

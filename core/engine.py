@@ -175,6 +175,10 @@ class Engine:
                          device=device, optimizer=optimizer, registry=reg, stream=stream,
                          steps_per_epoch=stream.steps_per_epoch, rank=rank, world_size=world, adapter=adapter,
                          workers=workers)
+        if cfg.probe_budget is not None:
+            from .limits import ProbeBudget
+
+            ctx.probe_budget = ProbeBudget(cfg.probe_budget)
         self._precision = Precision(cfg.precision, device, sharded=self._sharded)
         self._nan_every = cfg.nan_check_every or (50 if device.type == "cuda" else 1)
         self._forward = model
@@ -311,6 +315,8 @@ class Engine:
                 self.save_checkpoint()
         if ctx.store is None:
             return
+        if ctx.probe_budget is not None:
+            record_budget(ctx)
         mark_ended(ctx.store, status, error, self.step)
         ctx.store.close()  # releases the writer lock
 
@@ -334,6 +340,10 @@ class Engine:
             if cfg.time_limit is not None and elapsed >= cfg.time_limit:
                 return "completed"
             self._mid_step = True  # an abandoned step (a third signal) leaves no consistent state to save
+            budget = ctx.probe_budget
+            if budget is not None:
+                step_started = time.perf_counter()
+                budget.begin_step()
             batch, epoch, epoch_end = stream.next()
             state_size = batch_size_of(batch)
             batch = shard(batch, ctx.rank, ctx.world_size)
@@ -375,6 +385,8 @@ class Engine:
                     and ctx.eval_set is not None and not self._stop_requested:  # a stopping run skips it
                 events.evaluate(evaluate(ctx))
             events.end_step()
+            if budget is not None:
+                budget.add_step(time.perf_counter() - step_started)
             self._mid_step = False
             if diverged and cfg.on_nan == "stop":
                 at, value = self._divergence
@@ -480,8 +492,24 @@ class Engine:
             "stream": ctx.stream.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "plugins": plugin_states(self.plugins),
+            "probe_budget": ctx.probe_budget.state_dict() if ctx.probe_budget is not None else None,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "lscape_version": __version__,
         }
+        if ctx.probe_budget is not None and ctx.store is not None:
+            record_budget(ctx)  # the overhead so far, also in a run killed later
         return save_checkpoint(ctx.store, state, self.step, self.epoch)
+
+
+def record_budget(ctx: RunContext) -> None:
+    """The realised probe overhead under ``--probe-budget`` into the store's root attributes
+    (``probe_overhead``, ``probe_seconds``, ``train_seconds``, ``probe_fired``,
+    ``probe_skipped``) and each probe's skipped firings into its group's attrs
+    (``budget_skipped``)."""
+    budget = ctx.probe_budget
+    ctx.store.update_attrs(**budget.attrs())
+    for plugin in ctx.plugins.values():
+        writer = getattr(plugin, "_writers", {}).get((id(ctx.store), None))  # its own group, if it wrote one
+        if writer is not None and plugin.name in budget.fired:
+            writer.group.attrs["budget_skipped"] = int(budget.skipped.get(plugin.name, 0))

@@ -18,7 +18,7 @@ import torch
 from .errors import UsageError
 
 __all__ = ["available_memory", "require_memory", "require_at_most", "human_bytes", "parse_size", "sample_bytes",
-           "ProbeTimer"]
+           "ProbeTimer", "ProbeBudget"]
 
 #: share of the available memory one allocation may claim before it is refused
 MEMORY_FRACTION = 0.8
@@ -201,3 +201,99 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+class ProbeBudget:
+    """A run-level budget for probes (``--probe-budget F``): the share of training wall time
+    that scheduled measurements may take.
+
+    The engine times each step (:meth:`add_step`, probes included) and :meth:`Probe.run_measure`
+    times each measurement (:meth:`charge`); training time is step time less the probe time
+    spent inside steps. A scheduled firing is allowed when the probe time so far plus the
+    probe's mean measured cost stays within ``F`` × the training time so far (a probe's first
+    firing is always allowed: its cost is not known yet, so a run too short to pay for one
+    measurement ends over budget, by what ``probe_overhead`` says); otherwise it is skipped
+    and counted (:attr:`skipped`), so an expensive probe's measurements are spaced out as
+    training time accumulates. The realised overhead, probe time / training time, is :attr:`overhead`.
+    :meth:`state_dict`/:meth:`load_state_dict` carry it across checkpoints (``--resume``)."""
+
+    def __init__(self, fraction: float):
+        self.fraction = float(fraction)
+        self.probe_seconds = 0.0  # every measurement's time
+        self.step_seconds = 0.0  # every step's time, the probes inside it included
+        self.inside_seconds = 0.0  # measurement time inside steps
+        self.spent: dict[str, float] = {}  # each probe's measurement time, in all
+        self.first: dict[str, float] = {}  # and its first measurement's
+        self.fired: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}
+        self._in_step = False
+
+    @property
+    def train_seconds(self) -> float:
+        return max(self.step_seconds - self.inside_seconds, 0.0)
+
+    @property
+    def overhead(self) -> float:
+        """Probe time / training time so far (NaN before any training time)."""
+        train = self.train_seconds
+        return self.probe_seconds / train if train > 0 else float("nan")
+
+    def allows(self, name: str) -> bool:
+        """Whether the probe ``name`` may measure now (counted as skipped when not)."""
+        if name not in self.fired:
+            return True
+        cost = self.cost(name)
+        if self.probe_seconds + cost <= self.fraction * self.train_seconds:
+            return True
+        self.skipped[name] = self.skipped.get(name, 0) + 1
+        return False
+
+    def cost(self, name: str) -> float:
+        """The expected time of ``name``'s next measurement: the mean of its measurements after
+        the first (which also pays one-time setup: the measurement subset, the product method's
+        check), or the first while there is no other. A mean, not the last: a tracked
+        ``sharpness`` alternates cheap tracked measurements and a cold solve every N-th."""
+        fired = self.fired.get(name, 0)
+        if fired >= 2:
+            return (self.spent[name] - self.first[name]) / (fired - 1)
+        return self.spent.get(name, 0.0)
+
+    def charge(self, name: str, seconds: float) -> None:
+        """A measurement of ``name`` took ``seconds``."""
+        self.probe_seconds += seconds
+        if self._in_step:
+            self.inside_seconds += seconds
+        self.spent[name] = self.spent.get(name, 0.0) + seconds
+        self.first.setdefault(name, seconds)
+        self.fired[name] = self.fired.get(name, 0) + 1
+
+    def begin_step(self) -> None:
+        self._in_step = True
+
+    def add_step(self, seconds: float) -> None:
+        """A training step took ``seconds`` of wall time (its measurements included)."""
+        self._in_step = False
+        self.step_seconds += seconds
+
+    def attrs(self) -> dict[str, Any]:
+        """What the store's root attributes record (``probe_overhead`` and the counts)."""
+        overhead = self.overhead
+        return {"probe_budget": self.fraction, "probe_overhead": None if overhead != overhead else overhead,
+                "probe_seconds": self.probe_seconds, "train_seconds": self.train_seconds,
+                "probe_fired": dict(self.fired), "probe_skipped": dict(self.skipped)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"probe_seconds": self.probe_seconds, "step_seconds": self.step_seconds,
+                "inside_seconds": self.inside_seconds, "spent": dict(self.spent), "first": dict(self.first),
+                "fired": dict(self.fired),
+                "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        state = state or {}
+        self.probe_seconds = float(state.get("probe_seconds", 0.0))
+        self.step_seconds = float(state.get("step_seconds", 0.0))
+        self.inside_seconds = float(state.get("inside_seconds", 0.0))
+        self.spent = {str(k): float(v) for k, v in (state.get("spent") or {}).items()}
+        self.first = {str(k): float(v) for k, v in (state.get("first") or {}).items()}
+        self.fired = {str(k): int(v) for k, v in (state.get("fired") or {}).items()}
+        self.skipped = {str(k): int(v) for k, v in (state.get("skipped") or {}).items()}

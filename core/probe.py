@@ -179,12 +179,28 @@ class Probe(Plugin):
     @hookimpl
     def on_after_backward(self, ctx: RunContext, state: StepState) -> None:
         if self.at == "after_backward" and self.due(state):
-            self.run_measure(ctx, state)
+            self.fire(ctx, state)
 
     @hookimpl
     def on_step_end(self, ctx: RunContext, state: StepState) -> None:
         if self.at == "step_end" and self.due(state):
-            self.run_measure(ctx, state)
+            self.fire(ctx, state)
+
+    def fire(self, ctx: RunContext, state: StepState) -> dict[str, Any]:
+        """A scheduled measurement: :meth:`run_measure`, unless the run's ``--probe-budget``
+        (``ctx.probe_budget``, :class:`lscape.limits.ProbeBudget`) says it would take the
+        probes over their share of training time (then skipped, and counted); its whole time
+        (measuring, recording, attributes) is charged to the budget."""
+        budget = getattr(ctx, "probe_budget", None)
+        if budget is None:
+            return self.run_measure(ctx, state)
+        if not _rank0_decides(budget.allows(self.name)):  # every rank measures, or none (collectives)
+            return {}
+        started = time.perf_counter()
+        try:
+            return self.run_measure(ctx, state)
+        finally:
+            budget.charge(self.name, time.perf_counter() - started)
 
     def due(self, state: StepState) -> bool:
         """Whether the schedule asks for a measurement at this step."""
@@ -192,7 +208,8 @@ class Probe(Plugin):
 
     def run_measure(self, ctx: RunContext, state: StepState) -> dict[str, Any]:
         """Measure with the model's state preserved, and record the values. A measurement
-        the stopping run abandons (Ctrl-C: ``activity.Stopped``) records nothing."""
+        the stopping run abandons (Ctrl-C: ``activity.Stopped``) records nothing. A scheduled
+        measurement comes through :meth:`fire` (the run's ``--probe-budget``)."""
         started = time.perf_counter()
         try:
             with activity.doing(self.name), preserve_state(ctx.model):
@@ -283,6 +300,17 @@ class Probe(Plugin):
                               for b in full_batches(dataset, size, ctx.device, workers=ctx.workers)]
         self._data_attrs = {"measure_samples": len(dataset), "measure_batch_size": size}
         return ctx.cache[key]
+
+
+def _rank0_decides(allowed: bool) -> bool:
+    """Rank 0's decision on every rank under torch.distributed (the clocks differ per rank, and
+    a measurement's products are collectives); the decision itself otherwise."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return allowed
+    box = [bool(allowed)]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 class StepOwner(Plugin):

@@ -397,6 +397,8 @@ def restore_state(plan: ResumePlan, ctx: RunContext, plugins: list[Plugin],
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         load_plugin_states(plugins, state["plugins"])
+        if getattr(ctx, "probe_budget", None) is not None:  # --probe-budget: the time spent so far goes on
+            ctx.probe_budget.load_state_dict(state.get("probe_budget"))
     except UsageError:
         raise
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:

@@ -31,6 +31,7 @@ from lscape.curvature.preconditioner import (EdgeThreshold, NotSteppedError, Pre
                                              edge_threshold, preconditioner, preconditioner_rule,
                                              register_preconditioner)
 from lscape.curvature.preconditioned import PreconditionedHessian, PreconditionedOperator
+from lscape.curvature.tracking import TrackResult, Tracker, cold_solve, disagree, track_eigenpair
 from lscape.curvature.directional import (BatchSharpness, CriticalSharpness, DirectionalCurvature, batch_sharpness,
                                           critical_sharpness, directional_curvature, random_batches)
 
@@ -83,4 +84,9 @@ __all__ = [
     "directional_curvature",
     "CriticalSharpness",
     "critical_sharpness",
+    "track_eigenpair",
+    "cold_solve",
+    "disagree",
+    "Tracker",
+    "TrackResult",
 ]

@@ -276,9 +276,18 @@ def record_products(probe: Probe, ctx: Any, operators: Sequence[CurvatureOperato
 
 
 def update_attrs(probe: Probe, attrs: dict[str, Any]) -> None:
-    """Write ``attrs`` into every store group the probe has written (main rank only)."""
+    """Write ``attrs`` into every store group the probe has written (main rank only); a value
+    that group already holds from an earlier call is not written again (each attribute write
+    is a store operation: measured every step, they cost more than a small model's products)."""
+    written = probe.__dict__.setdefault("_attrs_written", {})
     for writer in probe.opened_groups():  # the groups it wrote (main rank only)
-        writer.group.attrs.update(attrs)
+        changed = {k: v for k, v in attrs.items() if written.get((id(writer), k), _UNSET) != v}
+        if changed:
+            writer.group.attrs.update(changed)
+            written.update({(id(writer), k): v for k, v in changed.items()})
+
+
+_UNSET = object()
 
 
 class RecordsProducts:
@@ -472,16 +481,12 @@ class CurvatureProbe(RecordsProducts, Probe):
 
     def run_measure(self, ctx, state) -> dict[str, Any]:
         """Measure and record; a matrix read from the optimizer's state (``kind=preconditioned``)
-        has none before the optimizer's first update, so that measurement (step 0) is skipped.
-        ``lscape measure`` rebuilds the optimizer without its state: said in one line."""
+        has none before the optimizer's first update, so that measurement (step 0) is skipped
+        (also in ``lscape measure``, which loads each checkpoint's optimizer state and refuses,
+        before the store exists, a source where no measured state holds one)."""
         try:
             return super().run_measure(ctx, state)
         except NotSteppedError:
-            store = getattr(ctx, "store", None)
-            if store is not None and getattr(store, "attrs", None) is not None and store.attrs.get("kind") == "measure":
-                raise UsageError(f"{self.name}.kind={getattr(self.opts, 'kind', '?')} reads the optimizer's state, "
-                                 f"which lscape measure does not restore from a checkpoint (yet); measure it "
-                                 f"during the run (lscape run --plugin {self.name})") from None
             return {}
 
     def batches(self, ctx, state) -> list[Any]:

@@ -83,7 +83,7 @@ class CriticalSharpnessProbe(CurvatureProbe):
     def on_step_end(self, ctx, state) -> None:
         if self._before is not None and self._before[0] == int(state.step):
             try:
-                self.run_measure(ctx, state)
+                self.fire(ctx, state)
             finally:
                 self._before = None
 

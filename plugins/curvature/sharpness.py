@@ -8,6 +8,7 @@ import numpy as np
 
 from lscape import Option, Output, hookimpl
 from lscape.curvature import lanczos
+from lscape.curvature.tracking import Tracker
 from lscape.plugins.curvature.base import (
     CURVATURE_OPTIONS,
     LANCZOS_OPTIONS,
@@ -34,6 +35,11 @@ class Sharpness(WarmStart, CurvatureProbe):
     arrays with a ``group`` dimension, group names in the attrs). Measured by default on
     a fixed subset of training batches (``data=subset``), so successive values differ only
     because θ moved.
+
+    ``track=true`` measures the whole-model eigenvalue by warm-started tracking
+    (:mod:`lscape.curvature.tracking`): a few Lanczos steps from the previous eigenvector,
+    accepted on a residual bound, with a cold verified solve every ``verify_every``-th
+    measurement; arrays ``tracked``, ``track_products``, ``track_gap``, ``track_disagree``.
     """
 
     name = "sharpness"
@@ -41,13 +47,21 @@ class Sharpness(WarmStart, CurvatureProbe):
     schedule = "every:10"
     cost_model = ("at most max_iter + 1 products per measurement (default 101: the Lanczos search and one final "
                   "residual product), as many again per parameter group (groups=); a warm-started measurement of a "
-                  "slowly moving λ usually stops after a few")
+                  "slowly moving λ usually stops after a few; with track=true a few (the warm search, at most "
+                  "track_max_iter, then max_iter + 1 if it falls back) plus, every verify_every-th measurement, a cold "
+                  "verified solve of the top two (at most max_iter + 2)")
     options = CURVATURE_OPTIONS + LANCZOS_OPTIONS + (
         Option("which", str, "LA", "LA largest (λ_max), SA smallest (λ_min), LM largest magnitude (‖H‖)",
                choices=("LA", "SA", "LM")),
         Option("tol", float, 1e-3, "stop when the residual ‖Hv − λv‖ ≤ tol·|λ|", minimum=0.0),
         Option("max_iter", int, 100, "Hessian-vector products at most per measurement", minimum=1),
         Option("warm_start", bool, True, "start from the previous measurement's eigenvector (plus a fresh direction)"),
+        Option("track", bool, False, "track λ by a few warm Lanczos steps from the previous eigenvector, accepted on "
+               "a residual bound (a full solve when not), with a cold verified solve every verify_every-th measurement"),
+        Option("verify_every", int, 10, "with track: every N-th measurement (the first included) is also a cold, "
+               "verified solve; a tracked value that disagrees with it is recorded (track_disagree)", minimum=1),
+        Option("track_max_iter", int, 12, "with track: products of the warm search before it falls back to a "
+               "full solve", minimum=1),
     )
     outputs = (
         Output("lambda_max", long_name="largest Hessian eigenvalue λ_max (which=LA)"),
@@ -63,7 +77,30 @@ class Sharpness(WarmStart, CurvatureProbe):
         Output("group_residual", dims=("group",), long_name="residual per parameter group"),
         Output("group_converged", dims=("group",), dtype="bool", long_name="converged per parameter group"),
         Output("group_hvp_products", dims=("group",), dtype="int64", long_name="products per parameter group"),
+        Output("tracked", dtype="bool", long_name="track: the value is the accepted warm-started search's"),
+        Output("track_products", dtype="int64", long_name="track: products of the warm search (and its fallback)"),
+        Output("track_gap", long_name="track: |tracked − cold| / |cold| at a cold verified solve (NaN elsewhere)"),
+        Output("track_disagree", dtype="bool", long_name="track: tracked and cold values differ by more than 2·tol"),
     )
+
+    _tracker: Tracker | None = None
+
+    def tracker(self) -> Tracker:
+        """The tracking state (option ``track``), made at first use."""
+        if self._tracker is None:
+            self._tracker = Tracker(verify_every=self.opts.verify_every, max_iter=self.opts.track_max_iter)
+        return self._tracker
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.opts.track:
+            state["track"] = self.tracker().state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.opts.track:
+            self.tracker().load_state_dict(state.get("track"))
 
     def store_attrs(self) -> dict[str, Any]:
         attrs = super().store_attrs()
@@ -74,6 +111,8 @@ class Sharpness(WarmStart, CurvatureProbe):
     def planned_products(self, ctx) -> dict[str, int]:
         """Products per measurement at most: the Lanczos search and its final product, per group again."""
         per = {"lambda": self.opts.max_iter + 1}
+        if self.opts.track:  # the warm search, its fallback, and the cold solve (k = 2) when due
+            per = {"track": self.opts.track_max_iter, "lambda": self.opts.max_iter + 1, "verify": self.opts.max_iter + 2}
         groups = len(self.groups(ctx))
         if groups:
             per["groups"] = groups * per["lambda"]
@@ -88,9 +127,15 @@ class Sharpness(WarmStart, CurvatureProbe):
     def measure(self, ctx, state) -> dict[str, Any]:
         batches = self.batches(ctx, state)
         op = self.operator(ctx, batches)
-        result = self._solve(op, state)
+        track = None
+        if self.opts.track:
+            result, track = self.tracker().measure(op, which=self.opts.which, tol=self.opts.tol,
+                                                   fallback_iter=self.opts.max_iter, seed=int(state.step),
+                                                   **lanczos_memory(self))
+        else:
+            result = self._solve(op, state)
         op.release()
-        if self.measure_attrs is not None:
+        if self.measure_attrs is not None and result.memory is not None:  # a tracked pair holds no basis
             self.measure_attrs["lanczos_memory"] = memory_attrs(result, op)
         value = float(result.eigenvalues[0])
         values = {
@@ -102,6 +147,12 @@ class Sharpness(WarmStart, CurvatureProbe):
             "hvp_products": int(result.num_products),
             "loss": op.loss(),
         }
+        if track is not None:
+            values.update(hvp_products=track["track_products"] + track["cold_products"], tracked=track["tracked"],
+                          track_products=track["track_products"], track_gap=track["track_gap"],
+                          track_disagree=track["track_disagree"])
+            if self.measure_attrs is not None:
+                self.measure_attrs["track_disagreements"] = self.tracker().disagreements
         groups = self.groups(ctx)
         if groups:
             per = []
@@ -143,6 +194,10 @@ def plot_sharpness(runs, out_dir):
             continue
         matrix = run.group_attrs("sharpness").get("matrix")  # a derived kind (preconditioned): 2/η is not its edge
         line(ax, d["step"], d["lambda_max"], label=f"{name} λ_max" + (f" of {matrix}" if matrix else ""), color=colour)
+        if "track_disagree" in d and np.asarray(d["track_disagree"]).any():  # track=true: where a cold verify disagreed
+            bad = np.asarray(d["track_disagree"], dtype=bool)
+            ax.plot(np.asarray(d["step"])[bad], np.asarray(d["lambda_max"])[bad], "x", color="red", ms=7,
+                    label=f"{name} tracked ≠ cold verify")
         if run.has("train") and not matrix:
             train = run.read("train")
             if "lr" in train and len(train["lr"]) and len(d["lambda_max"]):
