@@ -201,11 +201,14 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 def fd_step(op: Any, v_norm: float) -> float:
     """The finite-difference step ε for a direction of norm ``v_norm``: ``op.fd_eps`` when the
-    caller fixed one (applied to v as given), else FD_SCALE·u^p·max(1, rms(θ))/‖v‖ (see
+    caller fixed one (applied to v as given), ``op.fd_length``/‖v‖ when a probe's ``fd_eps``
+    option fixed the length of the move, else FD_SCALE·u^p·max(1, rms(θ))/‖v‖ (see
     above), rms(θ) = ‖θ‖/√(global dim) and u the unit roundoff of the dtype the gradients
     are computed in (``op.fd_dtype`` when set: a bf16 mixed-precision policy, else ``op.dtype``)."""
     if op.fd_eps is not None:
         return op.fd_eps
+    if getattr(op, "fd_length", None) is not None:  # a probe's fd_eps option: the length of the move εv
+        return op.fd_length / v_norm
     power = 1 / 5 if op.fd_richardson else 1 / 3
     rms = theta_norm(op) / max(int(getattr(op, "global_dim", op.dim)), 1) ** 0.5
     dtype = getattr(op, "fd_dtype", None) or op.dtype

@@ -31,7 +31,7 @@ from lscape.errors import UsageError
 from lscape.params import select_parameters
 
 __all__ = ["CurvatureProbe", "WarmStart", "RecordsProducts", "record_products", "update_attrs",
-           "CURVATURE_OPTIONS", "LANCZOS_OPTIONS", "lanczos_memory", "memory_attrs", "announce_cost", "settle_cost", "memory_size", "KIND_CHOICES", "WHICH_OUTPUT", "make_operator",
+           "CURVATURE_OPTIONS", "LANCZOS_OPTIONS", "FD_OPTIONS", "SHARDED_NOTE", "lanczos_memory", "memory_attrs", "announce_cost", "settle_cost", "memory_size", "KIND_CHOICES", "WHICH_OUTPUT", "make_operator",
            "curvature_batches", "check_curvature", "selected_dim", "parse_groups", "groups_of", "loss_adapter", "usage_error"]
 
 #: the array a selected extreme eigenvalue is stored as
@@ -109,6 +109,16 @@ LANCZOS_OPTIONS = (
            "memory while products run on the GPU)"),
     Option("memory_budget", memory_size, None, "memory for the Lanczos basis (e.g. 2GB, 512MiB; default a quarter "
            "of the basis device's memory); above it Lanczos thick-restarts (same accuracy, more products)"),
+)
+
+
+#: Options of the probes whose products may be finite differences (sharpness, hessian): the step
+#: (``lscape.curvature.products.fd_step``), for the ladder's check, method=finite-difference and
+#: every product on a sharded model
+FD_OPTIONS = (
+    Option("fd_eps", float, None, "finite-difference step: the parameters move by fd_eps along every direction "
+           "(ε = fd_eps/‖v‖; default the per-dtype rule u^{1/3}·max(1, rms θ)/‖v‖); used by method=finite-difference, "
+           "the auto check, and on a sharded model (--strategy fsdp)", within="(0, 1)"),
 )
 
 
@@ -240,6 +250,8 @@ def make_operator(probe: Probe, ctx: Any, batches: list[Any], params: Any = None
         arguments.setdefault("optimizer", getattr(ctx, "optimizer", None))
     try:
         op = HessianOperator(ctx.model, loss_adapter(ctx), batches, **arguments)
+        if "fd_eps" not in overrides and FD_OPTIONS[0] in probe.options and opts.fd_eps is not None:
+            op.fd_length = float(opts.fd_eps)  # a step length along every direction (fd_step: ε = fd_eps/‖v‖)
     except NotSteppedError:
         raise  # not bad input: the optimizer has not updated yet (CurvatureProbe skips the measurement)
     except ValueError as err:
@@ -431,6 +443,27 @@ def check_curvature(probe: Probe, ctx: Any) -> None:
         raise usage_error(probe, err) from None
 
 
+#: why a curvature probe that does not declare ``sharded`` refuses ``--strategy fsdp``
+SHARDED_NOTE = ("its products need torch.autograd.grad through the model (double backward, torch.func), which "
+                "fails on FSDP2's sharded parameters; sharpness and hessian run sharded (finite differences of "
+                "gradients, docs/scaling.md)")
+
+
+def sharded_refusal(probe: Probe) -> str | None:
+    """What a sharded curvature probe's options ask that a sharded model cannot give (None: nothing)."""
+    opts = probe.opts
+    kind = getattr(opts, "kind", "hessian")
+    if kind != "hessian":
+        return f"{probe.name}.kind={kind} (only the Hessian is available sharded)"
+    method = getattr(opts, "method", "auto")
+    if method not in ("auto", "finite-difference"):
+        return f"{probe.name}.method={method} (autograd cannot differentiate twice through FSDP2's gathered " \
+               f"parameters; products are finite differences)"
+    if getattr(opts, "groups", None):
+        return f"{probe.name}.groups={opts.groups} (per-group spectra are not measured sharded)"
+    return None
+
+
 def groups_of(probe: Probe, ctx: Any) -> list[tuple[str, list[str]]]:
     """The probe's parameter groups (option ``groups``), parsed once."""
     if getattr(probe, "_groups", None) is None:
@@ -454,16 +487,20 @@ class CurvatureProbe(RecordsProducts, Probe):
     data = "subset"
     at = "after_backward"
     options = CURVATURE_OPTIONS
-    # autograd.grad fails on FSDP2's DTensor parameters; finite-difference products exist
-    # (lscape.curvature.products) but no operator works on sharded vectors yet
-    sharded_note = ("its Hessian-vector products need torch.autograd.grad, which fails on FSDP2's sharded parameters, "
-                    "and the sharded finite-difference operator is not there yet (issue 22)")
+    # autograd.grad fails on FSDP2's DTensor parameters: probes whose products can be finite
+    # differences of gradients (sharpness, hessian) set sharded = True; the others say why not
+    sharded_note = SHARDED_NOTE
     _groups: list[tuple[str, list[str]]] | None = None
     #: what the matrix is (``matrix``, ``preconditioner_rule``, ...), for a derived ``kind``
     _matrix_attrs: dict[str, str] | None = None
 
     def check(self, ctx) -> None:
         check_curvature(self, ctx)
+
+    def sharded_refusal(self) -> str | None:
+        """The first option that cannot run on a sharded model (``lscape.sharding.check_sharded_options``):
+        only the Hessian by finite differences on the whole model (or a ``params`` subset) is."""
+        return sharded_refusal(self)
 
     def store_attrs(self) -> dict[str, Any]:
         attrs = super().store_attrs()

@@ -11,6 +11,7 @@ from lscape.curvature import hutchinson, hutchpp, lanczos, slq_density
 from lscape.errors import UsageError
 from lscape.plugins.curvature.base import (
     CURVATURE_OPTIONS,
+    FD_OPTIONS,
     LANCZOS_OPTIONS,
     CurvatureProbe,
     WarmStart,
@@ -113,8 +114,11 @@ class Hessian(WarmStart, CurvatureProbe):
     name = "hessian"
     help = "top-k Hessian eigenvalues (Lanczos), trace (Hutch++) and spectral density (SLQ), within a product budget"
     schedule = "every:100"
+    #: runs under --strategy fsdp: finite differences of the model's gradients on sharded
+    #: vectors (lscape.curvature.sharded), chosen automatically and recorded in hvp_method
+    sharded = True
     cost_model = COST_MODEL
-    options = CURVATURE_OPTIONS + LANCZOS_OPTIONS + (
+    options = CURVATURE_OPTIONS + LANCZOS_OPTIONS + FD_OPTIONS + (
         Option("budget", int, DEFAULT_BUDGET, "Hessian-vector products at most per measurement (and per group); "
                "sizes the trace and density unless given", minimum=1),
         Option("k", int, 5, "number of top eigenvalues", minimum=1),
@@ -184,6 +188,12 @@ class Hessian(WarmStart, CurvatureProbe):
             require_memory(need, f"hessian: the density ({self.plan['density_steps']} Lanczos vectors of {dim} "
                            f"parameters, {points} grid points)", "hessian.density_points (or density_steps, "
                            "hessian.budget)", ctx.device)
+
+    def sharded_refusal(self) -> str | None:
+        """Besides every curvature probe's refusals: stored eigenvectors would be full vectors."""
+        if self.opts.eigenvectors:
+            return "hessian.eigenvectors=true (every eigenvector would be gathered whole on rank 0)"
+        return super().sharded_refusal()
 
     def switched_on(self) -> dict[str, bool]:
         """The parts whose schedule is not ``never``."""
