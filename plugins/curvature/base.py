@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -284,7 +285,19 @@ def record_products(probe: Probe, ctx: Any, operators: Sequence[CurvatureOperato
              "hvp_check": next((d["check"] for d in described if d["check"]), None)}
     probe.product_attrs = attrs
     update_attrs(probe, attrs)
+    error = attrs["hvp_product_error"]
+    if error is not None and error > FD_WARN and not getattr(probe, "_fd_warned", False) and \
+            getattr(ctx, "is_main", True):
+        probe._fd_warned = True
+        step = f"-o {probe.name}.fd_eps=1e-4" if FD_OPTIONS[0] in getattr(probe, "options", ()) else "a smaller step"
+        warnings.warn(f"{probe.name}: finite-difference Hessian products are inaccurate here (estimated relative "
+                      f"error {error:.2g}, stored as hvp_product_error): eigenvalues may be off by about that "
+                      f"fraction of the largest; try {step}, or float64", RuntimeWarning, stacklevel=2)
     return attrs
+
+
+#: a finite-difference error estimate above this is said once per probe (besides the attrs)
+FD_WARN = 1e-2
 
 
 def update_attrs(probe: Probe, attrs: dict[str, Any]) -> None:
