@@ -106,7 +106,7 @@ def worker(args: argparse.Namespace) -> None:
            "method": op.method, "products_per_s": args.products / seconds, "lambda": float(top.eigenvalues[0]),
            "lanczos_products": int(top.num_products), "product_error": op.product_error,
            "peak_cuda_mb": peak_cuda, "peak_rss_mb": peak_rss, "rss_rise_mb": peak_rss - before}
-    print("RESULT " + json.dumps(out), flush=True)
+    Path(args.results, f"rank{rank}.json").write_text(json.dumps(out))  # stdout lines of two ranks interleave
     dist.destroy_process_group()
 
 
@@ -117,13 +117,17 @@ def free_port() -> int:
 
 
 def run_config(nproc: int, strategy: str, method: str, args: argparse.Namespace, tol: float) -> list[dict]:
+    import tempfile
+
+    results = tempfile.mkdtemp(prefix="lscape-distributed-")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__).resolve()), "--worker",
            "--strategy", strategy, "--method", method, "--width", str(args.width), "--products", str(args.products),
-           "--device", args.device, "--precision", args.precision, "--tol", str(tol)]
+           "--device", args.device, "--precision", args.precision, "--tol", str(tol),
+           "--results", results]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    rows = [json.loads(p.read_text()) for p in Path(results).glob("rank*.json")]
     if proc.returncode != 0 or len(rows) != nproc:
         print(f"# {nproc} × {strategy} {method} failed (exit {proc.returncode}): "
               f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
@@ -203,6 +207,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--products", type=int, default=10)
     parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--results", default=".", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--nprocs", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2])

@@ -199,7 +199,16 @@ class WarmStart:
     def warm_vectors(self, op: CurvatureOperator, key: str | None = None) -> torch.Tensor | None:
         """The previous start block, if warm starts are on and it fits ``op``."""
         v0 = self._v0.get(key) if isinstance(self._v0, dict) else (self._v0 if key is None else None)
-        return v0 if self.opts.warm_start and v0 is not None and v0.shape[-1] == op.dim else None
+        fits = self.opts.warm_start and v0 is not None and v0.shape[-1] == op.dim
+        if getattr(op, "sharded", False):
+            # each rank holds its own slices: every rank must start from the same number of rows (a
+            # resumed run's checkpoint keeps rank 0's slices, which may not fit the others), or
+            # the ranks' products would not match
+            rows = float(len(v0)) if fits and v0.ndim == 2 else 1.0
+            unfit, most, fewest = _max_over_ranks(torch.tensor([0.0 if fits else 1.0, rows, -rows],
+                                                               dtype=torch.float64))
+            fits = unfit == 0.0 and most == -fewest
+        return v0 if fits else None
 
     def keep_vectors(self, result: Any, key: str | None = None) -> None:
         block = result.warm_start() if hasattr(result, "warm_start") else result.eigenvectors
@@ -216,6 +225,13 @@ class WarmStart:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._v0 = state.get("v0")
+
+
+def _max_over_ranks(values: torch.Tensor) -> list[float]:
+    out = values.clone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+    return [float(x) for x in out]
 
 
 def loss_adapter(ctx: Any) -> Any:
