@@ -345,3 +345,32 @@ def test_fsdp_run_measures_like_the_single_process_run_and_training_is_unchanged
     assert (np.abs(tb["trace"] - ta["trace"]) <= 3 * np.hypot(ta["trace_stderr"], tb["trace_stderr"])).all()
     d = b.read("hessian/density")
     assert d["step"].tolist() == [0, 6] and np.isfinite(d["density"]).all()
+
+
+@pytest.mark.slow
+def test_fsdp_sigkill_and_resume_with_curvature_probes(tmp_path):
+    """The warm-start vectors in a checkpoint are rank 0's slices (uneven shards here: the
+    3-row head splits 2/1), which do not fit rank 1: both ranks then start cold together
+    instead of making different numbers of products (which would hang the collectives)."""
+    from test_sharded import KILLER
+
+    (tmp_path / "killer.py").write_text(KILLER)
+    args = [*RUN, "--steps", "10", *PROBES[:6], "--checkpoint-schedule", "every:4", "--strategy", "fsdp",
+            "--plugin", "killer"]
+    killed = tmp_path / "killed.zarr"
+    env_kill = {**_env(tmp_path), "KILL_AT": "7"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "lscape", *args, "--out",
+                           str(killed)], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env_kill)
+    assert proc.returncode != 0 and RunReader(killed).attrs["status"] == "running"
+    done = _torchrun(["-m", "lscape", "run", "--resume", str(killed), "--trust-store", "--no-progress"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = tmp_path / "reference.zarr"
+    ref = _torchrun(["-m", "lscape", *args, "--out", str(reference)], tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    a, b = RunReader(killed), RunReader(reference)
+    assert a.attrs["status"] == "completed"
+    np.testing.assert_array_equal(a.read("train")["loss"], b.read("train")["loss"])
+    sa, sb = a.read("sharpness"), b.read("sharpness")
+    assert sa["step"].tolist() == sb["step"].tolist() == [0, 3, 6, 9]
+    np.testing.assert_allclose(sa["lambda_max"], sb["lambda_max"], rtol=1e-4)

@@ -183,11 +183,14 @@ class Vectors:
     the whole vector of ``dim`` entries) or sharded (each rank its slices, ``layout`` says
     where). Gives the reductions, norms and random draws the solvers use."""
 
-    def __init__(self, dim: int, layout: ShardLayout | None = None):
+    def __init__(self, dim: int, layout: ShardLayout | None = None, plan_dim: int | None = None):
         self.dim = int(dim)
         self.layout = layout
         self.sharded = layout is not None
         self.global_dim = layout.global_dim if layout is not None else self.dim
+        #: the vector length solvers size their memory by, the same on every rank (sharded: the
+        #: largest rank's ``dim``, so that float64-or-not and thick-restart decisions agree)
+        self.plan_dim = int(plan_dim) if plan_dim is not None else self.dim
 
     @property
     def reduction(self) -> str:

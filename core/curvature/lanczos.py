@@ -170,9 +170,10 @@ def lanczos(
         verify = 4 if k > 1 else (1 if warm else 0)
     if spare is None:
         spare = 1 if k == 1 else 2
-    store = torch.float64 if (dtype == torch.float64 or 8 * dim * (max_iter + 1) <= _FLOAT64_BYTES) else dtype
+    plan = vectors.plan_dim  # sizes decided alike on every rank (sharded: the largest rank's slice)
+    store = torch.float64 if (dtype == torch.float64 or 8 * plan * (max_iter + 1) <= _FLOAT64_BYTES) else dtype
     eps = float(torch.finfo(dtype).eps)
-    bytes_per_vector = dim * torch.empty(0, dtype=store).element_size()
+    bytes_per_vector = plan * torch.empty(0, dtype=store).element_size()
     budget = int(memory_budget) if memory_budget is not None else _default_budget(bdev)
     extra = 2 * k + spare + (len(starts) if starts is not None else 0) + fresh + 2  # remainders, final vectors
     keep_on_restart = k + spare + 1

@@ -117,10 +117,11 @@ class ShardedHessian(Hessian):
         self.method_reason = SHARDED_REASON
         #: the (DTensor) parameters as the model holds them; ``params`` are their local shards
         self.dparams = list(self.params)
-        self.vectors = distributed.Vectors(0, distributed.ShardLayout.of(self.dparams))
+        layout = distributed.ShardLayout.of(self.dparams)
         self.params = [_local(p) for p in self.dparams]
-        self.dim = self.vectors.layout.dim
-        self.vectors.dim = self.dim
+        self.dim = layout.dim
+        largest = int(_all_max(torch.tensor([float(self.dim)], dtype=torch.float64))[0])
+        self.vectors = distributed.Vectors(self.dim, layout, plan_dim=largest)
         self.global_dim = self.vectors.global_dim
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device

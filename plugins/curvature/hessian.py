@@ -308,7 +308,7 @@ class Hessian(WarmStart, CurvatureProbe):
 
     def _top(self, op, seed: int) -> dict[str, Any]:
         k_asked = self.opts.k
-        k = min(k_asked, op.dim)
+        k = min(k_asked, int(getattr(op, "global_dim", op.dim)))  # sharded: op.dim is a slice
         result = lanczos(op, k=k, which=self.opts.which, tol=self.opts.tol,
                          max_iter=max(self.plan["max_iter"], k), v0=self.warm_vectors(op), seed=seed,
                          **lanczos_memory(self))
