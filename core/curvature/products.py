@@ -174,8 +174,8 @@ def _forward_over_reverse_batch(op: Any, i: int, batch: Any, vs: torch.Tensor) -
 # so the step ‖εv‖ = FD_SCALE·u^{1/3}·max(1, rms θ) does not grow with the width. Scaling
 # by ‖θ‖ (which grows as √dim) made the truncation error, ∝ ‖εv‖², grow with the number
 # of parameters: measured on a tanh MLP of 648k parameters (benchmarks/distributed.py
-# --eps), the top eigenvector's Rayleigh quotient was 7.4e-4 relatively off with
-# ‖εv‖ = u^{1/3}‖θ‖ = 0.089 and 9e-7 with this rule (‖εv‖ = 3.9e-3), against exact
+# --eps), the top eigenvector's Rayleigh quotient was 5.0e-4 relatively off with
+# ‖εv‖ = u^{1/3}‖θ‖ = 0.089 and 1.6e-6 with this rule (‖εv‖ = 3.9e-3), against exact
 # double-backward products. The Richardson combination
 # (4 D(ε/2) − D(ε))/3 cancels the ε² term; its error is O(ε⁴) + O(u/ε), smallest at
 # ε ∝ u^{1/5}: the same rule with the power 1/5. float32: u^{1/3} ≈ 3.9e-3,
