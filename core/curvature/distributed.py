@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 __all__ = ["is_distributed", "world_size", "all_reduce_", "dot", "dots", "norm", "row_norms", "Vectors",
-           "ShardLayout", "vectors_of", "on_vectors", "using", "reduction", "current"]
+           "ShardLayout", "vectors_of", "on_vectors", "using", "reduction", "current", "is_dtensor"]
 
 
 def is_distributed() -> bool:
@@ -113,7 +113,7 @@ class ShardLayout:
         for p in params:
             full = p.numel()
             start, local = 0, full
-            if _is_dtensor(p):
+            if is_dtensor(p):
                 start, local = _local_range(p)
             pieces.append((offset, full, start, local))
             offset += full
@@ -154,7 +154,8 @@ def _mix(seed: int, i: int, j: int) -> int:
     return (z ^ (z >> 31)) & (2**63 - 1)
 
 
-def _is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a sharded parameter or gradient)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - a torch without distributed

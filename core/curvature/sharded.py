@@ -165,7 +165,7 @@ class ShardedHessian(Hessian):
                 if g is None:
                     parts.append(torch.zeros_like(local).reshape(-1))
                     continue
-                g = g.to_local() if distributed._is_dtensor(g) else g
+                g = g.to_local() if distributed.is_dtensor(g) else g
                 parts.append(g.detach().reshape(-1).to(local.dtype))
             return torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype, device=self.device)
         finally:
@@ -214,7 +214,7 @@ class ShardedHessian(Hessian):
 def _local(p: torch.Tensor) -> torch.Tensor:
     """The rank-local shard of a (DTensor) parameter, sharing its storage (writes reach the
     storage the next forward all-gathers)."""
-    if distributed._is_dtensor(p):
+    if distributed.is_dtensor(p):
         return p.to_local().detach()
     return p.detach()
 
