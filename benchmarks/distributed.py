@@ -107,6 +107,7 @@ def worker(args: argparse.Namespace) -> None:
            "lanczos_products": int(top.num_products), "product_error": op.product_error,
            "peak_cuda_mb": peak_cuda, "peak_rss_mb": peak_rss, "rss_rise_mb": peak_rss - before}
     Path(args.results, f"rank{rank}.json").write_text(json.dumps(out))  # stdout lines of two ranks interleave
+    dist.barrier()  # no rank tears its group down while another still works (gloo aborts)
     dist.destroy_process_group()
 
 

@@ -297,6 +297,7 @@ SCRIPT = textwrap.dedent('''
            "stderr": estimate.stderr, "product_error": op.product_error}
     with open(f"result{rank}.json", "w") as f:  # not stdout: the two ranks' lines interleave
         json.dump(out, f)
+    dist.barrier()  # no rank tears its group down while the other still works: gloo aborts ("terminate called")
     dist.destroy_process_group()
 ''')
 

@@ -138,6 +138,9 @@ class CurvatureOperator:
         #: error rows of a finite-difference product waiting for their reduction
         self.pending_error: Any = None
         self.dim = lparams.numel(self.params)
+        #: the length of the whole vectors (= ``dim`` unless the operator's vectors are sharded
+        #: across ranks, each rank holding ``dim`` of them: :class:`lscape.curvature.ShardedHessian`)
+        self.global_dim = self.dim
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.num_products = 0
