@@ -7,7 +7,9 @@
 #   2. benchmarks/throughput.py on the GPU: ResNet-18 (torchvision's width, 64) on 32x32
 #      crops of generated JPEGs, lscape vs a torchvision-reference-style loop, in fp32 and
 #      bf16 (target >= 0.95); the micro-batched full-batch memory rows (peak CUDA memory);
-#      the HVP/gradient time ratio.
+#      the HVP/gradient time ratio;
+#   3. benchmarks/distributed.py on the GPU: FSDP2 on one device in bf16 (finite-difference
+#      products on sharded vectors) vs the replicated model in fp32, products/s and memory.
 # Results go to benchmarks/results/gpu/ (or the folder given as $1), one file per part.
 #
 #   bash benchmarks/gpu.sh                     # on a machine with CUDA and lscape installed
@@ -61,6 +63,11 @@ bench() {  # bench FILE SECONDS ARGS...: one throughput.py run into FILE; a fail
 }
 bench throughput-fp32 240 --precision fp32 --hvp --memory --memory-samples 4096 --micro-batch-size 512
 bench throughput-bf16 180 --precision bf16
+
+# 3. curvature of a sharded model: FSDP2 on one device in bf16 vs the replicated model (issue 22)
+timeout 300 "$PY" benchmarks/distributed.py --device cuda --nprocs 1 --precision bf16 --threads 4 \
+    > "$RESULTS/distributed-bf16.txt" 2>&1 || echo "distributed.py failed or timed out (exit $?)" >> "$RESULTS/distributed-bf16.txt"
+cat "$RESULTS/distributed-bf16.txt"
 
 echo "gpu.sh: results in $RESULTS (tests exit status $TESTS)"
 exit "$TESTS"

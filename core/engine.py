@@ -40,7 +40,7 @@ from .probe import Plugin, StepOwner
 from .resume import (EXTENDABLE, ResumePlan, ResumePoint, check_length, config_for_resume, extension_attrs,
                      mark_resumed, objects_for, open_planned, plan_resume, restore_state)
 from .schedule import Schedule
-from .sharding import check_sharded_plugins, full_model_state, init_single_group, shard_model
+from .sharding import check_sharded_options, check_sharded_plugins, full_model_state, init_single_group, shard_model
 from .store import RunReader, RunStore, store_exists
 from .training import NULL_CONTEXT, Precision, UntilLoss, apply_regime, finite, never_negative, set_lr
 
@@ -199,6 +199,8 @@ class Engine:
         if cfg.lr_schedule.startswith("cosine") and ctx.total_steps is None:
             raise UsageError("--lr-schedule cosine needs --steps or --epochs to know its length")
         self.plugins = make_plugins(plugin_classes, cfg.plugin_options, ctx)
+        if self._sharded:
+            check_sharded_options(self.plugins)
         owners = sorted((p for p in self.plugins if isinstance(p, StepOwner)), key=lambda p: -p.batches_per_step())
         if cfg.steps is None and cfg.total_epochs is not None and owners and owners[0].batches_per_step() > 1:
             # --epochs are passes over the data whatever the step owner draws per step

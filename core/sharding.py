@@ -34,7 +34,8 @@ from torch import nn
 from .config import STRATEGIES
 from .errors import UsageError
 
-__all__ = ["STRATEGIES", "fsdp_blocks", "shard_model", "is_sharded", "check_sharded_plugins", "init_single_group",
+__all__ = ["STRATEGIES", "fsdp_blocks", "shard_model", "is_sharded", "check_sharded_plugins", "check_sharded_options",
+           "init_single_group",
            "save_sharded", "load_sharded", "full_model_state", "DCP_SUFFIX"]
 
 #: a sharded checkpoint of ``checkpoints/step_N`` is the zarr group ``checkpoints/step_N.dcp``
@@ -105,6 +106,19 @@ def check_sharded_plugins(plugins: Iterable[Any]) -> None:
             drop = f"--disable {plugin.name}" if getattr(plugin, "always_on", False) else f"leave out --plugin {plugin.name}"
             raise UsageError(f"plugin '{plugin.name}' does not run on a sharded model (--strategy fsdp): {note}; "
                              f"{drop}, or use --strategy ddp")
+
+
+def check_sharded_options(plugins: Iterable[Any]) -> None:
+    """Under ``--strategy fsdp``, after the plugins are made: a plugin that runs sharded may
+    still have options that cannot (``sharpness.method=double-backward``,
+    ``hessian.eigenvectors=true``); its ``sharded_refusal()`` names the first such option
+    (or returns None), refused here in one line before anything is written."""
+    for plugin in plugins:
+        refusal = getattr(plugin, "sharded_refusal", None)
+        problem = refusal() if callable(refusal) else None
+        if problem:
+            raise UsageError(f"{plugin.name}: {problem} does not run on a sharded model (--strategy fsdp); "
+                             f"leave it out, or use --strategy ddp")
 
 
 def init_single_group(device: str) -> None:

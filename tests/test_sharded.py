@@ -209,7 +209,11 @@ def test_fsdp_checkpoint_of_two_processes_resumes_on_one(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
-    (["--plugin", "sharpness"], "plugin 'sharpness' does not run on a sharded model (--strategy fsdp)"),
+    (["--plugin", "hessian-exact"], "plugin 'hessian-exact' does not run on a sharded model (--strategy fsdp)"),
+    (["--plugin", "hessian", "-o", "hessian.eigenvectors=true"],
+     "hessian: hessian.eigenvectors=true (every eigenvector would be gathered whole on rank 0) does not run on a "
+     "sharded model (--strategy fsdp)"),
+    (["--plugin", "sharpness", "-o", "sharpness.kind=ggn"], "sharpness: sharpness.kind=ggn (only the Hessian"),
     (["--precision", "fp16"], "--precision fp16 (a GradScaler) does not combine with --strategy fsdp"),
 ])
 def test_refused_under_fsdp_in_one_line_before_anything_is_written(tmp_path, extra, message):

@@ -23,6 +23,7 @@ from lscape.curvature.errors import CurvatureArgumentError
 from lscape.curvature.fisher import MonteCarloFisher
 from lscape.curvature.ggn import GaussNewton
 from lscape.curvature.hessian import Hessian
+from lscape.curvature.sharded import ShardedHessian
 from lscape.curvature.lanczos import EigenResult, lanczos, power_iteration
 from lscape.curvature.operator import KINDS, METHODS, MODES, HessianOperator, gradient
 from lscape.curvature.registry import OPERATORS, collect_operators, operator_class, operator_names, register_operator
@@ -41,6 +42,7 @@ __all__ = [
     "CurvatureOperator",
     "CurvatureArgumentError",
     "Hessian",
+    "ShardedHessian",
     "GaussNewton",
     "MonteCarloFisher",
     "EmpiricalFisher",

@@ -31,7 +31,8 @@ CHUNK = 1 << 16
 
 
 def dots64(rows: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``rows @ b`` (rows (r, dim), b (dim,)) accumulated in float64 across chunks, on the CPU, all-reduced."""
+    """``rows @ b`` (rows (r, dim), b (dim,)) accumulated in float64 across chunks, on the CPU, all-reduced
+    (summed over ranks for sharded vectors, :func:`lscape.curvature.distributed.reduction`)."""
     dim = b.shape[0]
     if rows.dtype == torch.float64 or dim <= CHUNK:
         out = (rows @ b).double()
@@ -39,7 +40,7 @@ def dots64(rows: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(rows.shape[0], dtype=torch.float64, device=b.device)
         for start in range(0, dim, CHUNK):
             out += (rows[:, start : start + CHUNK] @ b[start : start + CHUNK]).double()
-    return distributed.all_reduce_(out.cpu(), op="mean")
+    return distributed.all_reduce_(out.cpu(), op=distributed.reduction())
 
 
 def norm64(a: torch.Tensor) -> float:

@@ -78,7 +78,7 @@ class CurvatureOperator:
     #: whether the matrix needs the loss as a function of the output (a separable loss)
     needs_output_loss: ClassVar[bool] = False
     #: whether parameters and vectors are sharded across ranks (each rank a slice): inner
-    #: products are then summed over ranks, not averaged. No built-in operator is (FSDP: to come)
+    #: products are then summed over ranks, not averaged (:class:`lscape.curvature.sharded.ShardedHessian`)
     sharded: ClassVar[bool] = False
     #: whether the matrix reads the training optimizer (passed as ``optimizer=``, e.g. its
     #: preconditioner); probes pass the run's optimizer to such a matrix and ask
@@ -128,6 +128,9 @@ class CurvatureOperator:
         self.fd_eps = float(fd_eps) if fd_eps is not None else None
         self.fd_offset = float(fd_offset)
         self.fd_richardson = bool(fd_richardson)
+        #: the length of a finite-difference move ‖εv‖ (ε = fd_length/‖v‖), set by a probe's
+        #: ``fd_eps`` option; None: ``fd_eps`` or the per-dtype rule
+        self.fd_length: float | None = None
         #: largest relative error estimate of a finite-difference product so far (None: none made)
         self.product_error: float | None = None
         #: ‖θ‖ of the selected parameters (the finite-difference step rule), once computed
@@ -135,6 +138,9 @@ class CurvatureOperator:
         #: error rows of a finite-difference product waiting for their reduction
         self.pending_error: Any = None
         self.dim = lparams.numel(self.params)
+        #: the length of the whole vectors (= ``dim`` unless the operator's vectors are sharded
+        #: across ranks, each rank holding ``dim`` of them: :class:`lscape.curvature.ShardedHessian`)
+        self.global_dim = self.dim
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.num_products = 0

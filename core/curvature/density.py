@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from lscape.curvature import distributed
 from lscape.curvature._basis import dots64, norm64
-from lscape.curvature.trace import rademacher
 
 __all__ = ["SpectralDensity", "slq_density", "gaussian_density"]
 
@@ -32,6 +32,7 @@ class SpectralDensity:
     num_products: int
 
 
+@distributed.on_vectors
 def slq_density(
     op: Any,
     num_runs: int = 8,
@@ -53,12 +54,13 @@ def slq_density(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     dtype = getattr(op, "dtype", torch.float32)
     device = getattr(op, "device", torch.device("cpu"))
-    steps = min(num_steps, int(op.dim))
+    steps = min(num_steps, int(getattr(op, "global_dim", op.dim)))  # sharded: vectors are slices
+    vectors = distributed.vectors_of(op)
     nodes = torch.zeros(num_runs, steps, dtype=torch.float64)
     weights = torch.zeros(num_runs, steps, dtype=torch.float64)
     products = 0
     for r in range(num_runs):
-        v = rademacher(1, op.dim, generator, dtype, device)[0]
+        v = vectors.rademacher(1, generator, dtype, device)[0]
         theta, w, used = lanczos_quadrature(op, v, steps)
         products += used
         nodes[r, : len(theta)] = theta

@@ -84,6 +84,7 @@ class EigenResult:
 _FLOAT64_BYTES = 256 * 2**20
 
 
+@distributed.on_vectors
 def lanczos(
     op: Any,
     k: int = 1,
@@ -155,7 +156,9 @@ def lanczos(
     ``max_iter`` products in the search (default min(dim, 300)), plus the k final ones; a
     search that ends there unconverged warns.
     """
-    which, dim, max_iter = _checked(op, k, which, tol, max_iter)
+    which, global_dim, max_iter = _checked(op, k, which, tol, max_iter)
+    vectors = distributed.vectors_of(op)  # sharded operators: local slices, dots summed over ranks
+    dim = int(op.dim)  # the local vector length (global_dim on one rank or replicated)
     dtype, device = _dtype_device(op, v0)
     bdev = torch.device(basis_device) if basis_device is not None else torch.device(device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -167,9 +170,10 @@ def lanczos(
         verify = 4 if k > 1 else (1 if warm else 0)
     if spare is None:
         spare = 1 if k == 1 else 2
-    store = torch.float64 if (dtype == torch.float64 or 8 * dim * (max_iter + 1) <= _FLOAT64_BYTES) else dtype
+    plan = vectors.plan_dim  # sizes decided alike on every rank (sharded: the largest rank's slice)
+    store = torch.float64 if (dtype == torch.float64 or 8 * plan * (max_iter + 1) <= _FLOAT64_BYTES) else dtype
     eps = float(torch.finfo(dtype).eps)
-    bytes_per_vector = dim * torch.empty(0, dtype=store).element_size()
+    bytes_per_vector = plan * torch.empty(0, dtype=store).element_size()
     budget = int(memory_budget) if memory_budget is not None else _default_budget(bdev)
     extra = 2 * k + spare + (len(starts) if starts is not None else 0) + fresh + 2  # remainders, final vectors
     keep_on_restart = k + spare + 1
@@ -180,11 +184,11 @@ def lanczos(
     restarts = 0
 
     def randn() -> torch.Tensor:
-        return torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=store, device=bdev)
+        return vectors.randn(1, generator, store, bdev)[0]
 
     def add(direction: torch.Tensor | None) -> bool:
         nonlocal num_products
-        if direction is None or len(basis) >= dim:
+        if direction is None or len(basis) >= global_dim:
             return False
         q = basis.new_direction(direction)
         if q is None:
@@ -250,7 +254,7 @@ def lanczos(
         elif done and verify and not verified:
             verifying, round_steps, snapshot = verify, 0, theta[wanted].clone()
         finished = done and (verify == 0 or bool(verified))
-        if m >= dim:  # the basis spans the space: Rayleigh–Ritz is exact, nothing can be missed
+        if m >= global_dim:  # the basis spans the space: Rayleigh–Ritz is exact, nothing can be missed
             verified = True if verify else None
             finished = True
         if finished:
@@ -307,7 +311,7 @@ def lanczos(
     spares = None
     if len(spare_idx):
         spares = basis.Q.combine(S[:, spare_idx])
-        spares = (spares / spares.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(dtype=dtype, device=device)
+        spares = (spares / vectors.row_norms(spares)[:, None].clamp_min(1e-300)).to(dtype=dtype, device=device)
     memory = _memory_report(basis, 2 * len(values) + len(spare_idx), store, bdev, budget, capacity, reorth, restarts)
     return EigenResult(
         eigenvalues=values,
@@ -330,7 +334,7 @@ def _checked(op: Any, k: int, which: str, tol: float, max_iter: int | None) -> t
     which = which.upper()
     if which not in WHICH:
         raise CurvatureArgumentError(f"unknown eigenvalue selection {which!r}; choose LA, LM or SA", "which")
-    dim = int(op.dim)
+    dim = int(getattr(op, "global_dim", op.dim))  # a sharded operator's vectors are slices of global_dim
     if k < 1 or k > dim:
         raise CurvatureArgumentError(f"k must be between 1 and the operator size {dim}, not {k}", "k")
     if tol < 0:
@@ -346,19 +350,19 @@ def _warn_unconverged(values, residuals, converged, attainable, floor_hit, tol, 
     if not bool(attainable.all()):
         warnings.warn(f"lanczos: tol={tol:g} is below what {str(dtype).replace('torch.', '')} products can certify "
                       f"for {int((~attainable).sum())} of {len(values)} eigenvalues (residual floor ≈ {floor:.1e}); "
-                      f"they are reported unconverged", RuntimeWarning, stacklevel=3)
+                      f"they are reported unconverged", RuntimeWarning, stacklevel=4)
     elif floor_hit:
         worst_rel = max(r / max(abs(v), 1e-300) for v, r in floor_hit)
         warnings.warn(f"lanczos: tol={tol:g} cannot be reached for {len(floor_hit)} of {len(values)} eigenvalues: "
                       f"the products' rounding floor is ≈ {worst_rel:.1e} relative (true residual after "
-                      f"{num_products} products); they are reported unconverged", RuntimeWarning, stacklevel=3)
+                      f"{num_products} products); they are reported unconverged", RuntimeWarning, stacklevel=4)
     elif not bool(converged.all()):
         worst_rel = float((residuals / values.abs().clamp_min(1e-300)).max())
         why = "verification did not finish" if bool((residuals <= tol * values.abs()).all()) else \
             f"worst relative residual {worst_rel:.1e}"
         warnings.warn(f"lanczos: stopped after {num_products} products (max_iter={max_iter}) with "
                       f"{int((~converged).sum())} of {len(values)} pairs unconverged ({why})",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
 
 
 def _memory_report(basis: Basis, final_vectors: int, store: torch.dtype, bdev: torch.device, budget: int,
@@ -383,7 +387,7 @@ def _memory_report(basis: Basis, final_vectors: int, store: torch.dtype, bdev: t
 def _final_pairs(op, basis: Basis, theta, S, wanted, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The wanted Ritz vectors, their Rayleigh quotients and *true* residuals from fresh products."""
     y = basis.Q.combine(S[:, wanted])
-    y = y / y.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    y = y / distributed.vectors_of(op).row_norms(y)[:, None].clamp_min(1e-300)
     values = torch.zeros(len(y), dtype=torch.float64)
     residuals = torch.zeros(len(y), dtype=torch.float64)
     for i in range(len(y)):
@@ -434,6 +438,7 @@ def _start_rows(v0: torch.Tensor | None, dim: int) -> torch.Tensor | None:
     return rows if len(rows) else None
 
 
+@distributed.on_vectors
 def power_iteration(
     op: Any,
     k: int = 1,
@@ -450,9 +455,10 @@ def power_iteration(
     relative, or after ``iters`` products. ``converged`` reports that relative-change rule;
     ``residuals`` are the honest ‖H v − λ v‖ of the returned vectors.
     """
-    dim = int(op.dim)
+    dim = int(getattr(op, "global_dim", op.dim))
     if k < 1 or k > dim:
         raise CurvatureArgumentError(f"k must be between 1 and the operator size {dim}, not {k}", "k")
+    vectors = distributed.vectors_of(op)
     dtype, device = _dtype_device(op, v0)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     found: list[torch.Tensor] = []
@@ -465,7 +471,7 @@ def power_iteration(
         elif v0 is not None and v0.ndim == 1 and i == 0:
             v = v0.to(dtype=dtype, device=device).clone()
         else:
-            v = torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+            v = vectors.randn(1, generator, dtype, device)[0]
         v = _deflate(v, found)
         v = v / distributed.norm(v)
         value, ok, hv = None, False, None

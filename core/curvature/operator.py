@@ -16,7 +16,8 @@ from torch import nn
 from lscape.batch import BatchAdapter
 from lscape.curvature.base import MODES, CurvatureOperator, LossFn
 from lscape.curvature.errors import CurvatureArgumentError
-from lscape.curvature.products import METHODS
+from lscape.curvature.products import METHODS, choose_method
+from lscape.curvature.sharded import ShardedHessian, check_sharded, is_sharded_model
 from lscape.curvature.registry import OPERATORS, operator_class
 
 __all__ = ["HessianOperator", "gradient", "METHODS", "KINDS", "MODES"]
@@ -53,7 +54,7 @@ def HessianOperator(  # noqa: N802 - the public name of the factory since versio
     ``"eval"`` or ``"train"`` (the module mode during products); ``method``
     ``"double-backward"``, ``"forward-over-reverse"``, ``"finite-difference"`` (central
     differences of gradients on the parameters in place, (g(θ+εv) − g(θ−εv)) / (2ε +
-    ``fd_offset``), ε = ``fd_eps`` or, when None, u^{1/3}·max(1, ‖θ‖)/‖v‖ (u^{1/5} with
+    ``fd_offset``), ε = ``fd_eps`` or, when None, u^{1/3}·max(1, rms θ)/‖v‖ (u^{1/5} with
     ``fd_richardson``, which combines ε and ε/2 to O(ε⁴)); the estimated relative error is
     ``op.product_error``) or ``"auto"`` (the default: on the first product the autograd
     products are checked against finite differences along one vector, and the first that
@@ -70,6 +71,11 @@ def HessianOperator(  # noqa: N802 - the public name of the factory since versio
       (:class:`lscape.curvature.preconditioned.PreconditionedHessian`; Adam/AdamW, RMSprop,
       Adagrad, SGD, or any optimizer taught with :func:`lscape.curvature.register_preconditioner`);
     - any matrix added with :func:`lscape.curvature.register_operator`.
+
+    On a model sharded by FSDP2 (``--strategy fsdp``) the operator is a
+    :class:`lscape.curvature.sharded.ShardedHessian`: the Hessian by finite differences of the
+    model's own gradients, on vectors sharded like the parameters (``dim`` local entries of
+    ``global_dim``); other kinds and forced autograd methods are refused (``ValueError``).
 
     ``optimizer`` the training optimizer, passed to a matrix that reads it (a class with
     ``needs_optimizer``, such as ``"preconditioned"``) and ignored by the others.
@@ -88,6 +94,10 @@ def HessianOperator(  # noqa: N802 - the public name of the factory since versio
 (:class:`lscape.curvature.errors.CurvatureArgumentError`, naming the argument) or ``TypeError``.
     """
     cls = operator_class(kind)
+    if is_sharded_model(model):  # FSDP2: the Hessian by finite differences on sharded vectors
+        check_sharded(cls.name or kind, choose_method(method))
+        return ShardedHessian(model, loss_fn, batches, params=params, mode=mode, method=method, seed=seed,
+                              chunk=chunk, fd_eps=fd_eps, fd_offset=fd_offset, fd_richardson=fd_richardson)
     extra: dict[str, Any] = {}
     if mc_samples != 1:
         if "mc_samples" not in _init_keywords(cls):

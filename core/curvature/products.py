@@ -168,10 +168,15 @@ def _forward_over_reverse_batch(op: Any, i: int, batch: Any, vs: torch.Tensor) -
 # Step (ε, :func:`fd_step`): for a scalar function f the central difference
 # (f′(x+h) − f′(x−h))/2h has truncation error h²|f⁗|/6 and roundoff error about u|f′|/h
 # (u the unit roundoff of the dtype); their sum is smallest at h ∝ u^{1/3}·scale(x), the
-# textbook h = u^{1/3}·max(1, |x|). Along a direction v in parameter space the same rule
-# moves the parameters by a relative amount u^{1/3} when
-#     ε = FD_SCALE · u^{1/3} · max(1, ‖θ‖) / ‖v‖,
-# since then ‖εv‖ / max(1, ‖θ‖) = FD_SCALE·u^{1/3}. The Richardson combination
+# textbook h = u^{1/3}·max(1, |x|). Along a direction v in parameter space the scale of x
+# is that of a typical parameter entry, rms(θ) = ‖θ‖/√dim, not ‖θ‖:
+#     ε = FD_SCALE · u^{1/3} · max(1, rms(θ)) / ‖v‖,
+# so the step ‖εv‖ = FD_SCALE·u^{1/3}·max(1, rms θ) does not grow with the width. Scaling
+# by ‖θ‖ (which grows as √dim) made the truncation error, ∝ ‖εv‖², grow with the number
+# of parameters: measured on a tanh MLP of 648k parameters (benchmarks/distributed.py
+# --eps), the top eigenvector's Rayleigh quotient was 5.0e-4 relatively off with
+# ‖εv‖ = u^{1/3}‖θ‖ = 0.089 and 1.6e-6 with this rule (‖εv‖ = 3.9e-3), against exact
+# double-backward products. The Richardson combination
 # (4 D(ε/2) − D(ε))/3 cancels the ε² term; its error is O(ε⁴) + O(u/ε), smallest at
 # ε ∝ u^{1/5}: the same rule with the power 1/5. float32: u^{1/3} ≈ 3.9e-3,
 # u^{1/5} ≈ 3.6e-2; float64: u^{1/3} ≈ 4.8e-6, u^{1/5} ≈ 6.1e-4.
@@ -185,7 +190,7 @@ def _forward_over_reverse_batch(op: Any, i: int, batch: Any, vs: torch.Tensor) -
 # relative estimate ‖D(ε) − D(ε/2)‖ / ‖product‖ as ``product_error`` (the largest seen):
 # an eigenvalue computed from these products is off by about product_error·‖M‖ at most.
 
-#: c in ε = c·u^p·max(1, ‖θ‖)/‖v‖, p = 1/3 (central differences) or 1/5 (Richardson)
+#: c in ε = c·u^p·max(1, rms θ)/‖v‖, p = 1/3 (central differences) or 1/5 (Richardson)
 FD_SCALE = 1.0
 
 
@@ -196,11 +201,18 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 def fd_step(op: Any, v_norm: float) -> float:
     """The finite-difference step ε for a direction of norm ``v_norm``: ``op.fd_eps`` when the
-    caller fixed one (applied to v as given), else FD_SCALE·u^p·max(1, ‖θ‖)/‖v‖ (see above)."""
+    caller fixed one (applied to v as given), ``op.fd_length``/‖v‖ when a probe's ``fd_eps``
+    option fixed the length of the move, else FD_SCALE·u^p·max(1, rms(θ))/‖v‖ (see
+    above), rms(θ) = ‖θ‖/√(global dim) and u the unit roundoff of the dtype the gradients
+    are computed in (``op.fd_dtype`` when set: a bf16 mixed-precision policy, else ``op.dtype``)."""
     if op.fd_eps is not None:
         return op.fd_eps
+    if getattr(op, "fd_length", None) is not None:  # a probe's fd_eps option: the length of the move εv
+        return op.fd_length / v_norm
     power = 1 / 5 if op.fd_richardson else 1 / 3
-    return FD_SCALE * unit_roundoff(op.dtype) ** power * max(1.0, theta_norm(op)) / v_norm
+    rms = theta_norm(op) / max(int(getattr(op, "global_dim", op.dim)), 1) ** 0.5
+    dtype = getattr(op, "fd_dtype", None) or op.dtype
+    return FD_SCALE * unit_roundoff(dtype) ** power * max(1.0, rms) / v_norm
 
 
 def theta_norm(op: Any) -> float:

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lscape.curvature import distributed
 from lscape.curvature._basis import dots64
 from lscape.errors import UsageError
 
@@ -20,6 +21,7 @@ class TraceEstimate(NamedTuple):
     stderr: float
 
 
+@distributed.on_vectors
 def hutchinson(op: Any, n: int = 100, seed: int = 0, block: int = 16) -> TraceEstimate:
     """tr(H) ≈ mean of zᵀHz over ``n`` Rademacher probes z (Hutchinson 1989).
 
@@ -31,13 +33,14 @@ def hutchinson(op: Any, n: int = 100, seed: int = 0, block: int = 16) -> TraceEs
     generator = torch.Generator(device="cpu").manual_seed(seed)
     samples = []
     for start in range(0, n, block):
-        z = rademacher(min(block, n - start), op.dim, generator, _dtype(op), _device(op))
+        z = distributed.vectors_of(op).rademacher(min(block, n - start), generator, _dtype(op), _device(op))
         hz = apply_block(op, z)
         samples.append(row_dots(z, hz))
     values = torch.cat(samples)
     return TraceEstimate(float(values.mean()), float(values.std(unbiased=True)) / math.sqrt(n))
 
 
+@distributed.on_vectors
 def hutchpp(op: Any, n: int = 99, seed: int = 0, block: int = 16) -> TraceEstimate:
     """tr(H) by Hutch++ (Meyer, Musco, Musco, Woodruff 2021) with ``n`` products in all.
 
@@ -52,14 +55,14 @@ def hutchpp(op: Any, n: int = 99, seed: int = 0, block: int = 16) -> TraceEstima
     dtype, device = _dtype(op), _device(op)
     m = n // 3
     g_count = n - 2 * m
-    s = rademacher(m, op.dim, generator, dtype, device)
+    vectors = distributed.vectors_of(op)  # sharded operators: local slices of global probes
+    s = vectors.rademacher(m, generator, dtype, device)
     hs = apply_block(op, s, block)
     # Orthonormal rows spanning H S (QR in float64 for a well-conditioned basis).
-    q, _ = torch.linalg.qr(hs.double().T)
-    q = q.T.to(dtype)
+    q = vectors.orthonormal_rows(hs)
     hq = apply_block(op, q, block)
     top = float(row_dots(q, hq).sum())
-    g = rademacher(g_count, op.dim, generator, dtype, device)
+    g = vectors.rademacher(g_count, generator, dtype, device)
     g = project_out(g, q)
     hg = apply_block(op, g, block)
     hg = project_out(hg, q)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ from lscape.errors import UsageError
 from lscape.params import select_parameters
 
 __all__ = ["CurvatureProbe", "WarmStart", "RecordsProducts", "record_products", "update_attrs",
-           "CURVATURE_OPTIONS", "LANCZOS_OPTIONS", "lanczos_memory", "memory_attrs", "announce_cost", "settle_cost", "memory_size", "KIND_CHOICES", "WHICH_OUTPUT", "make_operator",
+           "CURVATURE_OPTIONS", "LANCZOS_OPTIONS", "FD_OPTIONS", "SHARDED_NOTE", "lanczos_memory", "memory_attrs", "announce_cost", "settle_cost", "memory_size", "KIND_CHOICES", "WHICH_OUTPUT", "make_operator",
            "curvature_batches", "check_curvature", "selected_dim", "parse_groups", "groups_of", "loss_adapter", "usage_error"]
 
 #: the array a selected extreme eigenvalue is stored as
@@ -112,6 +113,16 @@ LANCZOS_OPTIONS = (
 )
 
 
+#: Options of the probes whose products may be finite differences (sharpness, hessian): the step
+#: (``lscape.curvature.products.fd_step``), for the ladder's check, method=finite-difference and
+#: every product on a sharded model
+FD_OPTIONS = (
+    Option("fd_eps", float, None, "finite-difference step: the parameters move by fd_eps along every direction "
+           "(ε = fd_eps/‖v‖; default the per-dtype rule u^{1/3}·max(1, rms θ)/‖v‖); used by method=finite-difference, "
+           "the auto check, and on a sharded model (--strategy fsdp)", within="(0, 1)"),
+)
+
+
 def lanczos_memory(probe: Probe) -> dict[str, Any]:
     """The ``basis_device`` and ``memory_budget`` keywords of :func:`lscape.curvature.lanczos` from the probe's options."""
     opts = probe.opts
@@ -188,7 +199,16 @@ class WarmStart:
     def warm_vectors(self, op: CurvatureOperator, key: str | None = None) -> torch.Tensor | None:
         """The previous start block, if warm starts are on and it fits ``op``."""
         v0 = self._v0.get(key) if isinstance(self._v0, dict) else (self._v0 if key is None else None)
-        return v0 if self.opts.warm_start and v0 is not None and v0.shape[-1] == op.dim else None
+        fits = self.opts.warm_start and v0 is not None and v0.shape[-1] == op.dim
+        if getattr(op, "sharded", False):
+            # each rank holds its own slices: every rank must start from the same number of rows (a
+            # resumed run's checkpoint keeps rank 0's slices, which may not fit the others), or
+            # the ranks' products would not match
+            rows = float(len(v0)) if fits and v0.ndim == 2 else 1.0
+            unfit, most, fewest = _max_over_ranks(torch.tensor([0.0 if fits else 1.0, rows, -rows],
+                                                               dtype=torch.float64))
+            fits = unfit == 0.0 and most == -fewest
+        return v0 if fits else None
 
     def keep_vectors(self, result: Any, key: str | None = None) -> None:
         block = result.warm_start() if hasattr(result, "warm_start") else result.eigenvectors
@@ -205,6 +225,13 @@ class WarmStart:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._v0 = state.get("v0")
+
+
+def _max_over_ranks(values: torch.Tensor) -> list[float]:
+    out = values.clone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+    return [float(x) for x in out]
 
 
 def loss_adapter(ctx: Any) -> Any:
@@ -240,6 +267,8 @@ def make_operator(probe: Probe, ctx: Any, batches: list[Any], params: Any = None
         arguments.setdefault("optimizer", getattr(ctx, "optimizer", None))
     try:
         op = HessianOperator(ctx.model, loss_adapter(ctx), batches, **arguments)
+        if "fd_eps" not in overrides and FD_OPTIONS[0] in probe.options and opts.fd_eps is not None:
+            op.fd_length = float(opts.fd_eps)  # a step length along every direction (fd_step: ε = fd_eps/‖v‖)
     except NotSteppedError:
         raise  # not bad input: the optimizer has not updated yet (CurvatureProbe skips the measurement)
     except ValueError as err:
@@ -272,7 +301,19 @@ def record_products(probe: Probe, ctx: Any, operators: Sequence[CurvatureOperato
              "hvp_check": next((d["check"] for d in described if d["check"]), None)}
     probe.product_attrs = attrs
     update_attrs(probe, attrs)
+    error = attrs["hvp_product_error"]
+    if error is not None and error > FD_WARN and not getattr(probe, "_fd_warned", False) and \
+            getattr(ctx, "is_main", True):
+        probe._fd_warned = True
+        step = f"-o {probe.name}.fd_eps=1e-4" if FD_OPTIONS[0] in getattr(probe, "options", ()) else "a smaller step"
+        warnings.warn(f"{probe.name}: finite-difference Hessian products are inaccurate here (estimated relative "
+                      f"error {error:.2g}, stored as hvp_product_error): eigenvalues may be off by about that "
+                      f"fraction of the largest; try {step}, or float64", RuntimeWarning, stacklevel=2)
     return attrs
+
+
+#: a finite-difference error estimate above this is said once per probe (besides the attrs)
+FD_WARN = 1e-2
 
 
 def update_attrs(probe: Probe, attrs: dict[str, Any]) -> None:
@@ -440,6 +481,27 @@ def check_curvature(probe: Probe, ctx: Any) -> None:
         raise usage_error(probe, err) from None
 
 
+#: why a curvature probe that does not declare ``sharded`` refuses ``--strategy fsdp``
+SHARDED_NOTE = ("its products need torch.autograd.grad through the model (double backward, torch.func), which "
+                "fails on FSDP2's sharded parameters; sharpness and hessian run sharded (finite differences of "
+                "gradients, docs/scaling.md)")
+
+
+def sharded_refusal(probe: Probe) -> str | None:
+    """What a sharded curvature probe's options ask that a sharded model cannot give (None: nothing)."""
+    opts = probe.opts
+    kind = getattr(opts, "kind", "hessian")
+    if kind != "hessian":
+        return f"{probe.name}.kind={kind} (only the Hessian is available sharded)"
+    method = getattr(opts, "method", "auto")
+    if method not in ("auto", "finite-difference"):
+        return f"{probe.name}.method={method} (autograd cannot differentiate twice through FSDP2's gathered " \
+               f"parameters; products are finite differences)"
+    if getattr(opts, "groups", None):
+        return f"{probe.name}.groups={opts.groups} (per-group spectra are not measured sharded)"
+    return None
+
+
 def groups_of(probe: Probe, ctx: Any) -> list[tuple[str, list[str]]]:
     """The probe's parameter groups (option ``groups``), parsed once."""
     if getattr(probe, "_groups", None) is None:
@@ -463,16 +525,20 @@ class CurvatureProbe(RecordsProducts, Probe):
     data = "subset"
     at = "after_backward"
     options = CURVATURE_OPTIONS
-    # autograd.grad fails on FSDP2's DTensor parameters; finite-difference products exist
-    # (lscape.curvature.products) but no operator works on sharded vectors yet
-    sharded_note = ("its Hessian-vector products need torch.autograd.grad, which fails on FSDP2's sharded parameters, "
-                    "and the sharded finite-difference operator is not there yet (issue 22)")
+    # autograd.grad fails on FSDP2's DTensor parameters: probes whose products can be finite
+    # differences of gradients (sharpness, hessian) set sharded = True; the others say why not
+    sharded_note = SHARDED_NOTE
     _groups: list[tuple[str, list[str]]] | None = None
     #: what the matrix is (``matrix``, ``preconditioner_rule``, ...), for a derived ``kind``
     _matrix_attrs: dict[str, str] | None = None
 
     def check(self, ctx) -> None:
         check_curvature(self, ctx)
+
+    def sharded_refusal(self) -> str | None:
+        """The first option that cannot run on a sharded model (``lscape.sharding.check_sharded_options``):
+        only the Hessian by finite differences on the whole model (or a ``params`` subset) is."""
+        return sharded_refusal(self)
 
     def store_attrs(self) -> dict[str, Any]:
         attrs = super().store_attrs()

@@ -11,6 +11,7 @@ from lscape.curvature import hutchinson, hutchpp, lanczos, slq_density
 from lscape.errors import UsageError
 from lscape.plugins.curvature.base import (
     CURVATURE_OPTIONS,
+    FD_OPTIONS,
     LANCZOS_OPTIONS,
     CurvatureProbe,
     WarmStart,
@@ -120,8 +121,11 @@ class Hessian(WarmStart, CurvatureProbe):
     name = "hessian"
     help = "top-k Hessian eigenvalues (Lanczos), trace (Hutch++) and spectral density (SLQ), within a product budget"
     schedule = "every:100"
+    #: runs under --strategy fsdp: finite differences of the model's gradients on sharded
+    #: vectors (lscape.curvature.sharded), chosen automatically and recorded in hvp_method
+    sharded = True
     cost_model = COST_MODEL
-    options = CURVATURE_OPTIONS + LANCZOS_OPTIONS + (
+    options = CURVATURE_OPTIONS + LANCZOS_OPTIONS + FD_OPTIONS + (
         Option("budget", int, DEFAULT_BUDGET, "Hessian-vector products at most per measurement (and per group); "
                "sizes the trace and density unless given", minimum=1),
         Option("k", int, 5, "number of top eigenvalues", minimum=1),
@@ -191,6 +195,12 @@ class Hessian(WarmStart, CurvatureProbe):
             require_memory(need, f"hessian: the density ({self.plan['density_steps']} Lanczos vectors of {dim} "
                            f"parameters, {points} grid points)", "hessian.density_points (or density_steps, "
                            "hessian.budget)", ctx.device)
+
+    def sharded_refusal(self) -> str | None:
+        """Besides every curvature probe's refusals: stored eigenvectors would be full vectors."""
+        if self.opts.eigenvectors:
+            return "hessian.eigenvectors=true (every eigenvector would be gathered whole on rank 0)"
+        return super().sharded_refusal()
 
     def switched_on(self) -> dict[str, bool]:
         """The parts whose schedule is not ``never``."""
@@ -305,7 +315,7 @@ class Hessian(WarmStart, CurvatureProbe):
 
     def _top(self, op, seed: int) -> dict[str, Any]:
         k_asked = self.opts.k
-        k = min(k_asked, op.dim)
+        k = min(k_asked, int(getattr(op, "global_dim", op.dim)))  # sharded: op.dim is a slice
         result = lanczos(op, k=k, which=self.opts.which, tol=self.opts.tol,
                          max_iter=max(self.plan["max_iter"], k), v0=self.warm_vectors(op), seed=seed,
                          **lanczos_memory(self))

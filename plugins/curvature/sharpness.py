@@ -11,6 +11,7 @@ from lscape.curvature import lanczos
 from lscape.curvature.tracking import Tracker
 from lscape.plugins.curvature.base import (
     CURVATURE_OPTIONS,
+    FD_OPTIONS,
     LANCZOS_OPTIONS,
     WHICH_OUTPUT,
     CurvatureProbe,
@@ -45,12 +46,15 @@ class Sharpness(WarmStart, CurvatureProbe):
     name = "sharpness"
     help = "λ_max (or λ_min, ‖H‖) of the Hessian by warm-started Lanczos, with residual ‖Hv−λv‖ and HVP count"
     schedule = "every:10"
+    #: runs under --strategy fsdp: finite differences of the model's gradients on sharded
+    #: vectors (lscape.curvature.sharded), chosen automatically and recorded in hvp_method
+    sharded = True
     cost_model = ("at most max_iter + 1 products per measurement (default 101: the Lanczos search and one final "
                   "residual product), as many again per parameter group (groups=); a warm-started measurement of a "
                   "slowly moving λ usually stops after a few; with track=true a few (the warm search, at most "
                   "track_max_iter, then max_iter + 1 if it falls back) plus, every verify_every-th measurement, a cold "
                   "verified solve of the top two (at most max_iter + 2)")
-    options = CURVATURE_OPTIONS + LANCZOS_OPTIONS + (
+    options = CURVATURE_OPTIONS + LANCZOS_OPTIONS + FD_OPTIONS + (
         Option("which", str, "LA", "LA largest (λ_max), SA smallest (λ_min), LM largest magnitude (‖H‖)",
                choices=("LA", "SA", "LM")),
         Option("tol", float, 1e-3, "stop when the residual ‖Hv − λv‖ ≤ tol·|λ|", minimum=0.0),

@@ -168,11 +168,12 @@ def test_finite_differences_match_the_dense_hessian_within_their_error_and_resto
 def test_finite_difference_step_rule_and_explicit_step():
     model, batches = mlp(), data()
     op = HessianOperator(model, ce, batches, method="finite-difference")
-    theta = float(torch.linalg.norm(torch.cat([p.detach().reshape(-1) for p in model.parameters()])))
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    rms = float(torch.linalg.norm(flat)) / flat.numel() ** 0.5  # a typical entry, not ‖θ‖ (which grows with width)
     u = 2.0 ** -53
-    assert products.fd_step(op, 2.0) == pytest.approx(u ** (1 / 3) * max(1.0, theta) / 2.0, rel=1e-12)
+    assert products.fd_step(op, 2.0) == pytest.approx(u ** (1 / 3) * max(1.0, rms) / 2.0, rel=1e-12)
     rich = HessianOperator(model, ce, batches, method="finite-difference", fd_richardson=True)
-    assert products.fd_step(rich, 1.0) == pytest.approx(u ** (1 / 5) * max(1.0, theta), rel=1e-12)
+    assert products.fd_step(rich, 1.0) == pytest.approx(u ** (1 / 5) * max(1.0, rms), rel=1e-12)
     fixed = HessianOperator(model, ce, batches, method="finite-difference", fd_eps=1e-3)
     assert products.fd_step(fixed, 5.0) == 1e-3  # an explicit step is used as given (the seed's semantics)
 
