@@ -167,14 +167,17 @@ def lanczos(
         verify = 4 if k > 1 else (1 if warm else 0)
     if spare is None:
         spare = 1 if k == 1 else 2
-    store = torch.float64 if (dtype == torch.float64 or 8 * dim * (max_iter + 1) <= _FLOAT64_BYTES) else dtype
+    budget = int(memory_budget) if memory_budget is not None else _default_budget(bdev)
+    store = dtype if dtype == torch.float64 or 8 * dim * (max_iter + 1) > min(_FLOAT64_BYTES, budget) else torch.float64
     eps = float(torch.finfo(dtype).eps)
     bytes_per_vector = dim * torch.empty(0, dtype=store).element_size()
-    budget = int(memory_budget) if memory_budget is not None else _default_budget(bdev)
-    extra = 2 * k + spare + (len(starts) if starts is not None else 0) + fresh + 2  # remainders, final vectors
+    extra = _extra_vectors(k, spare, len(starts) if starts is not None else 0, fresh, verify)
     keep_on_restart = k + spare + 1
-    capacity = max(budget // bytes_per_vector - extra, keep_on_restart + max(verify, 1) + 2)
-    basis = Basis(dim, store, bdev, block=min(BLOCK, capacity))  # blocks never overshoot the capacity
+    # a restart must leave room to grow (and to verify): measured at 5M parameters, λ_max at
+    # tol 1e-3 took 34 products with 9 rows, 43 with 5 and 64 with 4 (32 with a full basis)
+    least = keep_on_restart + (verify + 2 if verify else 3)
+    capacity = min(max(budget // bytes_per_vector - extra, least), max_iter + k + spare + 2)
+    basis = Basis(dim, store, bdev, block=min(BLOCK, capacity), limit=capacity)  # never more rows than the capacity
     reorth = "full" if capacity >= max_iter else "thick-restart"
     num_products = 0
     restarts = 0
@@ -182,11 +185,11 @@ def lanczos(
     def randn() -> torch.Tensor:
         return torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=store, device=bdev)
 
-    def add(direction: torch.Tensor | None) -> bool:
+    def add(direction: torch.Tensor | None, orthogonal: bool = False) -> bool:
         nonlocal num_products
         if direction is None or len(basis) >= dim:
             return False
-        q = basis.new_direction(direction)
+        q = basis.new_direction(direction, orthogonal)
         if q is None:
             return False
         w = op.matvec(q.to(dtype=dtype, device=device))
@@ -276,11 +279,11 @@ def lanczos(
         if verifying:
             # Grow the fresh direction's Krylov sequence: a random start, then its last product.
             if round_steps == 0 and warm and fresh_seq:
-                grown = add(basis.remainder(_unit(m, fresh_seq.pop(0))))
+                grown = add(basis.remainder(_unit(m, fresh_seq.pop(0))), orthogonal=True)
             elif round_steps == 0:
                 grown = add_random()
             else:
-                grown = add(basis.remainder(_unit(m, m - 1)))
+                grown = add(basis.remainder(_unit(m, m - 1)), orthogonal=True)
             round_steps += 1
             if not grown and not add_random():
                 final = _final_pairs(op, basis, theta, S, wanted, dtype, device)
@@ -290,7 +293,7 @@ def lanczos(
         # The residual direction of the worst unconverged wanted pair (exactly Lanczos for one start).
         pending = [int(i) for i in wanted if not bool(ok[int(i)])] or [int(i) for i in wanted]
         worst = max(pending, key=lambda i: float(res[i] / bound[i]))
-        if not add(basis.remainder(S[:, worst])) and not add_random():
+        if not add(basis.remainder(S[:, worst]), orthogonal=True) and not add_random():
             final = _final_pairs(op, basis, theta, S, wanted, dtype, device)
             num_products += len(wanted)
             break
@@ -308,7 +311,7 @@ def lanczos(
     if len(spare_idx):
         spares = basis.Q.combine(S[:, spare_idx])
         spares = (spares / spares.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(dtype=dtype, device=device)
-    memory = _memory_report(basis, 2 * len(values) + len(spare_idx), store, bdev, budget, capacity, reorth, restarts)
+    memory = _memory_report(basis, len(values) + len(spare_idx) + 1, store, bdev, budget, capacity, reorth, restarts)
     return EigenResult(
         eigenvalues=values,
         eigenvectors=y.to(dtype=dtype, device=device),
@@ -389,7 +392,8 @@ def _final_pairs(op, basis: Basis, theta, S, wanted, dtype, device) -> tuple[tor
     for i in range(len(y)):
         hy = op.matvec(y[i].to(dtype=dtype, device=device)).to(dtype=y.dtype, device=y.device)
         values[i] = float(dots64(y[i][None], hy)[0]) / max(float(dots64(y[i][None], y[i])[0]), 1e-300)
-        residuals[i] = norm64(hy - float(values[i]) * y[i])
+        residuals[i] = norm64(hy.add_(y[i], alpha=-float(values[i])))  # in place: no temporary
+        del hy
     return y, values, residuals
 
 
@@ -414,14 +418,28 @@ def _unit(m: int, i: int) -> torch.Tensor:
     return e
 
 
+#: the default memory budget of the basis: 256 MiB, or a quarter of the basis device's memory if less
+DEFAULT_BUDGET = 256 * 2**20
+
+
+def _extra_vectors(k: int, spare: int, starts: int, fresh: int, verify: int) -> int:
+    """Vectors of ``dim`` entries the solver holds besides the basis rows, counted in the
+    budget: the remainder block (≤ starts + fresh + 1 rows, one more while verifying) plus, at
+    the end, the k Ritz vectors, the spare ones and one product (while building: the new row
+    and its product, fewer)."""
+    return (starts + fresh + 1 + (1 if verify else 0)) + k + spare + 1
+
+
 def _default_budget(device: torch.device) -> int:
-    """A quarter of the device's memory (host RAM for the CPU)."""
+    """:data:`DEFAULT_BUDGET`, or a quarter of the device's memory (host RAM for the CPU) if less."""
     try:
         if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).total_memory // 4
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+            total = torch.cuda.get_device_properties(device).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError, RuntimeError):
-        return 4 * 2**30
+        return DEFAULT_BUDGET
+    return min(DEFAULT_BUDGET, total // 4)
 
 
 def _start_rows(v0: torch.Tensor | None, dim: int) -> torch.Tensor | None:
