@@ -85,13 +85,19 @@ class _Blocks:
             i -= len(block)
         raise IndexError(i)
 
-    def append(self, row: torch.Tensor) -> None:
+    def next_row(self) -> torch.Tensor:
+        """The storage of row m (allocated if needed), for a caller to write the next row into."""
         if self.m == self.allocated():
             rows = self.block if self.limit is None else max(1, min(self.block, self.limit - self.m))
             self.blocks.append(torch.empty(rows, self.dim, dtype=self.dtype, device=self.device))
             self.peak_rows = max(self.peak_rows, self.allocated())
         b, j = self._locate(self.m)
-        self.blocks[b][j] = row
+        return self.blocks[b][j]
+
+    def append(self, row: torch.Tensor) -> None:
+        target = self.next_row()
+        if row.data_ptr() != target.data_ptr():  # written in place by the caller: no copy
+            target.copy_(row)
         self.m += 1
 
     def row(self, i: int) -> torch.Tensor:
@@ -202,15 +208,13 @@ class Basis:
                 break
         return v, n
 
-    def new_direction(self, direction: torch.Tensor, orthogonal: bool = False) -> torch.Tensor | None:
-        """The unit vector ``direction`` adds to the basis, or None if it is (numerically) in it.
-        ``orthogonal``: the direction is already orthogonal to Q (a residual direction), no pass."""
+    def new_direction(self, direction: torch.Tensor) -> torch.Tensor | None:
+        """The unit vector ``direction`` adds to the basis (orthogonalised against Q), or None if
+        it is (numerically) in it. (A residual direction needs no pass: :meth:`residual_direction`.)"""
         q = direction.to(dtype=self.dtype, device=self.device)
         n0 = norm64(q)
         if n0 == 0.0 or n0 != n0 or n0 == float("inf"):
             return None
-        if orthogonal:
-            return q.div_(n0) if q is not direction else q / n0
         q, n = self.orthogonalise(q / n0)
         if n <= 1e-8:
             return None
@@ -280,6 +284,21 @@ class Basis:
             self.U = torch.cat([self.U, w.div_(nr)[None]]) if u else w.div_(nr)[None]
         self.T, self.B = T, B
         self.peak_u = max(self.peak_u, len(self.U))
+
+    def residual_direction(self, coef: torch.Tensor) -> torch.Tensor | None:
+        """The unit vector along :meth:`remainder` ``(coef)``, written straight into the storage
+        of the next basis row (no copy when it is appended), or None when there is none."""
+        if not len(self.U):
+            return None
+        c = self.B @ coef
+        if float(c.norm()) == 0.0:
+            return None
+        row = self.Q.next_row()
+        torch.mv(self.U.T, c.to(self.dtype).to(self.device), out=row)
+        n0 = norm64(row)
+        if n0 == 0.0 or n0 != n0 or n0 == float("inf"):
+            return None
+        return row.div_(n0)
 
     def remainder(self, coef: torch.Tensor) -> torch.Tensor | None:
         """(B coef)ᵀ U: the part of H Q coef outside span Q (None when there is none)."""

@@ -183,13 +183,15 @@ def lanczos(
     restarts = 0
 
     def randn() -> torch.Tensor:
-        return torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=store, device=bdev)
+        return torch.randn(dim, generator=generator, dtype=store).to(device=bdev)
 
-    def add(direction: torch.Tensor | None, orthogonal: bool = False) -> bool:
+    def add(direction: torch.Tensor | None, residual: torch.Tensor | None = None) -> bool:
+        """Grow the basis by ``direction`` (orthogonalised), or by the residual direction of the
+        Ritz combination ``residual`` (already orthogonal: written into the next row, no pass)."""
         nonlocal num_products
-        if direction is None or len(basis) >= dim:
+        if len(basis) >= dim or (direction is None and residual is None):
             return False
-        q = basis.new_direction(direction, orthogonal)
+        q = basis.residual_direction(residual) if residual is not None else basis.new_direction(direction)
         if q is None:
             return False
         w = op.matvec(q.to(dtype=dtype, device=device))
@@ -279,11 +281,11 @@ def lanczos(
         if verifying:
             # Grow the fresh direction's Krylov sequence: a random start, then its last product.
             if round_steps == 0 and warm and fresh_seq:
-                grown = add(basis.remainder(_unit(m, fresh_seq.pop(0))), orthogonal=True)
+                grown = add(None, residual=_unit(m, fresh_seq.pop(0)))
             elif round_steps == 0:
                 grown = add_random()
             else:
-                grown = add(basis.remainder(_unit(m, m - 1)), orthogonal=True)
+                grown = add(None, residual=_unit(m, m - 1))
             round_steps += 1
             if not grown and not add_random():
                 final = _final_pairs(op, basis, theta, S, wanted, dtype, device)
@@ -293,7 +295,7 @@ def lanczos(
         # The residual direction of the worst unconverged wanted pair (exactly Lanczos for one start).
         pending = [int(i) for i in wanted if not bool(ok[int(i)])] or [int(i) for i in wanted]
         worst = max(pending, key=lambda i: float(res[i] / bound[i]))
-        if not add(basis.remainder(S[:, worst]), orthogonal=True) and not add_random():
+        if not add(None, residual=S[:, worst]) and not add_random():
             final = _final_pairs(op, basis, theta, S, wanted, dtype, device)
             num_products += len(wanted)
             break
@@ -310,7 +312,7 @@ def lanczos(
     spares = None
     if len(spare_idx):
         spares = basis.Q.combine(S[:, spare_idx])
-        spares = (spares / spares.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(dtype=dtype, device=device)
+        spares = spares.div_(spares.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(dtype=dtype, device=device)
     memory = _memory_report(basis, len(values) + len(spare_idx) + 1, store, bdev, budget, capacity, reorth, restarts)
     return EigenResult(
         eigenvalues=values,
@@ -386,7 +388,7 @@ def _memory_report(basis: Basis, final_vectors: int, store: torch.dtype, bdev: t
 def _final_pairs(op, basis: Basis, theta, S, wanted, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The wanted Ritz vectors, their Rayleigh quotients and *true* residuals from fresh products."""
     y = basis.Q.combine(S[:, wanted])
-    y = y / y.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    y.div_(y.norm(dim=1, keepdim=True).clamp_min(1e-300))
     values = torch.zeros(len(y), dtype=torch.float64)
     residuals = torch.zeros(len(y), dtype=torch.float64)
     for i in range(len(y)):
