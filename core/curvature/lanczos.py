@@ -109,21 +109,28 @@ def lanczos(
     one with a warm start, so a warm start never hides an eigenvalue the previous vectors
     miss; a cold start is one random vector). The basis grows by the residual direction of
     the worst unconverged wanted Ritz pair (for one start vector this is exactly Lanczos with
-    full reorthogonalisation: two block Gram–Schmidt passes, ``c = Q w``, ``w -= cᵀQ``).
+    full reorthogonalisation: the coefficients known by symmetry removed locally, then one
+    block Gram–Schmidt pass ``c = Q w``, ``w -= cᵀQ``, a second only when the first removed
+    much; see ``lscape.curvature._basis``).
 
     Memory: only the basis is stored, never the products: each product is kept as float64
     coefficients on the basis and on a small block of remainder directions (see
     ``lscape.curvature._basis``), so the Ritz residuals are exact sums of squares of small
-    vectors. Peak memory = model + autograd graph of one product + (m + u + 2k + spare)
-    vectors of ``dim`` entries (m basis vectors ≤ the products spent, u remainder directions:
-    1 for a cold start, ≤ start rows + 2 otherwise; at the end k Ritz vectors, their k
-    products and the spare vectors), held on ``basis_device`` (default: the operator's
-    device; ``"cpu"`` keeps the basis in host memory while products run on the GPU). The
-    basis is float64 for float64 operators or when it is small (≤ 256 MB), else the
+    vectors. Peak memory = model + one product (its autograd graph and about 2 vectors) +
+    (m + u + k + spare + 1) vectors of ``dim`` entries (m ≤ ``capacity`` basis rows, u
+    remainder directions: 1 for a cold start, ≤ start rows + fresh + 1 otherwise, one more
+    while verifying; at the end the k Ritz vectors, the spare vectors and one product), held
+    on ``basis_device`` (default: the operator's device; ``"cpu"`` keeps the basis in host
+    memory while products run on the GPU). The basis is float64 for float64 operators or
+    when the whole of it (max_iter + 1 rows) fits in min(256 MiB, budget), else the
     operator's dtype, with dot products accumulated in float64. ``memory_budget`` (bytes for
-    the basis; default a quarter of the basis device's memory) caps m: when the basis would
-    not fit, Lanczos is *thick-restarted* — the wanted and spare Ritz vectors are kept, the
-    rest dropped, and the search goes on from their exact residual directions. This costs no
+    all those vectors; default :data:`DEFAULT_BUDGET` = 256 MiB, or a quarter of the basis
+    device's memory if less) sets ``capacity = max(budget // bytes_per_vector − e, k + spare
+    + 1 + g)`` with e = u_max + k + spare + 1 the other vectors and g = verify + 2 (3 without
+    verification) the room a restart needs (a budget below that floor is exceeded by it):
+    when the basis reaches the capacity, Lanczos is *thick-restarted* in place — the wanted,
+    spare and guard Ritz vectors are kept, the rest dropped, and the search goes on from
+    their exact residual directions. This costs no
     accuracy in the returned pairs (residuals are still exact and the stopping rule the
     same) but convergence is slower — more products, typically 1.5–3× for a capacity of a
     few times k — and a missed near-tie is found later. The choice is recorded in
