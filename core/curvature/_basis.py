@@ -293,12 +293,11 @@ class Basis:
         c = self.B @ coef
         if float(c.norm()) == 0.0:
             return None
-        row = self.Q.next_row()
-        torch.mv(self.U.T, c.to(self.dtype).to(self.device), out=row)
-        n0 = norm64(row)
-        if n0 == 0.0 or n0 != n0 or n0 == float("inf"):
+        n = float(c.norm())  # U is orthonormal: ‖cᵀU‖ = ‖c‖, no sweep to measure it
+        if n != n or n == float("inf"):
             return None
-        return row.div_(n0)
+        row = self.Q.next_row()
+        return torch.mv(self.U.T, (c / n).to(self.dtype).to(self.device), out=row)
 
     def remainder(self, coef: torch.Tensor) -> torch.Tensor | None:
         """(B coef)ᵀ U: the part of H Q coef outside span Q (None when there is none)."""

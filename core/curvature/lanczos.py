@@ -137,12 +137,14 @@ def lanczos(
     :attr:`EigenResult.memory`.
 
     Stopping rule: every wanted pair has ‖H y − θ y‖ ≤ ``tol``·|θ| (some eigenvalue lies
-    within the residual of every Ritz value) and, while searching, also ‖H y − θ y‖²/gap ≤
+    within the residual of every Ritz value) and, for k > 1, while searching, also ‖H y − θ y‖²/gap ≤
     ``tol``²·|θ| with gap the distance to the nearest other Ritz value (Kato–Temple: the Ritz
     value is then within tol²·|θ| of an eigenvalue). The second term matters only for near
     ties: a Ritz vector mixing two eigenvalues closer than the residual passes the first test
     alone and one member of the tie is then never resolved (returned as the next eigenvalue,
-    converged and verified); it costs a few more products only where gaps are tight.
+    converged and verified); it costs a few more products only where gaps are tight. For
+    k = 1 the first test alone bounds the error of the value by tol·|θ| (a vector mixing a
+    tie has its Rayleigh quotient between the tied eigenvalues), so the term is not applied.
     Before stopping, the residuals are *recomputed* with one fresh product per wanted Ritz
     vector (k products), and those true residuals decide ``converged``; if they sit above the
     in-loop ones because of the products' own rounding, the search tightens and, when it
@@ -234,7 +236,12 @@ def lanczos(
         wanted = select(theta, min(k, m), which)
         scale = float(theta.abs().max()) or 1.0
         floor = 10 * eps * scale
-        bound = torch.maximum(tol * tighten * _gap_scale(theta), torch.full_like(theta, floor))
+        # the Kato–Temple term sorts out near ties among k > 1 wanted pairs; for k = 1 the
+        # residual rule alone bounds λ's error by tol·|θ| (a Ritz vector mixing a tie has its
+        # value between the tied eigenvalues), so it would only buy tol² accuracy at the price
+        # of products (measured at 5M parameters: 30 products instead of 23 at tol 1e-3)
+        bound = torch.maximum(tol * tighten * (_gap_scale(theta) if k > 1 else theta.abs()),
+                              torch.full_like(theta, floor))
         ok = res <= bound
         done = m >= k and bool(ok[wanted].all()) and m >= min_iter
         worst_rel = float((res[wanted] / theta[wanted].abs().clamp_min(1e-300)).max())

@@ -78,7 +78,7 @@ def double_backward(op: Any, vs: torch.Tensor) -> torch.Tensor:
     for weight, grads in op.first_order_graphs():
         part = _double_backward_batch(op.params, grads, vs)
         if total is None:
-            total = part.mul_(weight)
+            total = part.mul_(weight) if weight != 1.0 else part
         else:
             total.add_(part, alpha=weight)
     return total if total is not None else torch.zeros_like(vs)

@@ -254,3 +254,17 @@ def test_budgeted_and_full_bases_find_the_same_near_tie_as_the_dense_reference(v
         assert r.all_converged and r.verified
         true = torch.stack([(a @ v - lam * v).norm() for v, lam in zip(r.eigenvectors, r.eigenvalues)])
         torch.testing.assert_close(r.residuals, true, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("second", [1.99, 1.9995])
+def test_lambda_max_is_within_tol_of_the_dense_top_with_or_without_a_near_tie(seed, second):
+    """k = 1 stops on the residual rule alone: λ_max within tol·λ of the dense top eigenvalue,
+    whether the second is outside the tolerance (1.99: returning it would fail) or inside it
+    (1.9995), the flag honest against the true residual of the returned vector."""
+    a, ev = spectrum([2.0, second, 1.7], dim=300, seed=seed)
+    r = lanczos(Matrix(a), k=1, tol=1e-3)
+    assert abs(float(r.eigenvalues[0]) - float(ev[0])) <= 1e-3 * float(ev[0]) * 0.5, (r.eigenvalues, ev[:2])
+    true = float((a @ r.eigenvectors[0] - r.eigenvalues[0] * r.eigenvectors[0]).norm())
+    assert abs(true - float(r.residuals[0])) <= 1e-9 and r.converged.tolist() == [true <= 1e-3 * float(r.eigenvalues[0])]
+    assert r.all_converged
