@@ -326,7 +326,7 @@ def lanczos(
     spares = None
     if len(spare_idx):
         spares = basis.Q.combine(S[:, spare_idx])
-        spares = spares.div_(spares.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(dtype=dtype, device=device)
+        spares = spares.div_(_row_norms(spares)).to(dtype=dtype, device=device)
     memory = _memory_report(basis, len(values) + len(spare_idx) + 1, store, bdev, budget, capacity, reorth, restarts)
     return EigenResult(
         eigenvalues=values,
@@ -402,7 +402,7 @@ def _memory_report(basis: Basis, final_vectors: int, store: torch.dtype, bdev: t
 def _final_pairs(op, basis: Basis, theta, S, wanted, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The wanted Ritz vectors, their Rayleigh quotients and *true* residuals from fresh products."""
     y = basis.Q.combine(S[:, wanted])
-    y.div_(y.norm(dim=1, keepdim=True).clamp_min(1e-300))
+    y.div_(_row_norms(y))
     values = torch.zeros(len(y), dtype=torch.float64)
     residuals = torch.zeros(len(y), dtype=torch.float64)
     for i in range(len(y)):
@@ -411,6 +411,12 @@ def _final_pairs(op, basis: Basis, theta, S, wanted, dtype, device) -> tuple[tor
         residuals[i] = norm64(hy.add_(y[i], alpha=-float(values[i])))  # in place: no temporary
         del hy
     return y, values, residuals
+
+
+def _row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """(r, 1) norms of the rows through the one dot-product helper (float64 accumulation, reduced)."""
+    norms = [max(norm64(r), 1e-300) for r in rows]
+    return torch.tensor(norms, dtype=rows.dtype, device=rows.device)[:, None]
 
 
 def _stalled(history: list[tuple[float, torch.Tensor]], stall: int) -> bool:
