@@ -50,11 +50,11 @@ class EigenResult:
     ``spare_vectors`` the next Ritz vectors beyond the k wanted ones (``spare``: 1 for k = 1, else 2) (warm starts keep them,
     so a swap between λ_k and λ_{k+1} is seen at once); ``tol_floor`` the smallest relative
     tolerance the operator's dtype can certify for each pair; ``memory`` (Lanczos only) what the basis
-    held: ``basis_vectors`` (allocated basis rows, in blocks of 16), ``remainder_vectors``,
-    ``final_vectors``, ``bytes_per_vector``, ``basis_bytes`` and ``peak_bytes`` (the solver's
+    held: ``basis_vectors`` (allocated basis rows, in blocks of at most 16, never past the
+    capacity), ``remainder_vectors``, ``final_vectors``, ``bytes_per_vector``, ``basis_bytes`` and ``peak_bytes`` (the solver's
     share of the peak: add the model and one product's autograd graph), ``basis_dtype``,
     ``basis_device``, ``budget_bytes``, ``capacity`` (basis rows the budget allows), ``reorth``
-    ("full" or "thick-restart") and ``restarts``.
+    ("full" or "thick-restart"), ``restarts`` and ``formula`` (the peak-memory formula, in words).
     """
 
     eigenvalues: torch.Tensor
@@ -397,6 +397,9 @@ def _memory_report(basis: Basis, final_vectors: int, store: torch.dtype, bdev: t
         "capacity": int(capacity),
         "reorth": reorth,
         "restarts": restarts,
+        "formula": "peak ≈ model + one product (autograd graph + ~2 vectors) + (basis_vectors + remainder_vectors + "
+                   "final_vectors) × bytes_per_vector; capacity = max(budget_bytes // bytes_per_vector − e, k + spare "
+                   "+ 1 + g), e = remainders + k + spare + 1, g = verify + 2 (3 without verification)",
     }
 
 def _final_pairs(op, basis: Basis, theta, S, wanted, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
