@@ -38,8 +38,12 @@ HERE = Path(__file__).resolve().parent
 SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 MODELS = {"tiny": 64, "mlp5m": 2200, "mlp25m": 4950, "gpt2": None}
 TASKS = ("lmax", "top5", "trace")
-LIBS = ("lscape", "lscape-budget", "pyhessian", "eigenthings-lanczos", "eigenthings-power", "reference")
+LIBS = ("lscape", "lscape-tol1e-2", "lscape-full", "pyhessian", "eigenthings-lanczos", "eigenthings-power",
+        "reference")
 TOL = 1e-3
+#: lscape's row variants: (tol, memory_budget in bytes or None for the default 256 MiB)
+LSCAPE_ROWS = {"lscape": (TOL, None), "lscape-tol1e-2": (1e-2, None), "lscape-full": (TOL, 8 * 2**30),
+               "reference": (1e-7, 3 * 2**30)}
 
 
 # -- models and data (built identically in every worker) --------------------------------------
@@ -112,8 +116,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed_costs(model, loss_fn, x, y, device) -> dict:
-    """One gradient, one plain double-backward HVP and one lscape product, in seconds (best of 2)."""
+def timed_costs(model, loss_fn, x, y, device, reps: int = 3) -> dict:
+    """Seconds (best of ``reps``) of: one gradient; one plain double-backward HVP from scratch
+    (autograd.grad with create_graph, then the gradient of g·v); one plain HVP through a kept
+    first-order graph (autograd.grad(g, params, v, retain_graph=True): what PyHessian does per
+    product); lscape's first product with method=auto (the method check: finite differences
+    of gradients along one vector, then the double-backward product and the first-order graph
+    it keeps; once per model, cached) and lscape's later products (one backward through the
+    kept graph, flattened)."""
     from lscape.curvature import HessianOperator
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -128,22 +138,36 @@ def timed_costs(model, loss_fn, x, y, device) -> dict:
         dot = sum((a * b).sum() for a, b in zip(g, v))
         return torch.autograd.grad(dot, params)
 
-    op = HessianOperator(model, loss_fn, [(x, y)])
+    kept = {}
+
+    def cached_hvp():
+        if "g" not in kept:
+            kept["g"] = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+        return torch.autograd.grad(kept["g"], params, v, retain_graph=True)
+
     flat = torch.cat([t.reshape(-1) for t in v])
+    op = HessianOperator(model, loss_fn, [(x, y)])
 
     def ours():
         return op.matvec(flat)
 
-    out = {}
-    for name, fn in (("grad_s", grad), ("plain_hvp_s", plain_hvp), ("product_s", ours)):
+    def best_of(fn, n):
         best = float("inf")
-        for _ in range(2):
+        for _ in range(n):
             sync(device)
             t0 = time.perf_counter()
             fn()
             sync(device)
             best = min(best, time.perf_counter() - t0)
-        out[name] = best
+        return best
+
+    out = {"grad_s": best_of(grad, reps), "plain_hvp_s": best_of(plain_hvp, reps)}
+    cached_hvp()  # builds the kept graph, untimed
+    out["cached_hvp_s"] = best_of(cached_hvp, reps)
+    kept.clear()
+    out["first_product_s"] = best_of(ours, 1)  # method=auto: the check and the graph
+    out["method"] = op.method
+    out["product_s"] = best_of(ours, reps)
     op.release()
     return out
 
@@ -158,7 +182,7 @@ def worker(lib: str, task: str, model_name: str, device: str, sizes: dict) -> di
     dim = sum(p.numel() for p in model.parameters())
     out = {"lib": lib, "task": task, "model": model_name, "params": dim, "desc": desc}
     if lib == "lscape-costs":
-        out.update(timed_costs(model, loss_fn, x, y, device))
+        out.update(timed_costs(model, loss_fn, x, y, device, REPS[0]))
         return out
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -166,7 +190,9 @@ def worker(lib: str, task: str, model_name: str, device: str, sizes: dict) -> di
     cuda_base = torch.cuda.memory_allocated() / 2**20 if device == "cuda" else 0.0
     c0, t0 = cpu_s(), time.perf_counter()
     k = 5 if task == "top5" else 1
-    if lib in ("lscape", "lscape-budget", "reference"):
+    if lib in LSCAPE_ROWS:
+        import warnings
+
         from lscape.curvature import HessianOperator, hutchpp, lanczos
 
         op = HessianOperator(model, loss_fn, [(x, y)])
@@ -174,13 +200,18 @@ def worker(lib: str, task: str, model_name: str, device: str, sizes: dict) -> di
             est = hutchpp(op, n=99)
             out.update(values=[est.estimate], stderr=est.stderr)
         else:
-            # lscape-budget: a basis budget of 12 vectors (thick restart): memory and sweeps bounded
-            budget = 12 * dim * 4 if lib == "lscape-budget" else None
-            r = lanczos(op, k=k, tol=1e-7 if lib == "reference" else TOL,
-                        max_iter=120 if lib == "reference" else None, memory_budget=budget)
+            # lscape: the defaults (tol 1e-3 on the residual, basis budget 256 MiB: thick restart
+            # where the basis does not fit); lscape-tol1e-2: tol 1e-2; lscape-full: an 8 GiB
+            # budget (full reorthogonalisation, the whole basis kept); reference: float64, tol 1e-7
+            tol, budget = LSCAPE_ROWS[lib]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                r = lanczos(op, k=k, tol=tol, max_iter=300 if lib == "reference" else None, memory_budget=budget)
             out.update(values=r.eigenvalues.tolist(), converged=r.converged.tolist(),
-                       residuals=r.residuals.tolist(), memory=r.memory)
+                       residuals=r.residuals.tolist(), memory=r.memory,
+                       warnings=[str(w.message)[:200] for w in caught if "lanczos" in str(w.message)])
         out["products"] = op.num_products
+        out["method"] = op.method
     elif lib == "pyhessian":
         import pyhessian.hessian  # noqa: F401
 
@@ -234,7 +265,8 @@ def worker(lib: str, task: str, model_name: str, device: str, sizes: dict) -> di
     return out
 
 
-SIZES: list[str] = []  # --samples/--batch/--seq passed on to the workers
+SIZES: list[str] = []  # --samples/--batch/--seq/--threads/--reps passed on to the workers
+REPS = [3]
 
 
 def run_worker(lib, task, model_name, device, timeout) -> dict:
@@ -272,12 +304,12 @@ def rel_err(values, ref) -> float | None:
 PLAN = {
     "tiny": {},  # a smoke test of every column: filled below from mlp5m
     # model: {task: libraries}; the reference is run where a float64 copy is affordable
-    "mlp5m": {"lmax": ["lscape", "lscape-budget", "pyhessian", "eigenthings-lanczos", "eigenthings-power"],
-              "top5": ["lscape", "pyhessian", "eigenthings-lanczos"],
+    "mlp5m": {"lmax": ["lscape", "lscape-tol1e-2", "lscape-full", "pyhessian", "eigenthings-lanczos",
+                       "eigenthings-power"],
+              "top5": ["lscape", "lscape-tol1e-2", "pyhessian", "eigenthings-lanczos"],
               "trace": ["lscape", "pyhessian", "eigenthings-lanczos"]},
-    "mlp25m": {"lmax": ["lscape", "lscape-budget", "pyhessian", "eigenthings-lanczos"],
-               "top5": ["lscape"]},
-    "gpt2": {"lmax": ["lscape", "pyhessian"]},
+    "mlp25m": {"lmax": ["lscape", "lscape-tol1e-2", "pyhessian", "eigenthings-lanczos"]},
+    "gpt2": {"lmax": ["lscape", "lscape-tol1e-2", "pyhessian"]},
 }
 PLAN["tiny"] = PLAN["mlp5m"]
 REFERENCE = {"tiny": "top5", "mlp5m": "top5"}  # one float64 top-5 run gives λ_max and the top 5
@@ -295,17 +327,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="GPT-2 sequences per batch")
     ap.add_argument("--seq", type=int, default=64, help="GPT-2 tokens per sequence")
     ap.add_argument("--skip", default="", help="comma-separated libraries to leave out")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each timed cost (best kept)")
     args = ap.parse_args()
     sizes = {"samples": args.samples, "batch": args.batch, "seq": args.seq}
+    REPS[0] = args.reps
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(*args.worker, args.device, sizes)), flush=True)
         return
-    SIZES.extend(["--samples", str(args.samples), "--batch", str(args.batch), "--seq", str(args.seq)])
+    SIZES.extend(["--samples", str(args.samples), "--batch", str(args.batch), "--seq", str(args.seq),
+                  "--threads", str(args.threads), "--reps", str(args.reps)])
     skip = set(filter(None, args.skip.split(",")))
     models = args.models.split(",")
     tasks = args.tasks.split(",")
     print(f"lscape scale benchmark: torch {torch.__version__}, python {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, device {args.device}, tol {TOL} (lscape residual, PyHessian relative change)")
+          f"{os.cpu_count()} CPUs, {args.threads or torch.get_num_threads()} torch threads per worker, device "
+          f"{args.device}, tol {TOL} (lscape residual, PyHessian relative change)")
     print(f"command: python benchmarks/scale.py {' '.join(sys.argv[1:])}")
     for lib in ("pyhessian", "eigenthings-lanczos"):
         why = available(lib)
@@ -318,9 +357,14 @@ def main() -> None:
         if "error" in costs:
             print(f"   costs: {costs['error']}")
         else:
-            print(f"   one gradient {costs['grad_s']:.3f}s; plain double-backward HVP {costs['plain_hvp_s']:.3f}s "
-                  f"= {costs['plain_hvp_s'] / costs['grad_s']:.2f} gradients; lscape product {costs['product_s']:.3f}s "
-                  f"= {costs['product_s'] / costs['grad_s']:.2f} gradients")
+            g = costs["grad_s"]
+            print(f"   one gradient {g:.3f}s; plain double-backward HVP from scratch {costs['plain_hvp_s']:.3f}s "
+                  f"= {costs['plain_hvp_s'] / g:.2f} gradients; through a kept graph (PyHessian's product) "
+                  f"{costs['cached_hvp_s']:.3f}s = {costs['cached_hvp_s'] / g:.2f} gradients\n"
+                  f"   lscape product {costs['product_s']:.3f}s = {costs['product_s'] / g:.2f} gradients "
+                  f"({costs['product_s'] / costs['cached_hvp_s']:.2f}x the kept-graph HVP); its first product "
+                  f"(method=auto: check + graph, once per model) {costs['first_product_s']:.3f}s = "
+                  f"{costs['first_product_s'] / g:.1f} gradients, chose {costs['method']}")
         ref = None
         if not args.no_reference and model_name in REFERENCE:
             ref = run_worker("reference", REFERENCE[model_name], model_name, args.device, args.timeout)
@@ -362,18 +406,24 @@ def main() -> None:
                 if "memory" in r and r["memory"]:
                     mem = r["memory"]
                     note += (f"; basis {mem['basis_vectors']}+{mem['remainder_vectors']} vectors "
-                             f"{mem['basis_bytes'] / 2**20:.0f} MB {mem['basis_dtype']}, {mem['reorth']}")
+                             f"{mem['basis_bytes'] / 2**20:.0f} MB {mem['basis_dtype']}, {mem['reorth']}"
+                             + (f" ({mem['restarts']} restarts)" if mem["restarts"] else ""))
+                for w in r.get("warnings", []):
+                    note += f"; warned: {w}"
                 print(f"   {lib:<22}{r['products']:>9}{r['wall_s']:>9.1f}{r['cpu_s']:>9.1f}{r['rss_peak_mb']:>13.0f}"
                       f"{r['rss_rise_mb']:>9.0f}" + (f"{r['cuda_peak_mb']:>9.0f}" if args.device == "cuda" else "")
                       + (f"{err:>10.1e}" if err is not None else f"{'-':>10}") + f"  {note}")
-            ours, ph = rows.get("lscape"), rows.get("pyhessian")
-            if ours and ph and "error" not in ours and "error" not in ph:
-                key = "cuda_peak_mb" if args.device == "cuda" else "rss_peak_mb"
-                rise = "cuda_rise_mb" if args.device == "cuda" else "rss_rise_mb"
-                print(f"   ratios lscape/PyHessian: products {ours['products'] / max(ph['products'], 1):.2f}, "
-                      f"CPU {ours['cpu_s'] / max(ph['cpu_s'], 1e-9):.2f}, wall {ours['wall_s'] / max(ph['wall_s'], 1e-9):.2f}, "
-                      f"peak memory {ours[key] / max(ph[key], 1e-9):.2f} (rise above baseline "
-                      f"{ours[rise] / max(ph[rise], 1e-9):.2f})")
+            ph = rows.get("pyhessian")
+            for name in ("lscape", "lscape-tol1e-2"):
+                ours = rows.get(name)
+                if ours and ph and "error" not in ours and "error" not in ph:
+                    key = "cuda_peak_mb" if args.device == "cuda" else "rss_peak_mb"
+                    rise = "cuda_rise_mb" if args.device == "cuda" else "rss_rise_mb"
+                    print(f"   ratios {name}/PyHessian: products {ours['products'] / max(ph['products'], 1):.2f}, "
+                          f"CPU {ours['cpu_s'] / max(ph['cpu_s'], 1e-9):.2f}, wall "
+                          f"{ours['wall_s'] / max(ph['wall_s'], 1e-9):.2f}, peak memory "
+                          f"{ours[key] / max(ph[key], 1e-9):.2f} (rise above baseline "
+                          f"{ours[rise] / max(ph[rise], 1e-9):.2f})")
         print(f"   ({model_name}: {time.perf_counter() - start:.0f}s)", flush=True)
 
 

@@ -108,8 +108,9 @@ memory_size.__name__ = "memory size (e.g. 2GB, 512MiB)"
 LANCZOS_OPTIONS = (
     Option("basis_device", str, None, "device of the Lanczos basis (default: the model's; cpu keeps it in host "
            "memory while products run on the GPU)"),
-    Option("memory_budget", memory_size, None, "memory for the Lanczos basis (e.g. 2GB, 512MiB; default a quarter "
-           "of the basis device's memory); above it Lanczos thick-restarts (same accuracy, more products)"),
+    Option("memory_budget", memory_size, None, "memory for the Lanczos basis (e.g. 2GB, 512MiB; default 256MiB, or a "
+           "quarter of the basis device's memory if less); above it Lanczos thick-restarts in place (same "
+           "accuracy, more products)"),
 )
 
 
