@@ -113,7 +113,18 @@ def run(config_path, trust_store, **given):
     result = Engine(cfg, trust_store=trust_store).run()
     _echo_result(result)
     if result.status != "completed":
-        sys.exit(130 if result.status == "interrupted" else 1)
+        _exit_stopped(130 if result.status == "interrupted" else 1)
+
+
+def _exit_stopped(code: int) -> None:
+    """Exit after a run or measurement that ended early, its final checkpoint written: a
+    further Ctrl-C (the second of a double press, arriving while the interpreter shuts down)
+    would otherwise end the process by SIGINT instead of with ``code``."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)
 
 
 def _echo_result(result) -> None:
@@ -152,7 +163,7 @@ def measure(source, plugins, options, checkpoints, out, no_progress, trust_store
                             checkpoints=checkpoints, trust_store=trust_store, **overrides)
     if result.status == "interrupted":
         click.echo(f"interrupted: what was measured is in {result.path}", err=True)
-        sys.exit(130)
+        _exit_stopped(130)
     click.echo(f"measured {result.steps} model state(s) into {result.path}")
     click.echo(f"look at it:  lscape show {result.path}")
 
