@@ -8,23 +8,16 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from lscape.curvature import HessianOperator, dense_hessian, lanczos
 from lscape.curvature.tracking import Tracker, cold_solve, disagree, kato_temple, relative_gap, track_eigenpair
-
-mse = nn.functional.mse_loss
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+from test_preconditioned import data as _data
+from test_preconditioned import mlp, mse  # the same small float64 tanh MLP and data
 
 
 def data(seed=1, n=32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    return x, torch.sin(x.sum(1, keepdim=True))
+    return _data(seed, n)
+
 
 
 class Dense:
