@@ -196,7 +196,9 @@ def lanczos(
     restarts = 0
 
     def randn() -> torch.Tensor:
-        return vectors.randn(1, generator, store, bdev)[0]
+        if vectors.sharded:  # drawn by global position: the same vector on any number of ranks
+            return vectors.randn(1, generator, store, bdev)[0]
+        return torch.randn(dim, generator=generator, dtype=store).to(device=bdev)  # no float64 copy of a vector
 
     def add(direction: torch.Tensor | None, residual: torch.Tensor | None = None) -> bool:
         """Grow the basis by ``direction`` (orthogonalised), or by the residual direction of the
